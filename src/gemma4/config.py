@@ -1,0 +1,180 @@
+"""config.json, read the way `transformers` 5.23 reads it, in both dialects.
+
+The original releases carry top-level `global_head_dim` / `num_global_key_value_heads`;
+`save_pretrained` in transformers >= 5.15 writes a sparse `per_layer_config` map instead.
+Both are resolved here, once, into per-layer attention geometry.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+LAYER_TYPES = (SLIDING, FULL)
+
+TEXT_MODEL_TYPES = ("gemma4_text",)
+MULTIMODAL_MODEL_TYPES = ("gemma4",)
+
+# Per-layer keys the reference resolves per layer (Gemma4TextAttention reads them from
+# `per_layer_config[i]`); any other override would be silently ignored by it, so we refuse it.
+PER_LAYER_KEYS = ("head_dim", "num_key_value_heads")
+
+_DEFAULT_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The decoder's config.json fields, with the defaults of `Gemma4TextConfig`."""
+
+    vocab_size: int = 262_144
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    hidden_activation: str = "gelu_pytorch_tanh"
+    max_position_embeddings: int = 131_072
+    rms_norm_eps: float = 1e-6
+    pad_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    bos_token_id: int | None = 2
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    sliding_window: int = 512
+    final_logit_softcapping: float | None = None
+    use_bidirectional_attention: str | None = None
+    vocab_size_per_layer_input: int = 262_144
+    hidden_size_per_layer_input: int = 256
+    attention_k_eq_v: bool = False
+    num_kv_shared_layers: int = 0
+    enable_moe_block: bool = False
+    use_double_wide_mlp: bool = False
+    num_experts: int | None = None
+    top_k_experts: int | None = None
+    moe_intermediate_size: int | None = None
+    layer_types: tuple[str, ...] = ()
+    rope_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Resolved per-layer overrides (layer index -> {head_dim, num_key_value_heads}).
+    per_layer_config: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TextConfig:
+        known = {f for f in cls.__dataclass_fields__ if f not in ("layer_types", "rope_parameters", "per_layer_config")}
+        values: dict[str, Any] = {k: raw[k] for k in known if k in raw}
+        base = cls(**values)
+        n = base.num_hidden_layers
+
+        layer_types = raw.get("layer_types")
+        if layer_types is None:  # the reference's default: 5 sliding, then 1 full
+            layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(n)]
+        layer_types = list(layer_types)
+        if len(layer_types) != n:
+            raise ConfigError(f"config.json: layer_types has {len(layer_types)} entries but num_hidden_layers is {n}")
+        if unknown := sorted(set(layer_types) - set(LAYER_TYPES)):
+            raise ConfigError(f"config.json: unknown layer type {unknown[0]!r}; expected one of {LAYER_TYPES}")
+        layer_types[-1] = FULL  # the reference forces the last layer global
+
+        rope = raw.get("rope_parameters") or _DEFAULT_ROPE
+        for layer_type in set(layer_types):
+            if layer_type not in rope:
+                raise ConfigError(f"config.json: rope_parameters has no entry for {layer_type!r}")
+
+        if base.use_bidirectional_attention == "all":
+            raise ConfigError("config.json: use_bidirectional_attention='all' (an encoder setup) is not supported")
+
+        return cls(
+            **values,
+            layer_types=tuple(layer_types),
+            rope_parameters={k: dict(v) for k, v in rope.items()},
+            per_layer_config=_resolve_per_layer_config(raw, layer_types, base.attention_k_eq_v),
+        )
+
+    def layer_head_dim(self, i: int) -> int:
+        return self.per_layer_config.get(i, {}).get("head_dim", self.head_dim)
+
+    def layer_kv_heads(self, i: int) -> int:
+        return self.per_layer_config.get(i, {}).get("num_key_value_heads", self.num_key_value_heads)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `transformers` >= 5.15 dialect (what `save_pretrained` writes)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["layer_types"] = list(self.layer_types)
+        width = len(str(max(self.per_layer_config, default=0)))
+        out["per_layer_config"] = {str(i).zfill(width): dict(v) for i, v in sorted(self.per_layer_config.items())}
+        out["model_type"] = "gemma4_text"
+        return out
+
+
+def _resolve_per_layer_config(raw: dict[str, Any], layer_types: list[str], k_eq_v: bool) -> dict[int, dict[str, int]]:
+    n = len(layer_types)
+    if "per_layer_config" in raw:
+        resolved = {}
+        for key, overrides in (raw["per_layer_config"] or {}).items():
+            try:
+                index = int(key)
+            except ValueError:
+                raise ConfigError(f"config.json: per_layer_config key {key!r} is not a layer index") from None
+            if not 0 <= index < n:
+                raise ConfigError(f"config.json: per_layer_config names layer {index}, but the model has {n} layers")
+            if unknown := sorted(set(overrides) - set(PER_LAYER_KEYS)):
+                raise ConfigError(
+                    f"config.json: per_layer_config[{key!r}] overrides {unknown[0]!r}; only {PER_LAYER_KEYS} vary per layer"
+                )
+            resolved[index] = {k: int(v) for k, v in overrides.items()}
+        return resolved
+    # Release dialect. As in the reference, num_global_key_value_heads applies only to K=V models.
+    overrides: dict[str, int] = {"head_dim": int(raw.get("global_head_dim", 512))}
+    global_kv_heads = raw.get("num_global_key_value_heads")
+    if k_eq_v and global_kv_heads is not None:
+        overrides["num_key_value_heads"] = int(global_kv_heads)
+    return {i: dict(overrides) for i, t in enumerate(layer_types) if t == FULL}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole checkpoint's config: the decoder plus whatever encoders it ships."""
+
+    model_type: str
+    text: TextConfig
+    vision: dict[str, Any] | None
+    audio: dict[str, Any] | None
+    raw: dict[str, Any]
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.model_type in MULTIMODAL_MODEL_TYPES
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        model_type = raw.get("model_type")
+        if model_type in TEXT_MODEL_TYPES:
+            return cls(model_type, TextConfig.from_dict(raw), None, None, raw)
+        if model_type in MULTIMODAL_MODEL_TYPES:
+            text = raw.get("text_config")
+            if not isinstance(text, dict):
+                raise ConfigError("config.json: model_type 'gemma4' needs a text_config object")
+            return cls(model_type, TextConfig.from_dict(text), raw.get("vision_config"), raw.get("audio_config"), raw)
+        expected = ", ".join(repr(t) for t in TEXT_MODEL_TYPES + MULTIMODAL_MODEL_TYPES)
+        raise ConfigError(f"config.json: model_type {model_type!r} is not a Gemma 4 model (expected {expected})")
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelConfig:
+        if not path.is_file():
+            raise ConfigError(f"no config.json in {path.parent}: point at a Hugging Face checkpoint folder")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(raw)

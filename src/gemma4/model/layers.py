@@ -1,0 +1,163 @@
+"""One Gemma 4 decoder layer and its parts. Module and parameter names equal the Hugging Face
+checkpoint names, so loading is a prefix strip. Axes: B batch, T queries, S keys, H heads,
+K KV heads, D head_dim, E experts."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..plan import LayerPlan
+from .rope import apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in fp32 whose weight multiplies directly (`x * w`, not Gemma 1-3's `x * (1 + w)`)."""
+
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        # pow(-0.5), as the reference writes it, rather than rsqrt: keeps the round-off identical.
+        normed = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            normed = normed * self.weight.float()
+        return normed.type_as(x)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class KVStore(Protocol):
+    """Where a layer that owns K/V puts them, and where KV-shared layers find them."""
+
+    def update(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def read(self, layer: int) -> tuple[Tensor, Tensor]: ...
+
+
+class Attention(nn.Module):
+    def __init__(self, plan: LayerPlan, hidden: int, eps: float, bias: bool):
+        super().__init__()
+        self.plan = plan
+        q_width, kv_width = plan.num_heads * plan.head_dim, plan.num_kv_heads * plan.head_dim
+        self.q_proj = nn.Linear(hidden, q_width, bias=bias)
+        self.q_norm = RMSNorm(plan.head_dim, eps)
+        if plan.owns_kv:  # KV-shared layers have no k/v weights at all
+            self.k_proj = nn.Linear(hidden, kv_width, bias=bias)
+            self.v_proj = None if plan.k_eq_v else nn.Linear(hidden, kv_width, bias=bias)
+            self.k_norm = RMSNorm(plan.head_dim, eps)
+            self.v_norm = RMSNorm(plan.head_dim, eps, with_scale=False)
+        self.o_proj = nn.Linear(q_width, hidden, bias=bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: KVStore) -> Tensor:
+        B, T, _ = x.shape
+        D = self.plan.head_dim
+        q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, -1, D)), cos, sin)
+        if self.plan.owns_kv:
+            k_raw = self.k_proj(x).view(B, T, -1, D)
+            v_raw = k_raw if self.v_proj is None else self.v_proj(x).view(B, T, -1, D)  # K=V: value from k_proj
+            k = apply_rotary(self.k_norm(k_raw), cos, sin).transpose(1, 2)  # [B, K, T, D]
+            v = self.v_norm(v_raw).transpose(1, 2)
+            k, v = kv.update(self.plan.index, k, v)
+        else:
+            k, v = kv.read(self.plan.kv_source)
+        # Scale 1.0: q_norm and k_norm take the place of 1/sqrt(D).
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """GeGLU with tanh-GELU."""
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, hidden: int, num_experts: int, top_k: int, eps: float):
+        super().__init__()
+        self.top_k = top_k
+        self.norm = RMSNorm(hidden, eps, with_scale=False)
+        self.scale = nn.Parameter(torch.ones(hidden))
+        self.proj = nn.Linear(hidden, num_experts, bias=False)
+        self.per_expert_scale = nn.Parameter(torch.ones(num_experts))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: [N, hidden] -> (weights [N, top_k] fp32, expert ids [N, top_k])."""
+        scores = self.proj(self.norm(x) * self.scale * x.shape[-1] ** -0.5)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        return weights * self.per_expert_scale[ids], ids
+
+
+class Experts(nn.Module):
+    """All experts as two 3-D tensors, as checkpoints store them."""
+
+    def __init__(self, num_experts: int, hidden: int, width: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * width, hidden))  # [E, 2I, hidden]
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width))  # [E, hidden, I]
+
+    def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        """x: [N, hidden]; each token runs only its top-k experts."""
+        out = torch.zeros_like(x)
+        for expert in ids.unique().tolist():
+            token, slot = torch.where(ids == expert)
+            gate, up = F.linear(x[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(gelu_tanh(gate) * up, self.down_proj[expert]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, plan: LayerPlan, hidden: int, eps: float, bias: bool, num_experts: int, top_k: int, expert_width: int):
+        super().__init__()
+        self.self_attn = Attention(plan, hidden, eps, bias)
+        self.mlp = MLP(hidden, plan.mlp_width)
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps)
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps)
+        self.register_buffer("layer_scalar", torch.ones(1))
+        if plan.moe:  # hybrid MoE: the routed experts run beside the dense MLP
+            self.router = Router(hidden, num_experts, top_k, eps)
+            self.experts = Experts(num_experts, hidden, expert_width)
+            self.post_feedforward_layernorm_1 = RMSNorm(hidden, eps)
+            self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
+        if plan.ple_dim:
+            self.per_layer_input_gate = nn.Linear(hidden, plan.ple_dim, bias=False)
+            self.per_layer_projection = nn.Linear(plan.ple_dim, hidden, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(hidden, eps)
+
+    def forward(self, x: Tensor, per_layer_input: Tensor | None, cos: Tensor, sin: Tensor, mask: Tensor, kv: KVStore) -> Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, kv))
+
+        residual = x
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        if hasattr(self, "experts"):
+            flat = residual.reshape(-1, residual.shape[-1])  # router and experts read the pre-MLP residual
+            weights, ids = self.router(flat)
+            routed = self.experts(self.pre_feedforward_layernorm_2(flat), weights, ids).reshape(residual.shape)
+            h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(routed)
+        x = residual + self.post_feedforward_layernorm(h)
+
+        if per_layer_input is not None:
+            gated = gelu_tanh(self.per_layer_input_gate(x)) * per_layer_input
+            x = x + self.post_per_layer_input_norm(self.per_layer_projection(gated))
+        return x * self.layer_scalar

@@ -1,0 +1,139 @@
+"""The Gemma 4 text decoder: embeddings (with per-layer embeddings), the layer stack, tied
+and soft-capped logits. Pure tensor math: weights arrive from a loader, caches from the runtime."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import TextConfig
+from ..plan import LayerPlan, build_plan
+from .layers import DecoderLayer, KVStore, RMSNorm
+from .rope import rotary_tables
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Embedding times a constant that is cast to the weight dtype first, as the reference does
+    (sqrt(1536) is 39.19 in fp32 but 39.25 in bf16)."""
+
+    def __init__(self, num: int, dim: int, scale: float):
+        super().__init__(num, dim)
+        self.scale = scale
+
+    def forward(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        rows = F.embedding(ids, self.weight).to(dtype or self.weight.dtype)
+        return rows * torch.tensor(self.scale, dtype=rows.dtype, device=rows.device)
+
+
+class DictKV:
+    """K/V for one full forward pass: each owner's K/V kept as computed, for its sharers."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def update(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        self.kv[layer] = key, value
+        return key, value
+
+    def read(self, layer: int) -> tuple[Tensor, Tensor]:
+        return self.kv[layer]
+
+
+def attention_mask(query_pos: Tensor, key_pos: Tensor, window: int | None) -> Tensor:
+    """[Tq, Tk] bool, True where attention is allowed: causal, and within `window` positions
+    (the query itself included) on sliding layers."""
+    distance = query_pos[:, None] - key_pos[None, :]
+    allowed = distance >= 0
+    if window is not None:
+        allowed &= distance < window
+    return allowed
+
+
+class TextModel(nn.Module):
+    """`Gemma4TextModel`: token ids -> final normed hidden states."""
+
+    # Tables read one row per token: kept in their stored dtype (and, when loaded, memory-mapped).
+    ROW_TABLES = ("embed_tokens_per_layer.weight",)
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.plan: tuple[LayerPlan, ...] = build_plan(config)
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.embed_tokens = ScaledEmbedding(config.vocab_size, hidden, hidden**0.5)
+        self.ple_dim = config.hidden_size_per_layer_input or 0
+        if self.ple_dim:
+            n = config.num_hidden_layers
+            self.embed_tokens_per_layer = ScaledEmbedding(config.vocab_size_per_layer_input, n * self.ple_dim, self.ple_dim**0.5)
+            self.per_layer_model_projection = nn.Linear(hidden, n * self.ple_dim, bias=False)
+            self.per_layer_projection_norm = RMSNorm(self.ple_dim, eps)
+        self.layers = nn.ModuleList(
+            DecoderLayer(
+                p,
+                hidden,
+                eps,
+                config.attention_bias,
+                config.num_experts or 0,
+                config.top_k_experts or 0,
+                config.moe_intermediate_size or 0,
+            )
+            for p in self.plan
+        )
+        self.norm = RMSNorm(hidden, eps)
+
+    def per_layer_inputs(self, ids: Tensor, embeds: Tensor) -> Tensor:
+        """PLE: [B, T, layers, ple_dim] = (context projection + token table row) / sqrt(2)."""
+        B, T = ids.shape
+        n = self.config.num_hidden_layers
+        table_rows = self.embed_tokens_per_layer(ids, embeds.dtype).reshape(B, T, n, self.ple_dim)
+        context = self.per_layer_model_projection(embeds) * self.config.hidden_size**-0.5
+        context = self.per_layer_projection_norm(context.reshape(B, T, n, self.ple_dim))
+        return (context + table_rows) * 2.0**-0.5
+
+    def forward(self, ids: Tensor, positions: Tensor | None = None, kv: KVStore | None = None) -> Tensor:
+        """ids: [B, T] -> hidden [B, T, hidden]. positions: [T] (default 0..T-1)."""
+        B, T = ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=ids.device)
+        kv = DictKV() if kv is None else kv
+        x = self.embed_tokens(ids)
+        ple = self.per_layer_inputs(ids, x) if self.ple_dim else None
+
+        # RoPE tables and masks once per attention type, shared by all its layers.
+        tables, masks = {}, {}
+        for p in self.plan:
+            if p.attention_type not in tables:
+                tables[p.attention_type] = rotary_tables(p.rope, positions, x.dtype)
+                masks[p.attention_type] = attention_mask(positions, positions, p.sliding_window)
+        for p, layer in zip(self.plan, self.layers):
+            cos, sin = tables[p.attention_type]
+            per_layer = ple[:, :, p.index] if ple is not None else None
+            x = layer(x, per_layer, cos[None], sin[None], masks[p.attention_type], kv)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """`Gemma4ForCausalLM`: token ids -> soft-capped logits, LM head tied to the embeddings."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.model = TextModel(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def plan(self) -> tuple[LayerPlan, ...]:
+        return self.model.plan
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, weight)
+        if (cap := self.config.final_logit_softcapping) is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """input_ids: LongTensor [B, T] -> logits [B, T, vocab], soft-capped as the reference returns them."""
+        return self.logits(self.model(input_ids))

@@ -1,0 +1,175 @@
+"""Hugging Face checkpoint folders: find the files, check them against config.json, and load
+the decoder from memory-mapped safetensors into a model built on the meta device."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from ..model import CausalLM, TextModel
+from .layout import TensorSpec, checkpoint_tensors, decoder_prefix
+from .safetensors_io import SafetensorsFile, TensorInfo
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+# Names `gemma4.load(path, dtype=...)` accepts besides torch dtypes.
+DTYPE_ALIASES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "f16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "f32": torch.float32,
+    "float32": torch.float32,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPE_ALIASES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPE_ALIASES:
+        return DTYPE_ALIASES[dtype.lower()]
+    raise ValueError(f"unsupported dtype {dtype!r}: use bf16, fp16 or fp32")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: ModelConfig
+    files: list[SafetensorsFile]
+    tensors: dict[str, TensorInfo]  # every tensor in the checkpoint, by name
+
+    def file_of(self, name: str) -> SafetensorsFile:
+        info = self.tensors[name]
+        return next(f for f in self.files if f.path == info.file)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Read config.json and every safetensors header; no tensor data is touched."""
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such file or folder")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: expected a Hugging Face checkpoint folder (config.json + *.safetensors)")
+    config = ModelConfig.from_file(folder / "config.json")
+    files = [SafetensorsFile(p) for p in _weight_files(folder)]
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        for name, info in f.tensors.items():
+            if name in tensors:
+                raise CheckpointError(f"{f.path.name}: tensor {name!r} is also in {tensors[name].file.name}")
+            tensors[name] = info
+    _check_index(folder, tensors)
+    return Checkpoint(folder, config, files, tensors)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(_read_index(index).values()))
+        for shard in shards:
+            if not (folder / shard).is_file():
+                raise CheckpointError(f"{INDEX_NAME} lists {shard}, which is missing from {folder}: download it again")
+        return [folder / s for s in shards]
+    if (folder / SINGLE_NAME).is_file():
+        return [folder / SINGLE_NAME]
+    found = sorted(folder.glob("*.safetensors"))
+    if not found:
+        raise CheckpointError(f"{folder}: no *.safetensors weight files next to config.json")
+    return found
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+        return weight_map
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{index.name}: corrupt (no weight_map object); re-download it") from None
+
+
+def _check_index(folder: Path, tensors: dict[str, TensorInfo]) -> None:
+    index = folder / INDEX_NAME
+    if not index.is_file():
+        return
+    for name, shard in _read_index(index).items():
+        if name not in tensors or tensors[name].file.name != shard:
+            raise CheckpointError(f"{shard}: missing tensor {name!r}, which {INDEX_NAME} says it holds")
+
+
+def ignorable(name: str, config: ModelConfig) -> bool:
+    """K/V weights some exports keep for KV-shared layers; the reference ignores them too."""
+    prefix = decoder_prefix(config)
+    if not name.startswith(prefix + "layers."):
+        return False
+    parts = name.removeprefix(prefix).split(".")
+    if len(parts) < 4 or parts[2] != "self_attn" or parts[3] not in ("k_proj", "v_proj", "k_norm", "v_norm"):
+        return False
+    layer = int(parts[1])
+    return layer < config.text.num_hidden_layers and config.text.num_hidden_layers - layer <= config.text.num_kv_shared_layers
+
+
+def validate(checkpoint: Checkpoint) -> list[TensorSpec]:
+    """Check every tensor against what config.json implies; return the expected layout."""
+    expected = checkpoint_tensors(checkpoint.config)
+    names = {s.name for s in expected}
+    for spec in expected:
+        info = checkpoint.tensors.get(spec.name)
+        if info is None:
+            raise CheckpointError(
+                f"{checkpoint.path}: missing tensor {spec.name!r} (config.json implies it); the checkpoint is incomplete"
+            )
+        if info.shape != spec.shape:
+            raise CheckpointError(
+                f"{info.file.name}: tensor {spec.name!r} has shape {list(info.shape)}, but config.json implies "
+                f"{list(spec.shape)}: the weights do not belong to this config"
+            )
+        if info.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{info.file.name}: tensor {spec.name!r} has dtype {info.dtype}; expected one of {', '.join(FLOAT_DTYPES)}"
+            )
+    for name, info in checkpoint.tensors.items():
+        if name not in names and not ignorable(name, checkpoint.config):
+            raise CheckpointError(
+                f"{info.file.name}: unexpected tensor {name!r}, which a Gemma 4 model with this config.json does not have"
+            )
+    return expected
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, progress: bool = True) -> CausalLM:
+    """Load the text decoder of the checkpoint at `path`. Weights already in `dtype` stay
+    memory-mapped (no copy); row-read tables keep their stored dtype."""
+    dtype = resolve_dtype(dtype)
+    checkpoint = open_checkpoint(path)
+    validate(checkpoint)
+    with torch.device("meta"):
+        model = CausalLM(checkpoint.config.text)
+    prefix = decoder_prefix(checkpoint.config)
+    names = list(model.state_dict())
+    total = sum(checkpoint.tensors[_checkpoint_name(n, prefix)].end - checkpoint.tensors[_checkpoint_name(n, prefix)].start for n in names)
+    state = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading", delay=1.0, disable=not progress, leave=False) as bar:
+        for name in names:
+            stored_name = _checkpoint_name(name, prefix)
+            tensor = checkpoint.file_of(stored_name).tensor(stored_name)
+            if name.removeprefix("model.") not in TextModel.ROW_TABLES:
+                tensor = tensor.to(dtype)
+            state[name] = tensor
+            info = checkpoint.tensors[stored_name]
+            bar.update(info.end - info.start)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.requires_grad_(False).eval()
+
+
+def _checkpoint_name(name: str, prefix: str) -> str:
+    return prefix + name.removeprefix("model.") if name.startswith("model.") else name

@@ -1,0 +1,153 @@
+"""Which tensors a Hugging Face Gemma 4 checkpoint holds, by name and shape, derived from its
+config. The decoder's part comes from our own model built on the meta device (its module names
+are the checkpoint names); the vision and audio encoders, which this engine does not run, are
+described here so that their tensors are recognised, counted and generated exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig, TextConfig
+from ..model import CausalLM
+
+TEXT_ONLY_PREFIX = "model."
+MULTIMODAL_PREFIX = "model.language_model."
+
+COMPONENTS = ("embeddings", "ple_table", "ple", "attention", "mlp", "experts", "norms", "vision", "audio")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str  # as in the checkpoint
+    shape: tuple[int, ...]
+    component: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+
+def decoder_prefix(config: ModelConfig) -> str:
+    return MULTIMODAL_PREFIX if config.is_multimodal else TEXT_ONLY_PREFIX
+
+
+def text_component(name: str) -> str:
+    """Component of a decoder tensor, from its module path (relative to the decoder)."""
+    parts = name.split(".")
+    if parts[0] == "layers":
+        module = parts[2]
+        if module in ("self_attn", "mlp"):
+            return {"self_attn": "attention", "mlp": "mlp"}[module]
+        if module in ("router", "experts"):
+            return "experts"
+        if module.startswith("per_layer") or module == "post_per_layer_input_norm":
+            return "ple"
+        return "norms"  # the layer norms and layer_scalar
+    if parts[0] == "embed_tokens_per_layer":
+        return "ple_table"
+    if parts[0] in ("per_layer_model_projection", "per_layer_projection_norm"):
+        return "ple"
+    if parts[0] in ("embed_tokens", "lm_head"):
+        return "embeddings"
+    return "norms"
+
+
+def text_tensors(text: TextConfig, prefix: str) -> list[TensorSpec]:
+    with torch.device("meta"):
+        model = CausalLM(text)
+    specs = []
+    for name, tensor in model.state_dict().items():
+        relative = name.removeprefix("model.")
+        full = f"{prefix}{relative}" if name.startswith("model.") else name  # lm_head sits outside the decoder
+        specs.append(TensorSpec(full, tuple(tensor.shape), text_component(relative)))
+    return specs
+
+
+def _clipped_linear(prefix: str, out_features: int, in_features: int, clipped: bool) -> list[tuple[str, tuple[int, ...]]]:
+    """`Gemma4ClippableLinear`: a linear, plus scalar input/output clamp bounds when clipped."""
+    bounds = [(f"{prefix}.{b}", ()) for b in ("input_min", "input_max", "output_min", "output_max")] if clipped else []
+    return [(f"{prefix}.linear.weight", (out_features, in_features)), *bounds]
+
+
+def vision_tensors(vision: dict[str, Any], text_hidden: int) -> list[TensorSpec]:
+    hidden = vision.get("hidden_size", 768)
+    width = vision.get("intermediate_size", 3072)
+    heads = vision.get("num_attention_heads", 12)
+    kv_heads = vision.get("num_key_value_heads", 12)
+    head_dim = vision.get("head_dim", 64)
+    patch = vision.get("patch_size", 16)
+    clipped = vision.get("use_clipped_linears", False)
+    names: list[tuple[str, tuple[int, ...]]] = [
+        ("patch_embedder.position_embedding_table", (2, vision.get("position_embedding_size", 10240), hidden)),
+        ("patch_embedder.input_proj.weight", (hidden, 3 * patch * patch)),
+    ]
+    if vision.get("standardize", False):
+        names += [("std_bias", (hidden,)), ("std_scale", (hidden,))]
+    for i in range(vision.get("num_hidden_layers", 16)):
+        layer = f"encoder.layers.{i}"
+        names += _clipped_linear(f"{layer}.self_attn.q_proj", heads * head_dim, hidden, clipped)
+        names += _clipped_linear(f"{layer}.self_attn.k_proj", kv_heads * head_dim, hidden, clipped)
+        names += _clipped_linear(f"{layer}.self_attn.v_proj", kv_heads * head_dim, hidden, clipped)
+        names += _clipped_linear(f"{layer}.self_attn.o_proj", hidden, heads * head_dim, clipped)
+        names += [(f"{layer}.self_attn.q_norm.weight", (head_dim,)), (f"{layer}.self_attn.k_norm.weight", (head_dim,))]
+        names += _clipped_linear(f"{layer}.mlp.gate_proj", width, hidden, clipped)
+        names += _clipped_linear(f"{layer}.mlp.up_proj", width, hidden, clipped)
+        names += _clipped_linear(f"{layer}.mlp.down_proj", hidden, width, clipped)
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            names.append((f"{layer}.{norm}.weight", (hidden,)))
+    specs = [TensorSpec(f"model.vision_tower.{n}", s, "vision") for n, s in names]
+    specs.append(TensorSpec("model.embed_vision.embedding_projection.weight", (text_hidden, hidden), "vision"))
+    return specs
+
+
+def audio_tensors(audio: dict[str, Any], text_hidden: int) -> list[TensorSpec]:
+    hidden = audio.get("hidden_size", 1024)
+    heads = audio.get("num_attention_heads", 8)
+    c0, c1 = audio.get("subsampling_conv_channels", [128, 32])
+    out_dims = audio.get("output_proj_dims", 1536)
+    clipped = audio.get("use_clipped_linears", True)
+    names: list[tuple[str, tuple[int, ...]]] = [
+        ("subsample_conv_projection.layer0.conv.weight", (c0, 1, 3, 3)),
+        ("subsample_conv_projection.layer0.norm.weight", (c0,)),
+        ("subsample_conv_projection.layer1.conv.weight", (c1, c0, 3, 3)),
+        ("subsample_conv_projection.layer1.norm.weight", (c1,)),
+        ("subsample_conv_projection.input_proj_linear.weight", (hidden, (c0 // 4) * c1)),
+    ]
+    for i in range(audio.get("num_hidden_layers", 12)):
+        layer = f"layers.{i}"
+        for ff in ("feed_forward1", "feed_forward2"):
+            names += _clipped_linear(f"{layer}.{ff}.ffw_layer_1", 4 * hidden, hidden, clipped)
+            names += _clipped_linear(f"{layer}.{ff}.ffw_layer_2", hidden, 4 * hidden, clipped)
+            names += [(f"{layer}.{ff}.pre_layer_norm.weight", (hidden,)), (f"{layer}.{ff}.post_layer_norm.weight", (hidden,))]
+        names.append((f"{layer}.self_attn.per_dim_scale", (hidden // heads,)))
+        for proj in ("q_proj", "k_proj", "v_proj", "post"):
+            names += _clipped_linear(f"{layer}.self_attn.{proj}", hidden, hidden, clipped)
+        names.append((f"{layer}.self_attn.relative_k_proj.weight", (hidden, hidden)))
+        names += _clipped_linear(f"{layer}.lconv1d.linear_start", 2 * hidden, hidden, clipped)
+        names += _clipped_linear(f"{layer}.lconv1d.linear_end", hidden, hidden, clipped)
+        names += [
+            (f"{layer}.lconv1d.depthwise_conv1d.weight", (hidden, 1, audio.get("conv_kernel_size", 5))),
+            (f"{layer}.lconv1d.pre_layer_norm.weight", (hidden,)),
+            (f"{layer}.lconv1d.conv_norm.weight", (hidden,)),
+        ]
+        names += [(f"{layer}.{n}.weight", (hidden,)) for n in ("norm_pre_attn", "norm_post_attn", "norm_out")]
+    names += [("output_proj.weight", (out_dims, hidden)), ("output_proj.bias", (out_dims,))]
+    specs = [TensorSpec(f"model.audio_tower.{n}", s, "audio") for n, s in names]
+    specs.append(TensorSpec("model.embed_audio.embedding_projection.weight", (text_hidden, out_dims), "audio"))
+    return specs
+
+
+def checkpoint_tensors(config: ModelConfig) -> list[TensorSpec]:
+    """Every tensor the checkpoint described by `config` holds."""
+    specs = text_tensors(config.text, decoder_prefix(config))
+    if config.vision is not None:
+        specs += vision_tensors(config.vision, config.text.hidden_size)
+    if config.audio is not None:
+        specs += audio_tensors(config.audio, config.text.hidden_size)
+    return specs
