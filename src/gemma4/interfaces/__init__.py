@@ -1,0 +1,1 @@
+"""User-facing adapters: the command line (and, later, the server)."""
