@@ -105,15 +105,6 @@ class TextConfig:
     def layer_kv_heads(self, i: int) -> int:
         return self.per_layer_config.get(i, {}).get("num_key_value_heads", self.num_key_value_heads)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The `transformers` >= 5.15 dialect (what `save_pretrained` writes)."""
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        out["layer_types"] = list(self.layer_types)
-        width = len(str(max(self.per_layer_config, default=0)))
-        out["per_layer_config"] = {str(i).zfill(width): dict(v) for i, v in sorted(self.per_layer_config.items())}
-        out["model_type"] = "gemma4_text"
-        return out
-
 
 def _resolve_per_layer_config(raw: dict[str, Any], layer_types: list[str], k_eq_v: bool) -> dict[int, dict[str, int]]:
     n = len(layer_types)

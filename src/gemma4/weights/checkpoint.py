@@ -155,17 +155,15 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, prog
     with torch.device("meta"):
         model = CausalLM(checkpoint.config.text)
     prefix = decoder_prefix(checkpoint.config)
-    names = list(model.state_dict())
-    total = sum(checkpoint.tensors[_checkpoint_name(n, prefix)].end - checkpoint.tensors[_checkpoint_name(n, prefix)].start for n in names)
+    stored = {name: checkpoint.tensors[_checkpoint_name(name, prefix)] for name in model.state_dict()}
     state = {}
+    total = sum(info.end - info.start for info in stored.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", delay=1.0, disable=not progress, leave=False) as bar:
-        for name in names:
-            stored_name = _checkpoint_name(name, prefix)
-            tensor = checkpoint.file_of(stored_name).tensor(stored_name)
+        for name, info in stored.items():
+            tensor = checkpoint.file_of(info.name).tensor(info.name)
             if name.removeprefix("model.") not in TextModel.ROW_TABLES:
                 tensor = tensor.to(dtype)
             state[name] = tensor
-            info = checkpoint.tensors[stored_name]
             bar.update(info.end - info.start)
     model.load_state_dict(state, strict=True, assign=True)
     return model.requires_grad_(False).eval()
