@@ -4,6 +4,7 @@ K KV heads, D head_dim, E experts."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -35,12 +36,39 @@ def gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-class KVStore(Protocol):
-    """Where a layer that owns K/V puts them, and where KV-shared layers find them."""
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What every layer of one attention type needs for one step, built once per type."""
 
-    def update(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]: ...
+    cos: Tensor  # [B, T, D] at the query positions (new keys rotate with the same table)
+    sin: Tensor
+    mask: Tensor  # [B, 1, T, S] bool, True where attention is allowed
+    key_cos: Tensor | None  # [B, S, D] at the key positions: K=V layers rotate keys on read
+    key_sin: Tensor | None
+
+    def last(self, n: int) -> AttentionInputs:
+        """The same inputs for the last n queries only."""
+        return replace(self, cos=self.cos[:, -n:], sin=self.sin[:, -n:], mask=self.mask[:, :, -n:])
+
+
+class KVStore(Protocol):
+    """Where layers that own K/V keep them, and where KV-shared layers find them.
+
+    The engine calls `begin` once per step, before any layer, and `end` once after."""
+
+    def begin(self, positions: Tensor) -> dict[str, Tensor]:
+        """positions: [B, T] of the new tokens (-1 for padding) -> key positions [B, S] per attention type."""
+        ...
+
+    def update(self, layer: int, key: Tensor | None, value: Tensor) -> tuple[Tensor | None, Tensor]:
+        """Add the new tokens' K/V [B, K, T, D] (key None for K=V layers); return all of them [B, K, S, D]."""
+        ...
+
+    def share(self, layer: int, key: Tensor, value: Tensor) -> None: ...
 
     def read(self, layer: int) -> tuple[Tensor, Tensor]: ...
+
+    def end(self) -> None: ...
 
 
 class Attention(nn.Module):
@@ -57,21 +85,33 @@ class Attention(nn.Module):
             self.v_norm = RMSNorm(plan.head_dim, eps, with_scale=False)
         self.o_proj = nn.Linear(q_width, hidden, bias=bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: KVStore) -> Tensor:
+    def forward(self, x: Tensor, inputs: AttentionInputs, kv: KVStore) -> Tensor:
         B, T, _ = x.shape
         D = self.plan.head_dim
-        q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, -1, D)), cos, sin)
+        q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, -1, D)), inputs.cos, inputs.sin)
         if self.plan.owns_kv:
-            k_raw = self.k_proj(x).view(B, T, -1, D)
-            v_raw = k_raw if self.v_proj is None else self.v_proj(x).view(B, T, -1, D)  # K=V: value from k_proj
-            k = apply_rotary(self.k_norm(k_raw), cos, sin).transpose(1, 2)  # [B, K, T, D]
-            v = self.v_norm(v_raw).transpose(1, 2)
-            k, v = kv.update(self.plan.index, k, v)
+            key, value = self._update_kv(x, inputs, kv)
+            kv.share(self.plan.index, key, value)
         else:
-            k, v = kv.read(self.plan.kv_source)
+            key, value = kv.read(self.plan.kv_source)
         # Scale 1.0: q_norm and k_norm take the place of 1/sqrt(D).
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), key, value, attn_mask=inputs.mask, scale=1.0, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _update_kv(self, x: Tensor, inputs: AttentionInputs, kv: KVStore) -> tuple[Tensor, Tensor]:
+        B, T, _ = x.shape
+        raw = self.k_proj(x).view(B, T, -1, self.plan.head_dim)
+        if self.v_proj is None:
+            # K=V: the value is v_norm(k_proj(x)) and the key k_norm of the same projection, i.e. the
+            # value times k_norm's weight, then rotated. One tensor is stored; keys are rebuilt on read.
+            _, value = kv.update(self.plan.index, None, self.v_norm(raw).transpose(1, 2))
+            key = (value.float() * self.k_norm.weight.float()).type_as(value)
+            cos, sin = inputs.key_cos.unsqueeze(1), inputs.key_sin.unsqueeze(1)  # type: ignore[union-attr]
+            return apply_rotary(key, cos, sin, head_axis=None), value
+        key = apply_rotary(self.k_norm(raw), inputs.cos, inputs.sin).transpose(1, 2)  # [B, K, T, D]
+        value = self.v_norm(self.v_proj(x).view(B, T, -1, self.plan.head_dim)).transpose(1, 2)
+        key, value = kv.update(self.plan.index, key, value)
+        return key, value  # type: ignore[return-value]
 
 
 class MLP(nn.Module):
@@ -145,8 +185,8 @@ class DecoderLayer(nn.Module):
             self.per_layer_projection = nn.Linear(plan.ple_dim, hidden, bias=False)
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
 
-    def forward(self, x: Tensor, per_layer_input: Tensor | None, cos: Tensor, sin: Tensor, mask: Tensor, kv: KVStore) -> Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, kv))
+    def forward(self, x: Tensor, per_layer_input: Tensor | None, inputs: AttentionInputs, kv: KVStore) -> Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), inputs, kv))
 
         residual = x
         h = self.mlp(self.pre_feedforward_layernorm(x))

@@ -28,9 +28,11 @@ def rotary_tables(rope: RopePlan, positions: Tensor, dtype: torch.dtype) -> tupl
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, T, H, D]; cos/sin: [B or 1, T, D]. Pairs are (i, i + D/2)."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, head_axis: int | None = 2) -> Tensor:
+    """x: [B, T, H, D] with cos/sin [B, T, D] (head_axis=2), or cos/sin already broadcastable
+    to x (head_axis=None). Pairs are (i, i + D/2)."""
+    if head_axis is not None:
+        cos, sin = cos.unsqueeze(head_axis), sin.unsqueeze(head_axis)
     half = x.shape[-1] // 2
     rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated_half * sin

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import TextConfig
+from ..config import FULL, SLIDING, TextConfig
 from ..plan import LayerPlan, build_plan
-from .layers import DecoderLayer, KVStore, RMSNorm
+from .layers import AttentionInputs, DecoderLayer, KVStore, RMSNorm
 from .rope import rotary_tables
 
 
@@ -27,27 +27,39 @@ class ScaledEmbedding(nn.Embedding):
 
 
 class DictKV:
-    """K/V for one full forward pass: each owner's K/V kept as computed, for its sharers."""
+    """K/V for one full forward pass without a cache: keys are this step's tokens."""
 
     def __init__(self) -> None:
-        self.kv: dict[int, tuple[Tensor, Tensor]] = {}
+        self.shared: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def update(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        self.kv[layer] = key, value
+    def begin(self, positions: Tensor) -> dict[str, Tensor]:
+        return {t: positions for t in (SLIDING, FULL)}
+
+    def update(self, layer: int, key: Tensor | None, value: Tensor) -> tuple[Tensor | None, Tensor]:
         return key, value
 
+    def share(self, layer: int, key: Tensor, value: Tensor) -> None:
+        self.shared[layer] = key, value
+
     def read(self, layer: int) -> tuple[Tensor, Tensor]:
-        return self.kv[layer]
+        return self.shared[layer]
+
+    def end(self) -> None:
+        self.shared.clear()
 
 
 def attention_mask(query_pos: Tensor, key_pos: Tensor, window: int | None) -> Tensor:
-    """[Tq, Tk] bool, True where attention is allowed: causal, and within `window` positions
-    (the query itself included) on sliding layers."""
-    distance = query_pos[:, None] - key_pos[None, :]
-    allowed = distance >= 0
+    """[B, 1, T, S] bool from positions [B, T] and [B, S]; -1 marks padding and empty slots.
+
+    Causal, and within `window` positions (the query itself included) on sliding layers. Padding
+    queries may look anywhere: their outputs are discarded, and a row with nothing allowed
+    would turn into NaNs."""
+    distance = query_pos[:, :, None] - key_pos[:, None, :]
+    allowed = (distance >= 0) & (key_pos >= 0)[:, None, :]
     if window is not None:
         allowed &= distance < window
-    return allowed
+    allowed |= (query_pos < 0)[:, :, None]
+    return allowed[:, None]
 
 
 class TextModel(nn.Module):
@@ -81,6 +93,9 @@ class TextModel(nn.Module):
             for p in self.plan
         )
         self.norm = RMSNorm(hidden, eps)
+        # Layers from here on read others' K/V and store none: prefill runs them only where outputs are needed.
+        self.first_shared = next((p.index for p in self.plan if not p.owns_kv), len(self.plan))
+        self.rotates_keys_on_read = {t: any(p.k_eq_v for p in self.plan if p.attention_type == t) for t in (SLIDING, FULL)}
 
     def per_layer_inputs(self, ids: Tensor, embeds: Tensor) -> Tensor:
         """PLE: [B, T, layers, ple_dim] = (context projection + token table row) / sqrt(2)."""
@@ -91,25 +106,44 @@ class TextModel(nn.Module):
         context = self.per_layer_projection_norm(context.reshape(B, T, n, self.ple_dim))
         return (context + table_rows) * 2.0**-0.5
 
-    def forward(self, ids: Tensor, positions: Tensor | None = None, kv: KVStore | None = None) -> Tensor:
-        """ids: [B, T] -> hidden [B, T, hidden]. positions: [T] (default 0..T-1)."""
+    def attention_inputs(self, positions: Tensor, key_positions: dict[str, Tensor], dtype: torch.dtype) -> dict[str, AttentionInputs]:
+        """RoPE tables and masks once per attention type per step, shared by all its layers."""
+        inputs = {}
+        for p in self.plan:
+            if p.attention_type in inputs:
+                continue
+            keys = key_positions[p.attention_type]
+            cos, sin = rotary_tables(p.rope, positions, dtype)
+            key_cos, key_sin = rotary_tables(p.rope, keys, dtype) if self.rotates_keys_on_read[p.attention_type] else (None, None)
+            inputs[p.attention_type] = AttentionInputs(cos, sin, attention_mask(positions, keys, p.sliding_window), key_cos, key_sin)
+        return inputs
+
+    def forward(self, ids: Tensor, positions: Tensor | None = None, kv: KVStore | None = None, keep: int | None = None) -> Tensor | None:
+        """ids: [B, T] -> final hidden states [B, keep or T, hidden].
+
+        positions: [B, T] (default 0..T-1 in every row; -1 marks left padding).
+        kv: a cache to read and extend (default: none, attend within `ids`).
+        keep: how many trailing positions need outputs. KV-shared layers store nothing, so they
+        run on those positions only; with keep=0 they are skipped and None is returned."""
         B, T = ids.shape
         if positions is None:
-            positions = torch.arange(T, device=ids.device)
+            positions = torch.arange(T, device=ids.device).expand(B, T)
         kv = DictKV() if kv is None else kv
         x = self.embed_tokens(ids)
         ple = self.per_layer_inputs(ids, x) if self.ple_dim else None
-
-        # RoPE tables and masks once per attention type, shared by all its layers.
-        tables, masks = {}, {}
-        for p in self.plan:
-            if p.attention_type not in tables:
-                tables[p.attention_type] = rotary_tables(p.rope, positions, x.dtype)
-                masks[p.attention_type] = attention_mask(positions, positions, p.sliding_window)
+        inputs = self.attention_inputs(positions, kv.begin(positions), x.dtype)
         for p, layer in zip(self.plan, self.layers):
-            cos, sin = tables[p.attention_type]
-            per_layer = ple[:, :, p.index] if ple is not None else None
-            x = layer(x, per_layer, cos[None], sin[None], masks[p.attention_type], kv)
+            if p.index == self.first_shared and keep is not None:
+                if keep == 0:
+                    break
+                x, inputs = x[:, -keep:], {t: i.last(keep) for t, i in inputs.items()}
+                ple = ple[:, -keep:] if ple is not None else None
+            x = layer(x, ple[:, :, p.index] if ple is not None else None, inputs[p.attention_type], kv)
+        kv.end()
+        if keep == 0:
+            return None
+        if keep is not None:
+            x = x[:, -keep:]
         return self.norm(x)
 
 
@@ -136,4 +170,10 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: Tensor) -> Tensor:
         """input_ids: LongTensor [B, T] -> logits [B, T, vocab], soft-capped as the reference returns them."""
-        return self.logits(self.model(input_ids))
+        return self.logits(self.model(input_ids))  # type: ignore[arg-type]
+
+    @torch.inference_mode()
+    def step(self, ids: Tensor, positions: Tensor, kv: KVStore, keep: int) -> Tensor | None:
+        """One prefill chunk or decode step against a cache -> logits [B, keep, vocab] (None if keep=0)."""
+        hidden = self.model(ids, positions, kv, keep)
+        return None if hidden is None else self.logits(hidden)

@@ -1,0 +1,1 @@
+"""Runtime: KV cache, sampling, generation, tokenizer and chat."""

@@ -1,0 +1,175 @@
+"""A KV cache built for Gemma 4's layer plan.
+
+- Sliding layers keep a ring buffer of exactly `window` slots: their memory never grows.
+- Global layers keep the whole context, in a buffer that grows by doubling from `chunk`
+  positions (linear total copying, at most 2x over-allocation, capped at the context).
+- KV-shared layers keep nothing: they read their source layer's K/V of the current step.
+- K=V layers keep one tensor: the value; keys are rebuilt from it on read.
+
+Every slot stores the position of its token (-1 when empty or padding), so masks stay right
+after the ring wraps around and rows of a batch may be left-padded by different amounts.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import FULL, SLIDING
+from ..plan import LayerPlan
+
+DEFAULT_CHUNK = 256
+
+
+def global_capacity(tokens: int, context: int, chunk: int = DEFAULT_CHUNK) -> int:
+    """Slots a global layer holds once `tokens` positions are cached (the planner uses this too)."""
+    capacity = chunk
+    while capacity < tokens:
+        capacity *= 2
+    return min(capacity, -(-context // chunk) * chunk) if tokens else 0
+
+
+@dataclass
+class _LayerKV:
+    key: Tensor | None  # [B, K, slots, D]; None on K=V layers
+    value: Tensor
+
+
+class ModelCache:
+    """The cache of one model for one batch of sequences. Implements `model.layers.KVStore`."""
+
+    def __init__(self, plan: tuple[LayerPlan, ...], batch: int, context: int, dtype: torch.dtype, chunk: int = DEFAULT_CHUNK):
+        self.plan = plan
+        self.batch = batch
+        self.context = context
+        self.dtype = dtype
+        self.chunk = chunk
+        self.length = 0  # token steps written (padding included)
+        owners = [p for p in plan if p.owns_kv]
+        windows = {p.sliding_window for p in owners if p.is_sliding}
+        if len(windows) > 1:
+            raise ValueError(f"sliding layers with different windows {sorted(windows)}")
+        self.window = min(windows.pop(), context) if windows else 0
+        self.types = sorted({p.attention_type for p in owners})
+        self.layers: dict[int, _LayerKV] = {}
+        # Positions held in each slot, per attention type (every layer of a type shares them).
+        self.slot_positions = {t: torch.full((batch, self.window if t == SLIDING else 0), -1) for t in self.types}
+        self._owners = {p.index: p for p in owners}
+        self._pending: Tensor | None = None
+        self._shared: dict[int, tuple[Tensor, Tensor]] = {}
+
+    # --- KVStore -----------------------------------------------------------------------
+    def begin(self, positions: Tensor) -> dict[str, Tensor]:
+        B, T = positions.shape
+        if B != self.batch:
+            raise ValueError(f"cache holds {self.batch} sequences, step has {B}")
+        if self.length + T > self.context:
+            raise ValueError(f"{self.length + T} tokens exceed the cache's context of {self.context}")
+        self._pending = positions
+        keys = {}
+        if SLIDING in self.types:
+            ring = self.slot_positions[SLIDING]
+            if T == 1:  # decode writes into the ring first: the slot it overwrites is out of the window
+                ring = ring.clone()
+                ring[:, self.length % self.window] = positions[:, 0]
+                keys[SLIDING] = ring
+            else:
+                keys[SLIDING] = torch.cat((ring, positions), dim=1)
+        if FULL in self.types:
+            held = self.slot_positions[FULL]
+            capacity = global_capacity(self.length + T, self.context, self.chunk)
+            if capacity > held.shape[1]:
+                held = torch.cat((held, held.new_full((B, capacity - held.shape[1]), -1)), dim=1)
+            held[:, self.length : self.length + T] = positions
+            self.slot_positions[FULL] = held
+            keys[FULL] = held[:, : self.length + T]
+        return keys
+
+    def update(self, layer: int, key: Tensor | None, value: Tensor) -> tuple[Tensor | None, Tensor]:
+        plan = self._owners[layer]
+        if layer not in self.layers:
+            self.layers[layer] = self._allocate(plan, value)
+        if plan.is_sliding:
+            return self._update_ring(self.layers[layer], key, value)
+        return self._update_global(self.layers[layer], key, value)
+
+    def share(self, layer: int, key: Tensor, value: Tensor) -> None:
+        self._shared[layer] = key, value
+
+    def read(self, layer: int) -> tuple[Tensor, Tensor]:
+        return self._shared[layer]
+
+    def end(self) -> None:
+        positions = self._pending
+        assert positions is not None, "end() without begin()"
+        T = positions.shape[1]
+        if SLIDING in self.types:
+            slots, last = self._ring_slots(T)
+            self.slot_positions[SLIDING][:, slots] = positions[:, -last:]
+        self.length += T
+        self._pending = None
+        self._shared.clear()
+
+    # --- storage -----------------------------------------------------------------------
+    def _allocate(self, plan: LayerPlan, like: Tensor) -> _LayerKV:
+        slots = self.window if plan.is_sliding else 0
+        shape = (self.batch, plan.num_kv_heads, slots, plan.head_dim)
+        value = like.new_zeros(shape, dtype=self.dtype)
+        return _LayerKV(None if plan.k_eq_v else torch.zeros_like(value), value)
+
+    def _ring_slots(self, T: int) -> tuple[Tensor, int]:
+        """Slots the last min(T, window) new tokens go to (earlier ones would be overwritten anyway)."""
+        last = min(T, self.window)
+        return torch.arange(self.length + T - last, self.length + T) % self.window, last
+
+    def _update_ring(self, kv: _LayerKV, key: Tensor | None, value: Tensor) -> tuple[Tensor | None, Tensor]:
+        T = value.shape[2]
+        if T == 1:
+            slot = self.length % self.window
+            kv.value[:, :, slot] = value[:, :, 0]
+            if kv.key is not None:
+                kv.key[:, :, slot] = key[:, :, 0]  # type: ignore[index]
+            return kv.key, kv.value
+        full_key = None if kv.key is None else torch.cat((kv.key, key), dim=2)  # type: ignore[arg-type]
+        full_value = torch.cat((kv.value, value), dim=2)
+        slots, last = self._ring_slots(T)
+        kv.value[:, :, slots] = value[:, :, -last:]
+        if kv.key is not None:
+            kv.key[:, :, slots] = key[:, :, -last:]  # type: ignore[index]
+        return full_key, full_value
+
+    def _update_global(self, kv: _LayerKV, key: Tensor | None, value: Tensor) -> tuple[Tensor | None, Tensor]:
+        T = value.shape[2]
+        end = self.length + T
+        capacity = self.slot_positions[FULL].shape[1]
+        if capacity > kv.value.shape[2]:
+            kv.value = _grow(kv.value, capacity)
+            kv.key = None if kv.key is None else _grow(kv.key, capacity)
+        kv.value[:, :, self.length : end] = value
+        if kv.key is not None:
+            kv.key[:, :, self.length : end] = key
+        return (None if kv.key is None else kv.key[:, :, :end]), kv.value[:, :, :end]
+
+    # --- accounting and reuse ----------------------------------------------------------
+    def nbytes_by_type(self) -> dict[str, int]:
+        """Bytes of K/V tensors held, per attention type (positions bookkeeping excluded)."""
+        held: dict[str, int] = defaultdict(int)
+        for index, kv in self.layers.items():
+            for t in (kv.key, kv.value):
+                if t is not None:
+                    held[self._owners[index].attention_type] += t.numel() * t.element_size()
+        return dict(held)
+
+    def nbytes_by_layer(self) -> dict[int, int]:
+        return {
+            i: sum(t.numel() * t.element_size() for t in (kv.key, kv.value) if t is not None) for i, kv in self.layers.items()
+        }
+
+
+def _grow(buffer: Tensor, capacity: int) -> Tensor:
+    grown = buffer.new_zeros((*buffer.shape[:2], capacity, buffer.shape[3]))
+    grown[:, :, : buffer.shape[2]] = buffer
+    return grown
