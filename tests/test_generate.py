@@ -1,0 +1,87 @@
+"""Generation: greedy tokens equal `transformers` generate(); sampling options do what they say."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gemma4
+from gemma4.runtime.generate import PromptTooLong, generate_ids
+from gemma4.runtime.sampling import SamplingParams, filter_logits, penalize_repetition, sample
+
+from conftest import TINY_PRESETS
+
+transformers = pytest.importorskip("transformers")
+
+
+def prompts_of(*lengths: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(3, 262_144, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_greedy_batch_equals_reference_generate(checkpoints, preset):
+    """Two prompts of different lengths (left-padded), prefilled in window-sized chunks."""
+    path = checkpoints(preset)
+    lm = gemma4.load(path, dtype=torch.float32, progress=False)
+    prompts = prompts_of(13, 21)
+    ours = torch.stack(list(generate_ids(lm, prompts, max_new_tokens=24, prefill_chunk=lm.config.sliding_window)), 1)
+
+    reference = transformers.Gemma4ForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager")
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :], mask[row, width - len(p) :] = torch.tensor(p), 1
+    theirs = reference.eval().generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[:, width:]
+    assert torch.equal(ours, theirs)
+
+
+def test_stop_ids_and_banned_ids(checkpoints):
+    lm = gemma4.load(checkpoints("tiny-e2b"), dtype=torch.float32, progress=False)
+    prompt = prompts_of(9)
+    free = torch.cat(list(generate_ids(lm, prompt, max_new_tokens=12)))
+    # Stopping on the 4th greedy token: it is yielded, then the row ends.
+    stopped = torch.cat(list(generate_ids(lm, prompt, max_new_tokens=12, stop_ids={int(free[3])})))
+    assert torch.equal(stopped, free[: list(free).index(free[3]) + 1])
+    # Banning the first greedy token changes the first step.
+    banned = next(generate_ids(lm, prompt, max_new_tokens=1, banned_ids={int(free[0])}))
+    assert banned.item() != free[0].item()
+
+
+def test_prompt_longer_than_context_fails_before_any_work(checkpoints):
+    lm = gemma4.load(checkpoints("tiny-e2b"), dtype=torch.float32, progress=False)
+    with pytest.raises(PromptTooLong, match="the prompt is 40 tokens but the context is 32"):
+        next(generate_ids(lm, prompts_of(40), max_new_tokens=4, context=32))
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=11)
+    empty = torch.zeros(3, 0, dtype=torch.long)
+    a = [sample(logits, params, empty, g := params.generator()) for _ in range(1)] + [sample(logits, params, empty, g)]
+    b = [sample(logits, params, empty, g := params.generator()) for _ in range(1)] + [sample(logits, params, empty, g)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_filters_keep_what_they_should():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, **kw)))[0].tolist()  # noqa: E731
+    assert kept(top_k=2) == [True, True, False, False, False]
+    # probabilities .64 .24 .09 .03 .01: top_p 0.8 keeps the token that crosses 0.8
+    assert kept(top_p=0.8) == [True, True, False, False, False]
+    assert kept(min_p=0.1) == [True, True, True, False, False]
+    assert sample(logits, SamplingParams(temperature=0.7, top_k=1), torch.zeros(1, 0, dtype=torch.long), None).item() == 0
+
+
+def test_repetition_penalty():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    penalized = penalize_repetition(logits, torch.tensor([[0, 1]]), 2.0)
+    assert penalized.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_bad_sampling_options_are_refused():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)

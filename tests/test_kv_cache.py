@@ -1,0 +1,98 @@
+"""Cached decoding equals one full forward pass, and every cache rule shows in measured bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gemma4
+from gemma4.runtime.generate import prefill
+from gemma4.runtime.kv_cache import ModelCache, global_capacity
+
+from conftest import TINY_PRESETS
+
+
+def ids_for(length: int, batch: int = 2) -> torch.Tensor:
+    return torch.randint(0, 262_144, (batch, length), generator=torch.Generator().manual_seed(3))
+
+
+def arange_positions(ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+
+
+def decode_all(lm, ids: torch.Tensor, prompt: int, chunk: int | None = None) -> torch.Tensor:
+    """Prefill `prompt` tokens, then decode the rest one by one -> logits for positions prompt-1..end."""
+    positions = arange_positions(ids)
+    cache = ModelCache(lm.plan, ids.shape[0], 4096, torch.float32)
+    out = [prefill(lm, cache, ids[:, :prompt], positions[:, :prompt], chunk or prompt)[:, None]]
+    for t in range(prompt, ids.shape[1]):
+        out.append(lm.step(ids[:, t : t + 1], positions[:, t : t + 1], cache, keep=1))
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_incremental_decoding_equals_full_forward(checkpoints, preset):
+    path = checkpoints(preset)
+    lm = gemma4.load(path, dtype=torch.float32, progress=False)
+    lm64 = gemma4.load(path, dtype=torch.float32, progress=False).to(torch.float64)
+    W = lm.config.sliding_window
+    ids = ids_for(4 * W + 3)
+    truth = lm64(ids)
+    full_error = (lm(ids).double() - truth).abs().max().item()
+    for prompt in (1, W - 1, W, W + 1, 3 * W + 1):
+        cached = decode_all(lm, ids, prompt).double()
+        error = (cached - truth[:, prompt - 1 :]).abs().max().item()
+        assert error <= 3 * full_error, f"prompt {prompt}: cached {error:.2e} vs one-shot {full_error:.2e}"
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 17])
+def test_chunked_prefill_equals_one_shot(checkpoints, chunk):
+    lm = gemma4.load(checkpoints("tiny-e2b"), dtype=torch.float32, progress=False)
+    ids = ids_for(37)
+    one_shot = lm(ids)[:, -1]
+    cache = ModelCache(lm.plan, 2, 4096, torch.float32)
+    chunked = prefill(lm, cache, ids, arange_positions(ids), chunk)
+    assert (chunked - one_shot).abs().max() < 1e-4
+    assert cache.length == 37
+
+
+def cache_after(lm, tokens: int, batch: int = 1) -> ModelCache:
+    ids = ids_for(tokens, batch)
+    cache = ModelCache(lm.plan, batch, 8192, torch.float32)
+    prefill(lm, cache, ids, arange_positions(ids), 64)
+    return cache
+
+
+def test_cache_bytes_follow_the_architecture(checkpoints):
+    lm = gemma4.load(checkpoints("tiny-e2b"), dtype=torch.float32, progress=False)
+    plan = lm.plan
+    W = lm.config.sliding_window
+    per_slot = {p.index: p.num_kv_heads * p.head_dim * 4 * (1 if p.k_eq_v else 2) for p in plan}
+    for tokens in (3, W, 5 * W, 300):
+        cache = cache_after(lm, tokens)
+        by_layer = cache.nbytes_by_layer()
+        # KV-shared layers store nothing; every owner stores.
+        assert set(by_layer) == {p.index for p in plan if p.owns_kv}
+        for p in plan:
+            if p.owns_kv:
+                slots = W if p.is_sliding else global_capacity(tokens, 8192)
+                assert by_layer[p.index] == slots * per_slot[p.index], (tokens, p.index)
+    # Sliding memory never grows with the context; global memory does.
+    short, long = cache_after(lm, W).nbytes_by_type(), cache_after(lm, 300).nbytes_by_type()
+    assert short["sliding_attention"] == long["sliding_attention"]
+    assert long["full_attention"] > short["full_attention"]
+
+
+def test_k_eq_v_layers_store_one_tensor(checkpoints):
+    lm = gemma4.load(checkpoints("tiny-31b"), dtype=torch.float32, progress=False)
+    cache = cache_after(lm, 40)
+    for p in lm.plan:
+        stored = cache.layers[p.index]
+        assert (stored.key is None) == p.k_eq_v
+    global_layer = next(p for p in lm.plan if p.k_eq_v)
+    assert cache.nbytes_by_layer()[global_layer.index] == global_capacity(40, 8192) * global_layer.num_kv_heads * global_layer.head_dim * 4
+
+
+def test_global_buffers_grow_by_doubling_up_to_the_context():
+    assert [global_capacity(n, 100_000) for n in (0, 1, 256, 257, 1000, 5000)] == [0, 256, 256, 512, 1024, 8192]
+    assert global_capacity(99_999, 100_000) == 100_096  # capped at the context, in whole chunks
