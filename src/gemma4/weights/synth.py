@@ -17,6 +17,7 @@ from ..errors import Gemma4Error
 from .layout import TensorSpec, checkpoint_tensors
 from .presets import preset_config
 from .safetensors_io import TensorToWrite, write_safetensors
+from .synth_tokenizer import write_tokenizer
 
 CHUNK_ELEMENTS = 1 << 24  # 64 MB of fp32 scratch at most
 DEFAULT_SHARD_BYTES = 5 * 10**9  # save_pretrained's customary 5 GB shards
@@ -88,6 +89,7 @@ def synthesize(
         }
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+    write_tokenizer(out, config.text.vocab_size)
     # config.json last: its presence marks a complete checkpoint.
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     return out
