@@ -23,7 +23,7 @@ def prompts_of(*lengths: int) -> list[list[int]]:
 def test_greedy_batch_equals_reference_generate(checkpoints, preset):
     """Two prompts of different lengths (left-padded), prefilled in window-sized chunks."""
     path = checkpoints(preset)
-    lm = gemma4.load(path, dtype=torch.float32, progress=False)
+    lm = gemma4.load(path, dtype=torch.float32, progress=False).lm
     prompts = prompts_of(13, 21)
     ours = torch.stack(list(generate_ids(lm, prompts, max_new_tokens=24, prefill_chunk=lm.config.sliding_window)), 1)
 
@@ -40,7 +40,7 @@ def test_greedy_batch_equals_reference_generate(checkpoints, preset):
 
 
 def test_stop_ids_and_banned_ids(checkpoints):
-    lm = gemma4.load(checkpoints("tiny-e2b"), dtype=torch.float32, progress=False)
+    lm = gemma4.load(checkpoints("tiny-e2b"), dtype=torch.float32, progress=False).lm
     prompt = prompts_of(9)
     free = torch.cat(list(generate_ids(lm, prompt, max_new_tokens=12)))
     # Stopping on the 4th greedy token: it is yielded, then the row ends.
@@ -52,7 +52,7 @@ def test_stop_ids_and_banned_ids(checkpoints):
 
 
 def test_prompt_longer_than_context_fails_before_any_work(checkpoints):
-    lm = gemma4.load(checkpoints("tiny-e2b"), dtype=torch.float32, progress=False)
+    lm = gemma4.load(checkpoints("tiny-e2b"), dtype=torch.float32, progress=False).lm
     with pytest.raises(PromptTooLong, match="the prompt is 40 tokens but the context is 32"):
         next(generate_ids(lm, prompts_of(40), max_new_tokens=4, context=32))
 

@@ -33,8 +33,8 @@ def decode_all(lm, ids: torch.Tensor, prompt: int, chunk: int | None = None) -> 
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_incremental_decoding_equals_full_forward(checkpoints, preset):
     path = checkpoints(preset)
-    lm = gemma4.load(path, dtype=torch.float32, progress=False)
-    lm64 = gemma4.load(path, dtype=torch.float32, progress=False).to(torch.float64)
+    lm = gemma4.load(path, dtype=torch.float32, progress=False).lm
+    lm64 = gemma4.load(path, dtype=torch.float32, progress=False).lm.to(torch.float64)
     W = lm.config.sliding_window
     ids = ids_for(4 * W + 3)
     truth = lm64(ids)
@@ -47,7 +47,7 @@ def test_incremental_decoding_equals_full_forward(checkpoints, preset):
 
 @pytest.mark.parametrize("chunk", [1, 3, 8, 17])
 def test_chunked_prefill_equals_one_shot(checkpoints, chunk):
-    lm = gemma4.load(checkpoints("tiny-e2b"), dtype=torch.float32, progress=False)
+    lm = gemma4.load(checkpoints("tiny-e2b"), dtype=torch.float32, progress=False).lm
     ids = ids_for(37)
     one_shot = lm(ids)[:, -1]
     cache = ModelCache(lm.plan, 2, 4096, torch.float32)
@@ -64,7 +64,7 @@ def cache_after(lm, tokens: int, batch: int = 1) -> ModelCache:
 
 
 def test_cache_bytes_follow_the_architecture(checkpoints):
-    lm = gemma4.load(checkpoints("tiny-e2b"), dtype=torch.float32, progress=False)
+    lm = gemma4.load(checkpoints("tiny-e2b"), dtype=torch.float32, progress=False).lm
     plan = lm.plan
     W = lm.config.sliding_window
     per_slot = {p.index: p.num_kv_heads * p.head_dim * 4 * (1 if p.k_eq_v else 2) for p in plan}
@@ -84,7 +84,7 @@ def test_cache_bytes_follow_the_architecture(checkpoints):
 
 
 def test_k_eq_v_layers_store_one_tensor(checkpoints):
-    lm = gemma4.load(checkpoints("tiny-31b"), dtype=torch.float32, progress=False)
+    lm = gemma4.load(checkpoints("tiny-31b"), dtype=torch.float32, progress=False).lm
     cache = cache_after(lm, 40)
     for p in lm.plan:
         stored = cache.layers[p.index]

@@ -44,7 +44,7 @@ def test_matching_dtype_loads_without_copying(checkpoints):
     """bf16 weights loaded as bf16 are views into the memory-mapped file, not copies."""
     path = checkpoints("tiny-e2b", torch.bfloat16)
     file_size = (path / "model.safetensors").stat().st_size
-    model = gemma4.load(path, dtype=torch.bfloat16, progress=False)
+    model = gemma4.load(path, dtype=torch.bfloat16, progress=False).lm
     for name, tensor in model.state_dict().items():
         assert tensor.untyped_storage().nbytes() == file_size, name
 
@@ -52,7 +52,7 @@ def test_matching_dtype_loads_without_copying(checkpoints):
 def test_row_tables_keep_their_stored_dtype(checkpoints):
     """The per-layer-embedding table is read a row per token: it stays bf16 and mapped in fp32 mode."""
     path = checkpoints("tiny-e2b", torch.bfloat16)
-    model = gemma4.load(path, dtype=torch.float32, progress=False)
+    model = gemma4.load(path, dtype=torch.float32, progress=False).lm
     assert model.model.embed_tokens_per_layer.weight.dtype == torch.bfloat16
     assert model.model.embed_tokens.weight.dtype == torch.float32
 

@@ -1,6 +1,8 @@
 """The generation loop over token ids: chunked prefill, then one decode step per token.
 
-Text, chat formatting, stop strings and timing sit one layer above this."""
+Two feeders share one sampling loop: `Batch` (several prompts, left-padded, a fresh cache) and
+`Session` (one conversation whose cache lives on between calls, so a new turn prefills only
+what is new). Text, chat formatting, stop strings and timing sit one layer above this."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from torch import Tensor
 
 from ..errors import Gemma4Error
 from ..model import CausalLM
-from .kv_cache import ModelCache
+from .kv_cache import CacheSnapshot, ModelCache
 from .sampling import SamplingParams, sample
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -23,9 +25,7 @@ class PromptTooLong(Gemma4Error):
 
 def check_fits(prompt_tokens: int, context: int) -> None:
     if prompt_tokens >= context:
-        raise PromptTooLong(
-            f"the prompt is {prompt_tokens} tokens but the context is {context}: shorten it or raise --context"
-        )
+        raise PromptTooLong(f"the prompt is {prompt_tokens} tokens but the context is {context}: shorten it or raise --context")
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -41,15 +41,126 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, positions
 
 
-def prefill(lm: CausalLM, cache: ModelCache, ids: Tensor, positions: Tensor, chunk: int) -> Tensor:
-    """Feed the prompt in chunks (attention never spans more than chunk x cache); only the last
-    chunk runs the KV-shared layers, and only on its last position. -> logits [B, vocab]."""
-    logits = None
+def prefill(lm: CausalLM, cache: ModelCache, ids: Tensor, positions: Tensor, chunk: int, logits: bool = True) -> Tensor | None:
+    """Feed tokens in chunks (attention never spans more than chunk x cache). KV-shared layers
+    run only in the last chunk, on its last position, and not at all when no logits are wanted.
+    -> logits [B, vocab] of the last position."""
+    out = None
     for start in range(0, ids.shape[1], chunk):
-        last = start + chunk >= ids.shape[1]
-        logits = lm.step(ids[:, start : start + chunk], positions[:, start : start + chunk], cache, keep=1 if last else 0)
-    assert logits is not None
-    return logits[:, -1]
+        last = logits and start + chunk >= ids.shape[1]
+        out = lm.step(ids[:, start : start + chunk], positions[:, start : start + chunk], cache, keep=1 if last else 0)
+    return None if out is None else out[:, -1]
+
+
+class Batch:
+    """Several prompts at once, in a fresh cache."""
+
+    def __init__(self, lm: CausalLM, prompts: list[list[int]], context: int, prefill_chunk: int, pad_id: int):
+        check_fits(max(len(p) for p in prompts), context)
+        self.lm, self.chunk, self.pad_id = lm, prefill_chunk, pad_id
+        self.ids, self.positions = left_pad(prompts, pad_id)
+        self.cache = ModelCache(lm.plan, len(prompts), context, lm.model.embed_tokens.weight.dtype)
+        self.next_position = self.positions[:, -1] + 1
+        self.room = context - self.ids.shape[1]
+
+    def start(self) -> tuple[Tensor, Tensor]:
+        """-> (logits [B, vocab], token history [B, L] for repetition penalties)."""
+        return prefill(self.lm, self.cache, self.ids, self.positions, self.chunk), self.ids  # type: ignore[return-value]
+
+    def feed(self, tokens: Tensor, finished: Tensor) -> Tensor:
+        fed = torch.where(finished, self.pad_id, tokens)
+        positions = torch.where(finished, -1, self.next_position)
+        self.next_position = self.next_position + 1
+        return self.lm.step(fed[:, None], positions[:, None], self.cache, keep=1)[:, -1]  # type: ignore[index]
+
+
+class Session:
+    """One conversation. Its cache outlives each call: a prompt that extends what is cached
+    prefills only the new tokens. When a re-rendered history departs from the cached tokens
+    (a chat template drops earlier thoughts, text re-tokenises differently), the sliding layers'
+    ring buffers cannot rewind by themselves, so a snapshot taken at the end of each prompt lets
+    the cache roll back there and re-feed only what follows."""
+
+    def __init__(self, lm: CausalLM, context: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+        self.lm, self.context, self.chunk = lm, context, prefill_chunk
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = ModelCache(self.lm.plan, 1, self.context, self.lm.model.embed_tokens.weight.dtype)
+        self.tokens: list[int] = []  # the tokens whose K/V the cache holds, in order
+        self.snapshot: CacheSnapshot | None = None
+        self.reused = 0  # prompt tokens the last call did not have to prefill
+
+    def _rewind(self, keep: int) -> None:
+        """Make the cache hold exactly self.tokens[:keep]."""
+        if keep == len(self.tokens):
+            return
+        if self.snapshot is not None and self.snapshot.length <= keep:
+            self.cache.restore(self.snapshot)
+            refeed = self.tokens[self.snapshot.length : keep]
+            self.tokens = self.tokens[: self.snapshot.length]
+            self._feed(refeed, logits=False)
+        else:
+            tokens = self.tokens[:keep]
+            self.reset()
+            self._feed(tokens, logits=False)
+
+    def _feed(self, tokens: list[int], logits: bool) -> Tensor | None:
+        if not tokens:
+            return None
+        start = len(self.tokens)
+        ids = torch.tensor([tokens])
+        positions = torch.arange(start, start + len(tokens))[None]
+        self.tokens += tokens
+        return prefill(self.lm, self.cache, ids, positions, self.chunk, logits)
+
+    def start_prompt(self, prompt: list[int]) -> tuple[Tensor, Tensor]:
+        check_fits(len(prompt), self.context)
+        common = 0
+        for cached, new in zip(self.tokens, prompt):
+            if cached != new:
+                break
+            common += 1
+        common = min(common, len(prompt) - 1)  # the last prompt token is always fed: its logits start the answer
+        self._rewind(common)
+        self.reused = common
+        logits = self._feed(prompt[common:], logits=True)
+        self.snapshot = self.cache.snapshot()
+        return logits, torch.tensor([prompt])  # type: ignore[return-value]
+
+    @property
+    def room(self) -> int:
+        return self.context - len(self.tokens)
+
+    def feed(self, tokens: Tensor, finished: Tensor) -> Tensor:
+        return self._feed([int(tokens[0])], logits=True)  # type: ignore[return-value]
+
+
+def sample_loop(
+    feeder: Batch | Session,
+    logits: Tensor,
+    history: Tensor,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    stop_ids: Collection[int],
+    banned_ids: Collection[int],
+) -> Iterator[Tensor]:
+    """Yield the next token of every sequence, [B] per step; -1 for sequences already finished.
+    A sequence finishes on a stop id (which is yielded, not fed) or after `max_new_tokens`."""
+    generator = sampling.generator()
+    banned = torch.tensor(sorted(banned_ids), dtype=torch.long)
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long)
+    finished = torch.zeros(history.shape[0], dtype=torch.bool)
+    budget = min(max_new_tokens, feeder.room)
+    for step in range(budget):
+        token = sample(logits.float().index_fill(-1, banned, float("-inf")), sampling, history, generator)
+        token = torch.where(finished, -1, token)
+        yield token
+        finished |= torch.isin(token, stops)
+        if finished.all() or step + 1 == budget:
+            return
+        history = torch.cat((history, token.clamp(min=0)[:, None]), dim=1)
+        logits = feeder.feed(token, finished)
 
 
 def generate_ids(
@@ -63,33 +174,7 @@ def generate_ids(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     pad_id: int = 0,
 ) -> Iterator[Tensor]:
-    """Yield the next token of every prompt, [B] per step; -1 for prompts already finished.
-
-    A prompt finishes on a stop id (which is yielded) or after `max_new_tokens`."""
-    context = context or lm.config.max_position_embeddings
-    check_fits(max(len(p) for p in prompts), context)
-    ids, positions = left_pad(prompts, pad_id)
-    dtype = lm.model.embed_tokens.weight.dtype
-    cache = ModelCache(lm.plan, len(prompts), context, dtype)
-    steps = min(max_new_tokens, context - ids.shape[1])
-    history = ids
-    generator = sampling.generator()
-    banned = torch.tensor(sorted(banned_ids), dtype=torch.long)
-    stops = torch.tensor(sorted(stop_ids), dtype=torch.long)
-    finished = torch.zeros(len(prompts), dtype=torch.bool)
-    next_position = positions[:, -1] + 1
-
-    logits = prefill(lm, cache, ids, positions, prefill_chunk)
-    for _ in range(steps):
-        logits = logits.float().index_fill(-1, banned, float("-inf"))
-        token = sample(logits, sampling, history, generator)
-        token = torch.where(finished, -1, token)
-        yield token
-        finished |= torch.isin(token, stops)
-        if finished.all():
-            return
-        fed = torch.where(finished, pad_id, token)
-        step_positions = torch.where(finished, -1, next_position)
-        history = torch.cat((history, fed[:, None]), dim=1)
-        logits = lm.step(fed[:, None], step_positions[:, None], cache, keep=1)[:, -1]  # type: ignore[index]
-        next_position += 1
+    """A batch of prompts in a fresh cache; see `sample_loop`."""
+    batch = Batch(lm, prompts, context or lm.config.max_position_embeddings, prefill_chunk, pad_id)
+    logits, history = batch.start()
+    yield from sample_loop(batch, logits, history, max_new_tokens, sampling, stop_ids, banned_ids)

@@ -38,6 +38,13 @@ class _LayerKV:
     value: Tensor
 
 
+@dataclass
+class CacheSnapshot:
+    length: int
+    rings: dict[int, _LayerKV]
+    ring_positions: Tensor | None
+
+
 class ModelCache:
     """The cache of one model for one batch of sequences. Implements `model.layers.KVStore`."""
 
@@ -154,6 +161,26 @@ class ModelCache:
         return (None if kv.key is None else kv.key[:, :, :end]), kv.value[:, :, :end]
 
     # --- accounting and reuse ----------------------------------------------------------
+    def snapshot(self) -> CacheSnapshot:
+        """Copy what rolling back to the current length needs: the ring buffers (global
+        layers keep every position, so their slots need no copy)."""
+        rings = {
+            i: _LayerKV(None if kv.key is None else kv.key.clone(), kv.value.clone())
+            for i, kv in self.layers.items()
+            if self._owners[i].is_sliding
+        }
+        positions = self.slot_positions[SLIDING].clone() if SLIDING in self.types else None
+        return CacheSnapshot(self.length, rings, positions)
+
+    def restore(self, snapshot: CacheSnapshot) -> None:
+        """Roll back to a snapshot taken on this cache (tokens written since are forgotten)."""
+        for i, ring in snapshot.rings.items():
+            self.layers[i] = _LayerKV(None if ring.key is None else ring.key.clone(), ring.value.clone())
+        if snapshot.ring_positions is not None:
+            self.slot_positions[SLIDING] = snapshot.ring_positions.clone()
+        if FULL in self.types:
+            self.slot_positions[FULL][:, snapshot.length :] = -1
+        self.length = snapshot.length
     def nbytes_by_type(self) -> dict[str, int]:
         """Bytes of K/V tensors held, per attention type (positions bookkeeping excluded)."""
         held: dict[str, int] = defaultdict(int)

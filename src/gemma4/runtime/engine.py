@@ -1,0 +1,282 @@
+"""A loaded Gemma 4 checkpoint as a user sees it: logits, text generation and chat."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import Gemma4Error
+from ..model import CausalLM
+from .chat_format import render_chat
+from .chat_parser import ChatResult, Event, OutputParser
+from .generate import DEFAULT_PREFILL_CHUNK, Batch, Session, sample_loop
+from .sampling import SamplingParams
+from .tokenizer import MEDIA_TOKENS, StreamDecoder, Tokenizer
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens already in the cache (chat sessions)
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds and self.generated_tokens > 1 else 0.0
+
+
+class Model:
+    """Load with `gemma4.load(path)`. `model(input_ids)` gives logits; `generate` and `chat` give text."""
+
+    def __init__(
+        self,
+        lm: CausalLM,
+        tokenizer: Tokenizer | None,
+        generation_config: Mapping[str, Any],
+        chat_template: str | None,
+        context: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ):
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.generation_config = dict(generation_config)
+        self.chat_template = chat_template
+        self.context = min(context or lm.config.max_position_embeddings, lm.config.max_position_embeddings)
+        self.prefill_chunk = prefill_chunk
+        self.stats = Stats()
+        self._session: Session | None = None
+
+    @classmethod
+    def from_folder(
+        cls, path: str | Path, dtype: torch.dtype | str = torch.bfloat16, context: int | None = None, progress: bool = True
+    ) -> Model:
+        from ..weights import load_model
+
+        folder = Path(path)
+        lm = load_model(folder, dtype=dtype, progress=progress)
+        has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
+        tokenizer = Tokenizer.from_folder(folder) if has_tokenizer else None
+        return cls(lm, tokenizer, _read_json(folder / "generation_config.json"), _chat_template(folder), context)
+
+    # --- the model itself ---------------------------------------------------------------
+    @property
+    def config(self):  # noqa: ANN201 - a TextConfig
+        return self.lm.config
+
+    @property
+    def plan(self):  # noqa: ANN201 - a tuple of LayerPlan
+        return self.lm.plan
+
+    def __call__(self, input_ids: Tensor) -> Tensor:
+        """input_ids: LongTensor [batch, seq] -> soft-capped logits [batch, seq, vocab]."""
+        return self.lm(input_ids)
+
+    # --- generation ---------------------------------------------------------------------
+    @property
+    def stop_ids(self) -> set[int]:
+        eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
+        return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    def sampling(self, **overrides: Any) -> SamplingParams:
+        """Sampling options: the checkpoint's generation_config.json, then the caller's."""
+        defaults: dict[str, Any] = {}
+        if self.generation_config.get("do_sample"):
+            defaults = {k: self.generation_config[k] for k in ("temperature", "top_k", "top_p", "min_p") if k in self.generation_config}
+            defaults.setdefault("temperature", 1.0)
+        defaults.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams(**defaults)
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise Gemma4Error("this checkpoint has no tokenizer.json or tokenizer.model: pass token ids instead of text")
+        return self.tokenizer
+
+    def _banned(self) -> set[int]:
+        return self.tokenizer.ids_of(MEDIA_TOKENS) if self.tokenizer else set()
+
+    def _one_bos(self, ids: Sequence[int]) -> list[int]:
+        bos = self.tokenizer.bos_id if self.tokenizer else self.config.bos_token_id
+        ids = list(ids)
+        while ids and ids[0] == bos:
+            ids = ids[1:]
+        return [bos, *ids]
+
+    def generate(
+        self,
+        prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
+        max_new_tokens: int = 256,
+        *,
+        stream: bool = False,
+        stop: Sequence[str] = (),
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+    ) -> Any:
+        """Continue a prompt.
+
+        Args:
+            prompt: text (returns the generated text), token ids (returns the new ids), or a list
+                of either (a batch of any lengths; returns a list).
+            stream: yield text deltas (or ids) as they come instead; single prompts only.
+            stop: strings that end the generation (not included in the output).
+            temperature, top_k, top_p, min_p, repetition_penalty, seed: sampling; temperature 0 is greedy.
+        """
+        params = self.sampling(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed
+        )
+        batch = not isinstance(prompt, str) and len(prompt) > 0 and not isinstance(prompt[0], int)
+        prompts = list(prompt) if batch else [prompt]  # type: ignore[list-item]
+        as_text = isinstance(prompts[0], str)
+        ids = [self._require_tokenizer().prompt_ids(p) if as_text else self._one_bos(p) for p in prompts]  # type: ignore[arg-type]
+        if stream and batch:
+            raise ValueError("stream=True takes a single prompt")
+        tokens = self._run(Batch(self.lm, ids, self.context, self.prefill_chunk, self.config.pad_token_id or 0), max_new_tokens, params)
+        if stream or not batch:  # one prompt: stop strings end the generation itself, not just the text
+            rows = (int(t[0]) for t in tokens)
+            deltas = _text_stream(rows, self.tokenizer, self.stop_ids, stop) if as_text else _id_stream(rows, self.stop_ids)
+            if stream:
+                return deltas
+            return "".join(deltas) if as_text else list(deltas)
+        outputs: list[list[int]] = [[] for _ in ids]
+        for step in tokens:
+            for row, token in enumerate(step.tolist()):
+                if token >= 0 and token not in self.stop_ids:
+                    outputs[row].append(token)
+        if as_text:
+            return ["".join(_text_stream(iter(o), self.tokenizer, self.stop_ids, stop)) for o in outputs]
+        return outputs
+
+    def _run(self, feeder: Batch | Session, max_new_tokens: int, params: SamplingParams, prompt: list[int] | None = None) -> Iterator[Tensor]:
+        """Time prefill and decode around `sample_loop`."""
+        started = time.perf_counter()
+        logits, history = feeder.start_prompt(prompt) if isinstance(feeder, Session) else feeder.start()  # type: ignore[arg-type]
+        self.stats = Stats(prompt_tokens=history.shape[1], reused_tokens=getattr(feeder, "reused", 0))
+        self.stats.prefill_seconds = time.perf_counter() - started
+        first = time.perf_counter()
+        for token in sample_loop(feeder, logits, history, max_new_tokens, params, self.stop_ids, self._banned()):
+            self.stats.generated_tokens += 1
+            self.stats.decode_seconds = time.perf_counter() - first
+            yield token
+
+    # --- chat ---------------------------------------------------------------------------
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        max_new_tokens: int = 1024,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        thinking: bool = False,
+        stream: bool = False,
+        **sampling: Any,
+    ) -> ChatResult | Iterator[Event]:
+        """Answer OpenAI-style messages. Returns a ChatResult (content, reasoning, tool_calls), or
+        with stream=True an iterator of Events. The conversation's cache is kept: calling again
+        with the history extended prefills only the new tokens."""
+        tokenizer = self._require_tokenizer()
+        try:
+            text = render_chat(messages, tools, thinking, self.chat_template)
+        except ValueError as e:
+            raise Gemma4Error(f"bad messages: {e}") from None
+        prompt = tokenizer.prompt_ids(text)
+        if self._session is None:
+            self._session = Session(self.lm, self.context, self.prefill_chunk)
+        events = self._chat_events(self._run(self._session, max_new_tokens, self.sampling(**sampling), prompt))
+        if stream:
+            return events
+        result = ChatResult()
+        for event in events:
+            result.add(event)
+        return result
+
+    def _chat_events(self, tokens: Iterator[Tensor]) -> Iterator[Event]:
+        parser = OutputParser(self._require_tokenizer())
+        for step in tokens:
+            yield from parser.push(int(step[0]))
+        yield from parser.finish()
+
+    def reset_chat(self) -> None:
+        self._session = None
+
+    # --- diagnosis ----------------------------------------------------------------------
+    def describe(self) -> list[str]:
+        """What users need to diagnose 'slow' or 'wrong': context, KV, PLE placement, attention paths."""
+        from .kv_cache import global_capacity
+
+        lines = [f"context: {self.context} tokens (model maximum {self.config.max_position_embeddings})"]
+        table = getattr(self.lm.model, "embed_tokens_per_layer", None)
+        if table is not None:
+            where = "memory-mapped from the checkpoint (rows read per token)" if _is_mapped(table.weight) else "in RAM"
+            lines.append(f"per-layer embeddings: {table.weight.numel():,} parameters, {table.weight.dtype}, {where}")
+        session = self._session
+        held = session.cache.nbytes_by_type() if session else {}
+        for kind in ("sliding_attention", "full_attention"):
+            plans = [p for p in self.plan if p.attention_type == kind]
+            if not plans:
+                continue
+            owners = [p for p in plans if p.owns_kv]
+            p = plans[0]
+            per_token = sum(o.num_kv_heads * o.head_dim * (1 if o.k_eq_v else 2) for o in owners) * self.lm.model.embed_tokens.weight.element_size()
+            bound = f"ring of {p.sliding_window} positions" if p.sliding_window else f"up to {global_capacity(self.context, self.context)} positions"
+            lines.append(
+                f"{kind}: {len(plans)} layers ({len(plans) - len(owners)} KV-shared), head_dim {p.head_dim}, "
+                f"{p.num_heads}q/{p.num_kv_heads}kv heads{', K=V' if p.k_eq_v else ''}; KV {per_token} B/token, {bound}; "
+                f"held now {held.get(kind, 0):,} B; attention: torch SDPA with a position mask"
+            )
+        return lines
+
+
+def _text_stream(tokens: Iterator[int], tokenizer: Tokenizer | None, stop_ids: set[int], stop: Sequence[str]) -> Iterator[str]:
+    """Token ids -> text deltas, ending at a stop id or a stop string (held back until decided)."""
+    decoder = StreamDecoder(tokenizer, skip_special=True)  # type: ignore[arg-type]
+    pending = ""
+    for token in tokens:
+        if token in stop_ids:
+            break
+        pending += decoder.push(token)
+        hits = [pending.find(s) for s in stop if s in pending]
+        if hits:
+            yield pending[: min(hits)]
+            return
+        hold = max((n for s in stop for n in range(len(s) - 1, 0, -1) if pending.endswith(s[:n])), default=0)
+        if len(pending) > hold:
+            yield pending[: len(pending) - hold]
+            pending = pending[len(pending) - hold :]
+    pending += decoder.flush()
+    hits = [pending.find(s) for s in stop if s in pending]
+    if pending[: min(hits) if hits else None]:
+        yield pending[: min(hits) if hits else None]
+
+
+def _id_stream(tokens: Iterator[int], stop_ids: set[int]) -> Iterator[int]:
+    for token in tokens:
+        if token in stop_ids:
+            return
+        yield token
+
+
+def _is_mapped(tensor: Tensor) -> bool:
+    """True when the tensor is a view into a larger (memory-mapped file) storage."""
+    return tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _chat_template(folder: Path) -> str | None:
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    template = _read_json(folder / "tokenizer_config.json").get("chat_template")
+    return template if isinstance(template, str) else None
