@@ -161,7 +161,13 @@ class Model:
     def _run(self, feeder: Batch | Session, max_new_tokens: int, params: SamplingParams, prompt: list[int] | None = None) -> Iterator[Tensor]:
         """Time prefill and decode around `sample_loop`."""
         started = time.perf_counter()
-        logits, history = feeder.start_prompt(prompt) if isinstance(feeder, Session) else feeder.start()  # type: ignore[arg-type]
+        if isinstance(feeder, Session):
+            # A re-rendered history first differs inside the model's last turn: snapshot where that turn opens.
+            turn = self._require_tokenizer().token_id("<|turn>")
+            opens = [i for i, t in enumerate(prompt or []) if t == turn]
+            logits, history = feeder.start_prompt(prompt, snapshot_at=opens[-1] if opens else None)  # type: ignore[arg-type]
+        else:
+            logits, history = feeder.start()
         self.stats = Stats(prompt_tokens=history.shape[1], reused_tokens=getattr(feeder, "reused", 0))
         self.stats.prefill_seconds = time.perf_counter() - started
         first = time.perf_counter()

@@ -89,7 +89,8 @@ class Session:
         self.cache = ModelCache(self.lm.plan, 1, self.context, self.lm.model.embed_tokens.weight.dtype)
         self.tokens: list[int] = []  # the tokens whose K/V the cache holds, in order
         self.snapshot: CacheSnapshot | None = None
-        self.reused = 0  # prompt tokens the last call did not have to prefill
+        self.reused = 0  # prompt tokens the last call did not have to feed (or re-feed)
+        self.fed = 0
 
     def _rewind(self, keep: int) -> None:
         """Make the cache hold exactly self.tokens[:keep]."""
@@ -109,12 +110,16 @@ class Session:
         if not tokens:
             return None
         start = len(self.tokens)
+        self.fed += len(tokens)
         ids = torch.tensor([tokens])
         positions = torch.arange(start, start + len(tokens))[None]
         self.tokens += tokens
         return prefill(self.lm, self.cache, ids, positions, self.chunk, logits)
 
-    def start_prompt(self, prompt: list[int]) -> tuple[Tensor, Tensor]:
+    def start_prompt(self, prompt: list[int], snapshot_at: int | None = None) -> tuple[Tensor, Tensor]:
+        """Make the cache hold `prompt` and return the logits after it. `snapshot_at` is where a
+        later history may first differ (chat: the start of the last turn); the rollback
+        snapshot is taken there. `reused` counts the prompt tokens that were not fed again."""
         check_fits(len(prompt), self.context)
         common = 0
         for cached, new in zip(self.tokens, prompt):
@@ -122,10 +127,14 @@ class Session:
                 break
             common += 1
         common = min(common, len(prompt) - 1)  # the last prompt token is always fed: its logits start the answer
+        self.fed = 0
         self._rewind(common)
-        self.reused = common
-        logits = self._feed(prompt[common:], logits=True)
-        self.snapshot = self.cache.snapshot()
+        mark = len(prompt) if snapshot_at is None else min(max(snapshot_at, 0), len(prompt) - 1)
+        if common <= mark:
+            self._feed(prompt[common:mark], logits=False)
+            self.snapshot = self.cache.snapshot()
+        logits = self._feed(prompt[max(common, mark) :], logits=True)
+        self.reused = len(prompt) - self.fed
         return logits, torch.tensor([prompt])  # type: ignore[return-value]
 
     @property

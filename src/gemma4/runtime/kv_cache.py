@@ -161,6 +161,7 @@ class ModelCache:
         return (None if kv.key is None else kv.key[:, :, :end]), kv.value[:, :, :end]
 
     # --- accounting and reuse ----------------------------------------------------------
+    @torch.inference_mode()
     def snapshot(self) -> CacheSnapshot:
         """Copy what rolling back to the current length needs: the ring buffers (global
         layers keep every position, so their slots need no copy)."""
@@ -172,6 +173,7 @@ class ModelCache:
         positions = self.slot_positions[SLIDING].clone() if SLIDING in self.types else None
         return CacheSnapshot(self.length, rings, positions)
 
+    @torch.inference_mode()
     def restore(self, snapshot: CacheSnapshot) -> None:
         """Roll back to a snapshot taken on this cache (tokens written since are forgotten)."""
         for i, ring in snapshot.rings.items():
