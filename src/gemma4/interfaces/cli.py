@@ -33,6 +33,122 @@ def _synth(args: argparse.Namespace) -> None:
     print(f"wrote {args.preset} to {out}")
 
 
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="checkpoint folder")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--context", type=int, help="longest conversation to serve, in tokens (default: the model's)")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, help="0 for greedy (default: the checkpoint's generation_config)")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--min-p", type=float)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--thinking", action="store_true", help="let the model think before answering (shown dimmed)")
+    parser.add_argument("--verbose", action="store_true", help="log KV bytes, PLE placement, context and attention paths")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+    return {n: getattr(args, n) for n in names}
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202 - a gemma4.Model
+    import gemma4
+
+    return gemma4.load(args.model, dtype=args.dtype, context=args.context)
+
+
+def _print_answer(model, events) -> None:  # noqa: ANN001
+    """Stream chat events: reasoning dimmed, content plain, tool calls as JSON lines."""
+    dim, plain = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    for event in events:
+        if event.kind == "reasoning":
+            print(f"{dim}{event.text}{plain}", end="", flush=True)
+        elif event.kind == "content":
+            print(event.text, end="", flush=True)
+        else:
+            print(f"\n[tool call] {json.dumps({'name': event.call.name, 'arguments': event.call.arguments})}", flush=True)
+    print()
+
+
+def _print_stats(model, verbose: bool) -> None:  # noqa: ANN001
+    if verbose:
+        for line in model.describe():
+            print(f"[gemma4] {line}", file=sys.stderr)
+    s = model.stats
+    print(
+        f"[{s.generated_tokens} tokens, {s.decode_tokens_per_second:.1f} tok/s; prompt {s.prompt_tokens} tokens"
+        f" ({s.reused_tokens} cached) in {s.prefill_seconds:.2f} s]",
+        file=sys.stderr,
+    )
+
+
+def _run(args: argparse.Namespace) -> None:
+    model = _load(args)
+    if args.raw:
+        deltas = model.generate(args.prompt, args.max_new_tokens, stream=True, stop=args.stop or (), **_sampling(args))
+        for delta in deltas:
+            print(delta, end="", flush=True)
+        print()
+    else:
+        messages = [{"role": "user", "content": args.prompt}]
+        _print_answer(model, model.chat(messages, args.max_new_tokens, thinking=args.thinking, stream=True, **_sampling(args)))
+    if args.verbose:
+        _print_stats(model, verbose=True)
+
+
+CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT, /think (toggle thinking), /exit"
+
+
+def _chat(args: argparse.Namespace) -> None:
+    model = _load(args)
+    system, thinking, messages = None, args.thinking, []
+    print(f"gemma4 chat - {CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        command, _, rest = line.strip().partition(" ")
+        if command in ("/exit", "/quit", "/bye"):
+            return
+        if command == "/reset":
+            messages = []
+            model.reset_chat()
+            print("[conversation cleared]", file=sys.stderr)
+        elif command == "/system":
+            system = rest.strip() or None
+            print(f"[system prompt {'set' if system else 'cleared'}]", file=sys.stderr)
+        elif command == "/think":
+            thinking = not thinking
+            print(f"[thinking {'on' if thinking else 'off'}]", file=sys.stderr)
+        elif command.startswith("/"):
+            print(f"[unknown command {command}; {CHAT_HELP}]", file=sys.stderr)
+        elif line.strip():
+            messages.append({"role": "user", "content": line})
+            prompt = ([{"role": "system", "content": system}] if system else []) + messages
+            answer = _collect(model, model.chat(prompt, args.max_new_tokens, thinking=thinking, stream=True, **_sampling(args)))
+            messages.append({"role": "assistant", "content": answer.content, **({"tool_calls": [c.to_openai(i) for i, c in enumerate(answer.tool_calls)]} if answer.tool_calls else {})})
+            _print_stats(model, args.verbose)
+
+
+def _collect(model, events):  # noqa: ANN001, ANN202
+    """Print events as they stream and return the whole answer."""
+    from ..runtime.chat_parser import ChatResult
+
+    result = ChatResult()
+
+    def tee():  # noqa: ANN202
+        for event in events:
+            result.add(event)
+            yield event
+
+    _print_answer(model, tee())
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma4", description="Run Google's Gemma 4 models locally.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -48,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=_synth)
+
+    run = commands.add_parser("run", help="answer one prompt, streaming")
+    _add_generation_options(run)
+    run.add_argument("prompt", metavar="PROMPT")
+    run.add_argument("--raw", action="store_true", help="continue the text as is, without the chat format")
+    run.add_argument("--stop", action="append", metavar="TEXT", help="end the answer at this text (--raw; repeatable)")
+    run.set_defaults(run=_run)
+
+    chat = commands.add_parser("chat", help="an interactive chat; " + CHAT_HELP)
+    _add_generation_options(chat)
+    chat.set_defaults(run=_chat)
     return parser
 
 
@@ -58,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     except Gemma4Error as e:
         print(f"gemma4: error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:  # bad option values (sampling ranges, dtypes)
+        print(f"gemma4: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("gemma4: interrupted", file=sys.stderr)
+        print("\ngemma4: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -1,0 +1,64 @@
+"""The `gemma4` command as a user runs it (a real subprocess, real files)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+CLI = [sys.executable, "-m", "gemma4.interfaces.cli"]
+
+
+def gemma4(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, text=True, timeout=300)
+
+
+def test_run_streams_an_answer_and_reports_with_verbose(checkpoints):
+    path = str(checkpoints("tiny-e2b", torch.bfloat16))
+    result = gemma4("run", path, "Hello there", "--max-new-tokens", "6", "--temperature", "0", "--verbose")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "per-layer embeddings" in result.stderr and "memory-mapped" in result.stderr
+    assert "sliding_attention: 8 layers (3 KV-shared)" in result.stderr and "tok/s" in result.stderr
+
+
+def test_raw_run_matches_the_python_api(checkpoints):
+    import gemma4 as api
+
+    path = checkpoints("tiny-e2b", torch.bfloat16)
+    result = gemma4("run", str(path), "Once upon", "--raw", "--max-new-tokens", "5", "--temperature", "0")
+    expected = api.load(path, progress=False).generate("Once upon", 5, temperature=0)
+    assert result.returncode == 0 and result.stdout == expected + "\n"
+
+
+def test_interactive_chat(checkpoints):
+    path = str(checkpoints("tiny-e2b", torch.bfloat16))
+    script = "Hi\nMore\n/system Be brief\n/think\nAgain\n/reset\n/nope\nHello\n/exit\n"
+    result = gemma4("chat", path, "--max-new-tokens", "4", "--temperature", "0", stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("tok/s") == 4  # one report per answer
+    for note in ("[system prompt set]", "[thinking on]", "[conversation cleared]", "[unknown command /nope"):
+        assert note in result.stderr
+    # the second answer reused the first turn's cache
+    reports = [line for line in result.stderr.splitlines() if "tok/s" in line]
+    assert "(0 cached)" not in reports[1]
+
+
+def test_errors_are_one_line(checkpoints):
+    path = str(checkpoints("tiny-e2b", torch.bfloat16))
+    for args, message in [
+        (["run", path, "word " * 200, "--context", "64"], "gemma4: error: the prompt is"),
+        (["run", path, "hi", "--top-p", "0"], "gemma4: error: top_p must be in (0, 1]"),
+        (["run", "/no/such/model", "hi"], "gemma4: error: /no/such/model: no such file or folder"),
+    ]:
+        result = gemma4(*args)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+        assert result.stderr.startswith(message), result.stderr
+
+
+def test_info_json_on_a_checkpoint(checkpoints):
+    result = gemma4("info", str(checkpoints("tiny-e2b", torch.bfloat16)), "--json")
+    info = json.loads(result.stdout)
+    assert info["variant"] == "tiny-e2b" and info["bytes_by_dtype"]["BF16"] > 0
