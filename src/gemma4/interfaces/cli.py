@@ -37,6 +37,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="checkpoint folder")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--context", type=int, help="longest conversation to serve, in tokens (default: the model's)")
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per step (default 512)")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, help="0 for greedy (default: the checkpoint's generation_config)")
     parser.add_argument("--top-k", type=int)
@@ -56,7 +57,7 @@ def _sampling(args: argparse.Namespace) -> dict:
 def _load(args: argparse.Namespace):  # noqa: ANN202 - a gemma4.Model
     import gemma4
 
-    return gemma4.load(args.model, dtype=args.dtype, context=args.context)
+    return gemma4.load(args.model, dtype=args.dtype, context=args.context, prefill_chunk=args.prefill_chunk)
 
 
 def _print_answer(model, events) -> None:  # noqa: ANN001

@@ -51,13 +51,20 @@ class Model:
         self.generation_config = dict(generation_config)
         self.chat_template = chat_template
         self.context = min(context or lm.config.max_position_embeddings, lm.config.max_position_embeddings)
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be at least 1")
         self.prefill_chunk = prefill_chunk
         self.stats = Stats()
         self._session: Session | None = None
 
     @classmethod
     def from_folder(
-        cls, path: str | Path, dtype: torch.dtype | str = torch.bfloat16, context: int | None = None, progress: bool = True
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | str = torch.bfloat16,
+        context: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        progress: bool = True,
     ) -> Model:
         from ..weights import load_model
 
@@ -65,7 +72,7 @@ class Model:
         lm = load_model(folder, dtype=dtype, progress=progress)
         has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
         tokenizer = Tokenizer.from_folder(folder) if has_tokenizer else None
-        return cls(lm, tokenizer, _read_json(folder / "generation_config.json"), _chat_template(folder), context)
+        return cls(lm, tokenizer, _read_json(folder / "generation_config.json"), _chat_template(folder), context, prefill_chunk)
 
     # --- the model itself ---------------------------------------------------------------
     @property
