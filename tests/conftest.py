@@ -10,7 +10,21 @@ import torch
 
 from gemma4.weights import synthesize
 
-TINY_PRESETS = ("tiny-e2b", "tiny-e4b", "tiny-26b-a4b", "tiny-31b")
+TINY_PRESETS = ("tiny-e2b", "tiny-e4b", "tiny-26b-a4b", "tiny-31b", "tiny-gemma3")
+
+
+def reference_class(path: Path):
+    """The `transformers` class that reads the checkpoint at `path` (text or multimodal, Gemma 3 or 4)."""
+    import json
+
+    import transformers
+
+    model_type = json.loads((path / "config.json").read_text())["model_type"]
+    return {
+        "gemma4_text": transformers.Gemma4ForCausalLM,
+        "gemma4": transformers.Gemma4ForConditionalGeneration,
+        "gemma3_text": transformers.Gemma3ForCausalLM,
+    }[model_type]
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import gemma4
 from gemma4.runtime.generate import PromptTooLong, generate_ids
 from gemma4.runtime.sampling import SamplingParams, filter_logits, penalize_repetition, sample
 
-from conftest import TINY_PRESETS
+from conftest import TINY_PRESETS, reference_class
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,7 +27,7 @@ def test_greedy_batch_equals_reference_generate(checkpoints, preset):
     prompts = prompts_of(13, 21)
     ours = torch.stack(list(generate_ids(lm, prompts, max_new_tokens=24, prefill_chunk=lm.config.sliding_window)), 1)
 
-    reference = transformers.Gemma4ForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager")
+    reference = reference_class(path).from_pretrained(path, dtype=torch.float32, experts_implementation="eager")
     width = max(map(len, prompts))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)

@@ -12,12 +12,11 @@ import gemma4
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import TINY_PRESETS  # noqa: E402
+from conftest import TINY_PRESETS, reference_class  # noqa: E402
 
 
-def reference(path, dtype, multimodal=False):
-    cls = transformers.Gemma4ForConditionalGeneration if multimodal else transformers.Gemma4ForCausalLM
-    model, info = cls.from_pretrained(
+def reference(path, dtype):
+    model, info = reference_class(path).from_pretrained(
         path, dtype=dtype, attn_implementation="eager", experts_implementation="eager", output_loading_info=True
     )
     # The names are proven only if the reference found every tensor where it looked.
@@ -30,11 +29,11 @@ def two_sequences(length: int) -> torch.Tensor:
     return torch.randint(0, 262_144, (2, length), generator=generator)  # two different rows
 
 
-def assert_parity(path, ids, multimodal=False, dtype=torch.float32):
+def assert_parity(path, ids, dtype=torch.float32):
     """Our error in `dtype` is at most 3x the reference's own error in `dtype`."""
     with torch.no_grad():
-        truth = reference(path, torch.float64, multimodal)(input_ids=ids).logits
-        same_dtype = reference(path, dtype, multimodal)(input_ids=ids).logits.double()
+        truth = reference(path, torch.float64)(input_ids=ids).logits
+        same_dtype = reference(path, dtype)(input_ids=ids).logits.double()
     ours = gemma4.load(path, dtype=dtype, progress=False)(ids)
     assert ours.shape == truth.shape and ours.dtype == dtype
     our_error = (ours.double() - truth).abs().max().item()
@@ -52,7 +51,7 @@ def test_logits_match_reference_past_the_window(checkpoints, preset):
 
 
 def test_multimodal_checkpoint_decoder_matches_reference(checkpoints):
-    assert_parity(checkpoints("tiny-e2b-mm"), two_sequences(21), multimodal=True)
+    assert_parity(checkpoints("tiny-e2b-mm"), two_sequences(21))
 
 
 def test_bf16_checkpoint_in_bf16_matches_reference_bf16(checkpoints):

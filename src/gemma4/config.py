@@ -18,8 +18,8 @@ SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
 
-TEXT_MODEL_TYPES = ("gemma4_text",)
-MULTIMODAL_MODEL_TYPES = ("gemma4",)
+TEXT_MODEL_TYPES = ("gemma4_text", "gemma3_text")
+MULTIMODAL_MODEL_TYPES = ("gemma4", "gemma3")
 
 # Per-layer keys the reference resolves per layer (Gemma4TextAttention reads them from
 # `per_layer_config[i]`); any other override would be silently ignored by it, so we refuse it.
@@ -33,8 +33,15 @@ _DEFAULT_ROPE = {
 
 @dataclass(frozen=True)
 class TextConfig:
-    """The decoder's config.json fields, with the defaults of `Gemma4TextConfig`."""
+    """The decoder's config.json fields, with the defaults of `Gemma4TextConfig`.
 
+    Gemma 3 (`gemma3_text`) is the same decoder without PLE, KV sharing, K=V, proportional RoPE,
+    v_norm, layer_scalar and final soft-cap, with (1 + w) norms and a query pre-attention scalar;
+    `from_dict` reads it with `Gemma3TextConfig`'s defaults and legacy keys."""
+
+    model_type: str = "gemma4_text"
+    query_pre_attn_scalar: float | None = None  # Gemma 3: scores scale by its -1/2 power; Gemma 4: 1.0
+    attn_logit_softcapping: float | None = None
     vocab_size: int = 262_144
     hidden_size: int = 2304
     intermediate_size: int = 9216
@@ -67,11 +74,40 @@ class TextConfig:
     # Resolved per-layer overrides (layer index -> {head_dim, num_key_value_heads}).
     per_layer_config: dict[int, dict[str, int]] = field(default_factory=dict)
 
+    @property
+    def is_gemma3(self) -> bool:
+        return self.model_type == "gemma3_text"
+
+    @property
+    def norm_offset(self) -> float:
+        """Gemma 1-3 norms scale by (1 + w); Gemma 4's by w."""
+        return 1.0 if self.is_gemma3 else 0.0
+
+    @property
+    def attention_scale(self) -> float:
+        """1.0 in Gemma 4, whose q/k norms take the place of 1/sqrt(d)."""
+        return 1.0 if self.query_pre_attn_scalar is None else float(self.query_pre_attn_scalar) ** -0.5
+
+    @property
+    def has_v_norm(self) -> bool:
+        return not self.is_gemma3
+
+    @property
+    def has_layer_scalar(self) -> bool:
+        return not self.is_gemma3
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TextConfig:
+        raw = {"model_type": "gemma4_text", **raw}
+        if raw["model_type"] == "gemma3":
+            raw["model_type"] = "gemma3_text"
+        if raw["model_type"] == "gemma3_text":
+            raw = _gemma3_defaults(raw)
         known = {f for f in cls.__dataclass_fields__ if f not in ("layer_types", "rope_parameters", "per_layer_config")}
         values: dict[str, Any] = {k: raw[k] for k in known if k in raw}
         base = cls(**values)
+        if base.attn_logit_softcapping is not None:
+            raise ConfigError("config.json: attn_logit_softcapping (Gemma 2 style) is not supported")
         n = base.num_hidden_layers
 
         layer_types = raw.get("layer_types")
@@ -82,7 +118,8 @@ class TextConfig:
             raise ConfigError(f"config.json: layer_types has {len(layer_types)} entries but num_hidden_layers is {n}")
         if unknown := sorted(set(layer_types) - set(LAYER_TYPES)):
             raise ConfigError(f"config.json: unknown layer type {unknown[0]!r}; expected one of {LAYER_TYPES}")
-        layer_types[-1] = FULL  # the reference forces the last layer global
+        if not base.is_gemma3:
+            layer_types[-1] = FULL  # Gemma4TextConfig forces the last layer global (Gemma 3's does not)
 
         rope = raw.get("rope_parameters") or _DEFAULT_ROPE
         for layer_type in set(layer_types):
@@ -104,6 +141,34 @@ class TextConfig:
 
     def layer_kv_heads(self, i: int) -> int:
         return self.per_layer_config.get(i, {}).get("num_key_value_heads", self.num_key_value_heads)
+
+
+def _gemma3_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """`Gemma3TextConfig`: its defaults, and the legacy rope keys its releases carry."""
+    out = {
+        "vocab_size": 262_208,
+        "num_hidden_layers": 26,
+        "sliding_window": 4096,
+        "query_pre_attn_scalar": 256,
+        "hidden_size_per_layer_input": 0,
+        "num_kv_shared_layers": 0,
+        **raw,
+    }
+    out.setdefault("head_dim", 256)
+    if "layer_types" not in raw:
+        pattern = raw.get("sliding_window_pattern", raw.get("_sliding_window_pattern", 6))
+        out["layer_types"] = [SLIDING if (i + 1) % pattern else FULL for i in range(out["num_hidden_layers"])]
+    if not raw.get("rope_parameters"):
+        full = {"rope_type": "default", "rope_theta": float(raw.get("rope_theta", 1_000_000.0))}
+        if raw.get("rope_scaling"):
+            full.update(raw["rope_scaling"])
+            full["rope_type"] = full.pop("type", full.get("rope_type", "default"))
+        out["rope_parameters"] = {
+            SLIDING: {"rope_type": "default", "rope_theta": float(raw.get("rope_local_base_freq", 10_000.0))},
+            FULL: full,
+        }
+    out["per_layer_config"] = {}  # one head_dim and KV-head count for every layer
+    return out
 
 
 def _resolve_per_layer_config(raw: dict[str, Any], layer_types: list[str], k_eq_v: bool) -> dict[int, dict[str, int]]:

@@ -34,6 +34,8 @@ class LayerPlan:
     moe: bool
     ple_dim: int  # per-layer-embedding width, 0 when the model has none
     rope: RopePlan
+    attention_scale: float = 1.0  # Gemma 4: 1.0 (q/k norms instead); Gemma 3: query_pre_attn_scalar^-1/2
+    v_norm: bool = True  # Gemma 4 RMS-normalises values (without weight)
 
     @property
     def is_sliding(self) -> bool:
@@ -48,7 +50,7 @@ def rope_plan(config: TextConfig, layer_type: str, head_dim: int) -> RopePlan:
     params = config.rope_parameters[layer_type]
     rope_type = params.get("rope_type", "default")
     fraction = params.get("partial_rotary_factor", 1.0)
-    if rope_type == "default":
+    if rope_type in ("default", "linear"):  # linear: positions divided by `factor`
         pairs = head_dim // 2  # the reference ignores partial_rotary_factor here
     elif rope_type == "proportional":
         pairs = int(fraction * head_dim // 2)
@@ -99,6 +101,8 @@ def build_plan(config: TextConfig) -> tuple[LayerPlan, ...]:
                 moe=config.enable_moe_block,
                 ple_dim=config.hidden_size_per_layer_input or 0,
                 rope=rope_plan(config, layer_type, head_dim),
+                attention_scale=config.attention_scale,
+                v_norm=config.has_v_norm,
             )
         )
     return tuple(plans)

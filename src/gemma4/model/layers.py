@@ -11,16 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import TextConfig
 from ..plan import LayerPlan
 from .rope import apply_rotary
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm in fp32 whose weight multiplies directly (`x * w`, not Gemma 1-3's `x * (1 + w)`)."""
+    """RMSNorm in fp32. Gemma 4's weight multiplies directly (`x * w`); Gemma 1-3 scale by
+    `x * (1 + w)`, which `offset=1.0` gives."""
 
-    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+    def __init__(self, dim: int, eps: float, with_scale: bool = True, offset: float = 0.0):
         super().__init__()
         self.eps = eps
+        self.offset = offset
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -28,7 +31,7 @@ class RMSNorm(nn.Module):
         # pow(-0.5), as the reference writes it, rather than rsqrt: keeps the round-off identical.
         normed = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
         if self.weight is not None:
-            normed = normed * self.weight.float()
+            normed = normed * (self.weight.float() + self.offset if self.offset else self.weight.float())
         return normed.type_as(x)
 
 
@@ -72,17 +75,17 @@ class KVStore(Protocol):
 
 
 class Attention(nn.Module):
-    def __init__(self, plan: LayerPlan, hidden: int, eps: float, bias: bool):
+    def __init__(self, plan: LayerPlan, hidden: int, eps: float, bias: bool, norm_offset: float = 0.0):
         super().__init__()
         self.plan = plan
         q_width, kv_width = plan.num_heads * plan.head_dim, plan.num_kv_heads * plan.head_dim
         self.q_proj = nn.Linear(hidden, q_width, bias=bias)
-        self.q_norm = RMSNorm(plan.head_dim, eps)
+        self.q_norm = RMSNorm(plan.head_dim, eps, offset=norm_offset)
         if plan.owns_kv:  # KV-shared layers have no k/v weights at all
             self.k_proj = nn.Linear(hidden, kv_width, bias=bias)
             self.v_proj = None if plan.k_eq_v else nn.Linear(hidden, kv_width, bias=bias)
-            self.k_norm = RMSNorm(plan.head_dim, eps)
-            self.v_norm = RMSNorm(plan.head_dim, eps, with_scale=False)
+            self.k_norm = RMSNorm(plan.head_dim, eps, offset=norm_offset)
+            self.v_norm = RMSNorm(plan.head_dim, eps, with_scale=False) if plan.v_norm else nn.Identity()
         self.o_proj = nn.Linear(q_width, hidden, bias=bias)
 
     def forward(self, x: Tensor, inputs: AttentionInputs, kv: KVStore) -> Tensor:
@@ -94,8 +97,10 @@ class Attention(nn.Module):
             kv.share(self.plan.index, key, value)
         else:
             key, value = kv.read(self.plan.kv_source)
-        # Scale 1.0: q_norm and k_norm take the place of 1/sqrt(D).
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), key, value, attn_mask=inputs.mask, scale=1.0, enable_gqa=True)
+        # Gemma 4 scales by 1.0: q_norm and k_norm take the place of 1/sqrt(D).
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), key, value, attn_mask=inputs.mask, scale=self.plan.attention_scale, enable_gqa=True
+        )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def _update_kv(self, x: Tensor, inputs: AttentionInputs, kv: KVStore) -> tuple[Tensor, Tensor]:
@@ -165,15 +170,18 @@ class Experts(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, plan: LayerPlan, hidden: int, eps: float, bias: bool, num_experts: int, top_k: int, expert_width: int):
+    def __init__(self, plan: LayerPlan, config: TextConfig):
         super().__init__()
-        self.self_attn = Attention(plan, hidden, eps, bias)
+        hidden, eps, offset = config.hidden_size, config.rms_norm_eps, config.norm_offset
+        self.self_attn = Attention(plan, hidden, eps, config.attention_bias, offset)
         self.mlp = MLP(hidden, plan.mlp_width)
-        self.input_layernorm = RMSNorm(hidden, eps)
-        self.post_attention_layernorm = RMSNorm(hidden, eps)
-        self.pre_feedforward_layernorm = RMSNorm(hidden, eps)
-        self.post_feedforward_layernorm = RMSNorm(hidden, eps)
-        self.register_buffer("layer_scalar", torch.ones(1))
+        self.input_layernorm = RMSNorm(hidden, eps, offset=offset)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, offset=offset)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps, offset=offset)
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps, offset=offset)
+        if config.has_layer_scalar:
+            self.register_buffer("layer_scalar", torch.ones(1))
+        num_experts, top_k, expert_width = config.num_experts or 0, config.top_k_experts or 0, config.moe_intermediate_size or 0
         if plan.moe:  # hybrid MoE: the routed experts run beside the dense MLP
             self.router = Router(hidden, num_experts, top_k, eps)
             self.experts = Experts(num_experts, hidden, expert_width)
@@ -200,4 +208,4 @@ class DecoderLayer(nn.Module):
         if per_layer_input is not None:
             gated = gelu_tanh(self.per_layer_input_gate(x)) * per_layer_input
             x = x + self.post_per_layer_input_norm(self.per_layer_projection(gated))
-        return x * self.layer_scalar
+        return x * self.layer_scalar if hasattr(self, "layer_scalar") else x

@@ -80,19 +80,8 @@ class TextModel(nn.Module):
             self.embed_tokens_per_layer = ScaledEmbedding(config.vocab_size_per_layer_input, n * self.ple_dim, self.ple_dim**0.5)
             self.per_layer_model_projection = nn.Linear(hidden, n * self.ple_dim, bias=False)
             self.per_layer_projection_norm = RMSNorm(self.ple_dim, eps)
-        self.layers = nn.ModuleList(
-            DecoderLayer(
-                p,
-                hidden,
-                eps,
-                config.attention_bias,
-                config.num_experts or 0,
-                config.top_k_experts or 0,
-                config.moe_intermediate_size or 0,
-            )
-            for p in self.plan
-        )
-        self.norm = RMSNorm(hidden, eps)
+        self.layers = nn.ModuleList(DecoderLayer(p, config) for p in self.plan)
+        self.norm = RMSNorm(hidden, eps, offset=config.norm_offset)
         # Layers from here on read others' K/V and store none: prefill runs them only where outputs are needed.
         self.first_shared = next((p.index for p in self.plan if not p.owns_kv), len(self.plan))
         self.rotates_keys_on_read = {t: any(p.k_eq_v for p in self.plan if p.attention_type == t) for t in (SLIDING, FULL)}

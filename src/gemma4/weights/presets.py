@@ -228,7 +228,45 @@ TINY["tiny-e2b-mm"] = _release(
      "subsampling_conv_channels": [16, 8], "output_proj_dims": 48},
 )
 
-PRESETS = {**FULL_SIZE, **TINY}
+def _gemma3(**fields: Any) -> dict[str, Any]:
+    """A Gemma 3 text config.json as its releases write it (legacy rope keys)."""
+    config = {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": 262_144,
+        "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": 1e-6,
+        "query_pre_attn_scalar": 256,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+        "rope_scaling": None,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+        "tie_word_embeddings": True,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+    }
+    config.update(fields)
+    config["layer_types"] = _pattern(5, config["num_hidden_layers"])
+    return config
+
+
+# Gemma 3: the same model code by configuration. The 270M is the one real checkpoint reachable here.
+GEMMA3 = {
+    "gemma3-270m": _gemma3(
+        hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
+        sliding_window=512, max_position_embeddings=32_768,
+    ),
+    "tiny-gemma3": _gemma3(  # with the linear RoPE scaling of the larger Gemma 3 models
+        hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=8, max_position_embeddings=32_768,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+    ),
+}
+
+PRESETS = {**FULL_SIZE, **TINY, **GEMMA3}
 
 
 def preset_config(name: str) -> dict[str, Any]:
