@@ -54,6 +54,7 @@ class Model:
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be at least 1")
         self.prefill_chunk = prefill_chunk
+        self.chat_format: str | None = "gemma4"  # None: the model only continues text (no known chat format)
         self.stats = Stats()
         self._session: Session | None = None
 
@@ -69,10 +70,34 @@ class Model:
         from ..weights import load_model
 
         folder = Path(path)
+        if folder.is_file() and folder.suffix == ".gguf":
+            return cls.from_gguf(folder, dtype, context, prefill_chunk, progress)
         lm = load_model(folder, dtype=dtype, progress=progress)
         has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
         tokenizer = Tokenizer.from_folder(folder) if has_tokenizer else None
         return cls(lm, tokenizer, _read_json(folder / "generation_config.json"), _chat_template(folder), context, prefill_chunk)
+
+    @classmethod
+    def from_gguf(
+        cls,
+        path: Path,
+        dtype: torch.dtype | str = torch.bfloat16,
+        context: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        progress: bool = True,
+    ) -> Model:
+        """A llama.cpp / Ollama GGUF file: config, weights (dequantized), tokenizer, template."""
+        from ..weights.checkpoint import resolve_dtype
+        from ..weights.gguf_file import gguf_tokenizer, load_gguf_model
+
+        lm, checkpoint = load_gguf_model(path, resolve_dtype(dtype), progress)
+        template = checkpoint.field("tokenizer.chat_template")
+        eos = checkpoint.field("tokenizer.ggml.eos_token_id", 1)
+        generation = {"eos_token_id": sorted({eos, *_end_of_turn_ids(checkpoint.architecture)})}
+        model = cls(lm, gguf_tokenizer(checkpoint), generation, template, context, prefill_chunk)
+        if template is None and checkpoint.architecture != "gemma4":
+            model.chat_format = None  # no template and not Gemma 4's format: plain text only
+        return model
 
     # --- the model itself ---------------------------------------------------------------
     @property
@@ -198,6 +223,8 @@ class Model:
         with stream=True an iterator of Events. The conversation's cache is kept: calling again
         with the history extended prefills only the new tokens."""
         tokenizer = self._require_tokenizer()
+        if self.chat_format is None and self.chat_template is None:
+            raise Gemma4Error("this model has no chat template: use generate() (or `gemma4 run --raw`) to continue text")
         try:
             text = render_chat(messages, tools, thinking, self.chat_template)
         except ValueError as e:
@@ -277,6 +304,11 @@ def _id_stream(tokens: Iterator[int], stop_ids: set[int]) -> Iterator[int]:
         if token in stop_ids:
             return
         yield token
+
+
+def _end_of_turn_ids(architecture: str) -> set[int]:
+    """Gemma's end-of-turn token (`<turn|>` in Gemma 4, `<end_of_turn>` in Gemma 3) is id 106 in both."""
+    return {106}
 
 
 def _is_mapped(tensor: Tensor) -> bool:

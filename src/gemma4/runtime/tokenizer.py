@@ -15,6 +15,7 @@ SPECIAL_TOKENS = {
     "<eos>": 1,
     "<bos>": 2,
     "<unk>": 3,
+    "<mask>": 4,
     "<|tool>": 46,
     "<tool|>": 47,
     "<|tool_call>": 48,

@@ -174,7 +174,7 @@ TINY: dict[str, dict[str, Any]] = {
         num_attention_heads=4,
         num_key_value_heads=1,
         hidden_size_per_layer_input=8,
-        num_kv_shared_layers=4,
+        num_kv_shared_layers=5,  # like the release, the last KV owner is global, the one before sliding
         use_double_wide_mlp=True,
         **_TINY_COMMON,
     ),
@@ -186,7 +186,7 @@ TINY: dict[str, dict[str, Any]] = {
         num_attention_heads=4,
         num_key_value_heads=2,
         hidden_size_per_layer_input=8,
-        num_kv_shared_layers=5,
+        num_kv_shared_layers=6,
         **_TINY_COMMON,
     ),
     "tiny-26b-a4b": _text(  # hybrid MoE with dense branch, K=V, divergent GQA

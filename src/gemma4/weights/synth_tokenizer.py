@@ -67,6 +67,7 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
         "eos_token": "<eos>",
         "pad_token": "<pad>",
         "unk_token": "<unk>",
+        "mask_token": "<mask>",
         "add_bos_token": True,
         "model_max_length": 1_000_000,
         "tokenizer_class": "GemmaTokenizer",
