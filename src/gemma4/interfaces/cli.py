@@ -34,7 +34,6 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="checkpoint folder")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--context", type=int, help="longest conversation to serve, in tokens (default: the model's)")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per step (default 512)")
@@ -57,6 +56,10 @@ def _sampling(args: argparse.Namespace) -> dict:
 def _load(args: argparse.Namespace):  # noqa: ANN202 - a gemma4.Model
     import gemma4
 
+    from ..weights.default_model import default_model_path
+
+    if args.model is None:
+        args.model = default_model_path()
     return gemma4.load(args.model, dtype=args.dtype, context=args.context, prefill_chunk=args.prefill_chunk)
 
 
@@ -86,8 +89,10 @@ def _print_stats(model, verbose: bool) -> None:  # noqa: ANN001
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.prompt is None:  # `gemma4 run "prompt"`: the default model
+        args.model, args.prompt = None, args.model
     model = _load(args)
-    if args.raw:
+    if args.raw or model.chat_format is None and model.chat_template is None:  # a base model continues text
         deltas = model.generate(args.prompt, args.max_new_tokens, stream=True, stop=args.stop or (), **_sampling(args))
         for delta in deltas:
             print(delta, end="", flush=True)
@@ -155,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = commands.add_parser("info", help="describe a checkpoint: variant, layer plan, parameters, bytes")
-    info.add_argument("model", metavar="MODEL", help=f"checkpoint folder, or a preset ({', '.join(PRESETS)})")
+    info.add_argument("model", metavar="MODEL", help=f"checkpoint folder, .gguf file, or a preset ({', '.join(PRESETS)})")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(run=_info)
 
@@ -166,14 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=_synth)
 
-    run = commands.add_parser("run", help="answer one prompt, streaming")
+    run = commands.add_parser("run", help="answer one prompt, streaming (default model: Gemma 3 270M)")
+    run.add_argument("model", metavar="[MODEL]", help="checkpoint folder or .gguf file (default: Gemma 3 270M)")
+    run.add_argument("prompt", metavar="PROMPT", nargs="?")
     _add_generation_options(run)
-    run.add_argument("prompt", metavar="PROMPT")
     run.add_argument("--raw", action="store_true", help="continue the text as is, without the chat format")
     run.add_argument("--stop", action="append", metavar="TEXT", help="end the answer at this text (--raw; repeatable)")
     run.set_defaults(run=_run)
 
     chat = commands.add_parser("chat", help="an interactive chat; " + CHAT_HELP)
+    chat.add_argument("model", metavar="MODEL", nargs="?", help="checkpoint folder or .gguf file")
     _add_generation_options(chat)
     chat.set_defaults(run=_chat)
     return parser
