@@ -21,7 +21,7 @@ def test_run_streams_an_answer_and_reports_with_verbose(checkpoints):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "per-layer embeddings" in result.stderr and "memory-mapped" in result.stderr
-    assert "sliding_attention: 8 layers (3 KV-shared)" in result.stderr and "tok/s" in result.stderr
+    assert "sliding_attention: 8 layers (4 KV-shared)" in result.stderr and "tok/s" in result.stderr
 
 
 def test_raw_run_matches_the_python_api(checkpoints):
