@@ -21,6 +21,9 @@ from .sampling import SamplingParams
 from .tokenizer import MEDIA_TOKENS, StreamDecoder, Tokenizer
 
 
+END_OF_TURN_ID = 106  # `<turn|>` in Gemma 4, `<end_of_turn>` in Gemma 3: a stop token for both
+
+
 @dataclass
 class Stats:
     prompt_tokens: int = 0
@@ -93,7 +96,7 @@ class Model:
         lm, checkpoint = load_gguf_model(path, resolve_dtype(dtype), progress)
         template = checkpoint.field("tokenizer.chat_template")
         eos = checkpoint.field("tokenizer.ggml.eos_token_id", 1)
-        generation = {"eos_token_id": sorted({eos, *_end_of_turn_ids(checkpoint.architecture)})}
+        generation = {"eos_token_id": sorted({eos, END_OF_TURN_ID})}
         model = cls(lm, gguf_tokenizer(checkpoint), generation, template, context, prefill_chunk)
         if template is None and checkpoint.architecture != "gemma4":
             model.chat_format = None  # no template and not Gemma 4's format: plain text only
@@ -304,11 +307,6 @@ def _id_stream(tokens: Iterator[int], stop_ids: set[int]) -> Iterator[int]:
         if token in stop_ids:
             return
         yield token
-
-
-def _end_of_turn_ids(architecture: str) -> set[int]:
-    """Gemma's end-of-turn token (`<turn|>` in Gemma 4, `<end_of_turn>` in Gemma 3) is id 106 in both."""
-    return {106}
 
 
 def _is_mapped(tensor: Tensor) -> bool:
