@@ -25,6 +25,47 @@ def _info(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from ..planner import savings_table, sweep
+
+    if args.model in PRESETS and not Path(args.model).exists():
+        config = ModelConfig.from_dict(preset_config(args.model))
+    elif Path(args.model).suffix == ".gguf":
+        from ..weights.gguf_file import open_gguf
+
+        config = open_gguf(args.model).config
+    else:
+        from ..weights import open_checkpoint
+
+        config = open_checkpoint(args.model).config
+    options = dict(dtype=args.dtype, kv_dtype=args.kv_dtype, batch=args.batch, prefill_chunk=args.prefill_chunk)
+    contexts = [2048, 8192, 32768, 131072, 262144] if args.sweep else [args.context]
+    plans = sweep(config, contexts, **options)
+    if not plans:
+        raise Gemma4Error(f"--context {args.context} exceeds the model's {config.text.max_position_embeddings} tokens")
+    savings = savings_table(config, plans[-1]["context"], **options)
+    if args.json:
+        print(json.dumps({"plans": plans, "savings_at_context": plans[-1]["context"], "savings": savings}, indent=2))
+        return
+    gb = lambda n: f"{n / 1e9:8.3f} GB"  # noqa: E731
+    for p in plans:
+        print(f"context {p['context']:>7} x batch {p['batch']}, weights {p['dtype']}, KV {p['kv_dtype']}")
+        for component, n in p["weights"].items():
+            if n:
+                print(f"  weights  {component:<26}{gb(n)}")
+        ple = p["ple_table"]
+        if ple["bytes"]:
+            where = "memory-mapped, resident at most" if ple["on_disk"] else "in RAM"
+            print(f"  PLE table {ple['bytes'] / 1e9:.2f} GB on disk, {where:<15}{gb(ple['resident'])}")
+        for kind, n in p["kv_cache"].items():
+            print(f"  KV cache {kind:<26}{gb(n)}")
+        print(f"  prefill activation peak           {gb(p['activation_peak'])}")
+        print(f"  total resident                    {gb(p['total_resident'])}  (encoders stay on disk: {p['encoders_on_disk'] / 1e9:.2f} GB)")
+    print(f"what each saving buys at context {plans[-1]['context']}:")
+    for name, n in savings.items():
+        print(f"  {name:<20}{gb(n)}")
+
+
 def _synth(args: argparse.Namespace) -> None:
     from ..weights import synthesize
     from ..weights.checkpoint import resolve_dtype
@@ -163,6 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", metavar="MODEL", help=f"checkpoint folder, .gguf file, or a preset ({', '.join(PRESETS)})")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(run=_info)
+
+    plan = commands.add_parser("plan", help="the memory a model will need: weights, KV cache, activations")
+    plan.add_argument("model", metavar="MODEL", help=f"checkpoint folder, .gguf file, or a preset ({', '.join(PRESETS)})")
+    plan.add_argument("--context", type=int, default=8192)
+    plan.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    plan.add_argument("--kv-dtype", choices=["bf16", "fp16", "fp32"], help="default: --dtype")
+    plan.add_argument("--batch", type=int, default=1)
+    plan.add_argument("--prefill-chunk", type=int, default=512)
+    plan.add_argument("--sweep", action="store_true", help="a table over 2K, 8K, 32K, 128K, 256K where the model allows")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(run=_plan)
 
     synth = commands.add_parser("synth", help="write a synthetic checkpoint with a real model's exact layout")
     synth.add_argument("preset", choices=list(PRESETS), metavar="PRESET", help=", ".join(PRESETS))

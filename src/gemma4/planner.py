@@ -1,0 +1,122 @@
+"""Know before you load: the bytes the engine will hold for a model, a context and a batch.
+
+Weights come from the checkpoint layout; KV bytes from the same slot rules the cache uses
+(`kv_cache.global_capacity`, a ring of `window` slots, nothing for KV-shared layers, one tensor
+for K=V), so the plan and the cache's own accounting agree exactly. Each of the architecture's
+savings can be switched off to show what it buys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .config import ModelConfig
+from .plan import LayerPlan, build_plan
+from .runtime.kv_cache import DEFAULT_CHUNK, global_capacity
+from .weights.layout import checkpoint_tensors
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class Savings:
+    """The architecture's memory savings; all on is how the engine runs."""
+
+    sliding_bound: bool = True  # sliding layers keep only their window
+    kv_sharing: bool = True  # KV-shared layers store nothing
+    k_eq_v: bool = True  # K=V layers store one tensor
+    ple_on_disk: bool = True  # the per-layer-embedding table stays memory-mapped
+    gqa: bool = True  # fewer KV heads than query heads
+
+
+ALL_ON = Savings()
+EACH_OFF = {
+    "no sliding bound": replace(ALL_ON, sliding_bound=False),
+    "no KV sharing": replace(ALL_ON, kv_sharing=False),
+    "no K=V": replace(ALL_ON, k_eq_v=False),
+    "PLE in RAM": replace(ALL_ON, ple_on_disk=False),
+    "1:1 KV heads": replace(ALL_ON, gqa=False),
+}
+
+
+def kv_bytes_by_type(
+    plan: tuple[LayerPlan, ...], context: int, batch: int, kv_bytes: int, savings: Savings = ALL_ON, chunk: int = DEFAULT_CHUNK
+) -> dict[str, int]:
+    """K/V bytes held once `context` tokens are cached, per attention type."""
+    held: dict[str, int] = {}
+    for p in plan:
+        if not p.owns_kv and savings.kv_sharing:
+            continue
+        if p.is_sliding and savings.sliding_bound:
+            slots = min(p.sliding_window, context)  # type: ignore[type-var]
+        else:
+            slots = global_capacity(context, context, chunk)
+        heads = p.num_kv_heads if savings.gqa else p.num_heads
+        tensors = 1 if p.k_eq_v and savings.k_eq_v else 2
+        held[p.attention_type] = held.get(p.attention_type, 0) + batch * slots * heads * p.head_dim * tensors * kv_bytes
+    return held
+
+
+def plan_memory(
+    config: ModelConfig,
+    context: int,
+    dtype: str = "bf16",
+    kv_dtype: str | None = None,
+    batch: int = 1,
+    prefill_chunk: int = 512,
+    savings: Savings = ALL_ON,
+) -> dict[str, Any]:
+    """Bytes by component: weights, KV cache by layer type, prefill activation peak, total resident."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unsupported dtype {dtype!r}: use bf16, fp16 or fp32 (int8/int4 are not implemented yet)")
+    text = config.text
+    width, kv_width = DTYPE_BYTES[dtype], DTYPE_BYTES[kv_dtype or dtype]
+    plan = build_plan(text)
+    weights: dict[str, int] = {}
+    for spec in checkpoint_tensors(config):
+        weights[spec.component] = weights.get(spec.component, 0) + spec.numel * width
+    encoders = weights.pop("vision", 0) + weights.pop("audio", 0)  # in the files, never loaded for text
+    ple_table = weights.pop("ple_table", 0)
+    # The PLE table, when mapped, is resident only for the rows of tokens seen (at most one per token).
+    ple_row = text.num_hidden_layers * (text.hidden_size_per_layer_input or 0) * width
+    ple_resident = min(ple_table, context * batch * ple_row) if savings.ple_on_disk else ple_table
+    kv = kv_bytes_by_type(plan, context, batch, kv_width, savings)
+    activations = _prefill_peak(plan, text.hidden_size, min(prefill_chunk, context), context, batch, width)
+    resident = sum(weights.values()) + ple_resident + sum(kv.values()) + activations
+    return {
+        "context": context,
+        "batch": batch,
+        "dtype": dtype,
+        "kv_dtype": kv_dtype or dtype,
+        "weights": weights,
+        "ple_table": {"bytes": ple_table, "resident": ple_resident, "on_disk": savings.ple_on_disk},
+        "encoders_on_disk": encoders,
+        "kv_cache": kv,
+        "activation_peak": activations,
+        "total_resident": resident,
+    }
+
+
+def _prefill_peak(plan: tuple[LayerPlan, ...], hidden: int, chunk: int, context: int, batch: int, width: int) -> int:
+    """The largest transient of one prefill chunk: attention scores (fp32 softmax) over the keys a
+    layer sees, or the MLP's two intermediate activations, plus the chunk's hidden states."""
+    worst = 0
+    for p in plan:
+        keys = min(p.sliding_window + chunk, context) if p.sliding_window else context
+        scores = batch * p.num_heads * chunk * keys * 4
+        mlp = 2 * batch * chunk * p.mlp_width * width
+        worst = max(worst, scores, mlp)
+    return worst + 4 * batch * chunk * hidden * width
+
+
+def sweep(config: ModelConfig, contexts: list[int], **kwargs: Any) -> list[dict[str, Any]]:
+    limit = config.text.max_position_embeddings
+    return [plan_memory(config, c, **kwargs) for c in contexts if c <= limit]
+
+
+def savings_table(config: ModelConfig, context: int, **kwargs: Any) -> dict[str, int]:
+    """Total resident bytes with all savings, then with each switched off in turn."""
+    rows = {"as designed": plan_memory(config, context, **kwargs)["total_resident"]}
+    for name, savings in EACH_OFF.items():
+        rows[name] = plan_memory(config, context, savings=savings, **kwargs)["total_resident"]
+    return rows

@@ -1,0 +1,59 @@
+"""The memory planner: its KV bytes equal the cache's own accounting, and the architecture's claims."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gemma4
+from gemma4.config import ModelConfig
+from gemma4.plan import build_plan
+from gemma4.planner import ALL_ON, EACH_OFF, Savings, kv_bytes_by_type, plan_memory
+from gemma4.runtime.generate import prefill
+from gemma4.runtime.kv_cache import ModelCache
+from gemma4.weights.presets import preset_config
+
+
+@pytest.mark.parametrize("preset", ["tiny-e2b", "tiny-26b-a4b", "tiny-31b", "tiny-gemma3"])
+@pytest.mark.parametrize("context", [3, 8, 40, 300])
+def test_planned_kv_bytes_equal_the_cache(checkpoints, preset, context):
+    lm = gemma4.load(checkpoints(preset, torch.bfloat16), progress=False).lm
+    ids = torch.randint(0, 262_144, (2, context), generator=torch.Generator().manual_seed(0))
+    cache = ModelCache(lm.plan, 2, context, torch.bfloat16)
+    prefill(lm, cache, ids, torch.arange(context).expand(2, -1), 64)
+    planned = plan_memory(ModelConfig.from_dict(preset_config(preset)), context, dtype="bf16", batch=2)["kv_cache"]
+    assert planned == cache.nbytes_by_type()
+
+
+def test_e2b_kv_claim_at_8k():
+    """'Sharing + sliding windows + 8:1 GQA cut the cache by ~83 % at 8K': against the same model
+    caching every layer in full (same KV heads) we measure 83.9 %; dropping GQA too, 98.0 %."""
+    plan = build_plan(ModelConfig.from_dict(preset_config("e2b")).text)
+    ours = sum(kv_bytes_by_type(plan, 8192, 1, 2).values())
+    full = sum(kv_bytes_by_type(plan, 8192, 1, 2, Savings(sliding_bound=False, kv_sharing=False)).values())
+    assert round(100 * (1 - ours / full), 1) == 83.9
+
+
+def test_each_saving_costs_memory_when_switched_off():
+    config = ModelConfig.from_dict(preset_config("e2b"))
+    base = plan_memory(config, 32_768)["total_resident"]
+    for name, savings in EACH_OFF.items():
+        off = plan_memory(config, 32_768, savings=savings)["total_resident"]
+        assert off >= base, name
+        if name != "no K=V":  # E2B has no K=V layers
+            assert off > base, name
+    moe = ModelConfig.from_dict(preset_config("26b-a4b"))
+    assert plan_memory(moe, 32_768, savings=EACH_OFF["no K=V"])["total_resident"] > plan_memory(moe, 32_768)["total_resident"]
+    assert ALL_ON == Savings()
+
+
+def test_plan_command_sweep():
+    out = subprocess.run([sys.executable, "-m", "gemma4.interfaces.cli", "plan", "e2b", "--sweep", "--json"], capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout)
+    assert [p["context"] for p in report["plans"]] == [2048, 8192, 32768, 131072]  # E2B stops at 128K
+    assert report["plans"][0]["kv_cache"]["sliding_attention"] == report["plans"][-1]["kv_cache"]["sliding_attention"]
+    assert set(report["savings"]) == {"as designed", *EACH_OFF}
