@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,32 +13,39 @@ from ..errors import Gemma4Error
 from ..weights.presets import PRESETS, preset_config
 
 
-def _info(args: argparse.Namespace) -> None:
-    from ..summary import format_summary, summarize
+def _model_config(model: str) -> ModelConfig:
+    """A preset name, a .gguf file or a checkpoint folder (validated) -> its config."""
+    if model in PRESETS and not Path(model).exists():
+        return ModelConfig.from_dict(preset_config(model))
+    if Path(model).suffix == ".gguf":
+        from ..weights.gguf_file import open_gguf
+
+        return open_gguf(model).config
     from ..weights import open_checkpoint, validate
 
-    if args.model in PRESETS and not Path(args.model).exists():
-        summary = summarize(ModelConfig.from_dict(preset_config(args.model)))
-    else:
+    checkpoint = open_checkpoint(model)
+    validate(checkpoint)
+    return checkpoint.config
+
+
+def _info(args: argparse.Namespace) -> None:
+    from ..summary import format_summary, summarize
+
+    if Path(args.model).is_dir():  # a folder: also report the bytes its files hold, by dtype
+        from ..weights import open_checkpoint, validate
+
         checkpoint = open_checkpoint(args.model)
         validate(checkpoint)
         summary = summarize(checkpoint.config, {n: t.dtype for n, t in checkpoint.tensors.items()})
+    else:
+        summary = summarize(_model_config(args.model))
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
 
 
 def _plan(args: argparse.Namespace) -> None:
     from ..planner import savings_table, sweep
 
-    if args.model in PRESETS and not Path(args.model).exists():
-        config = ModelConfig.from_dict(preset_config(args.model))
-    elif Path(args.model).suffix == ".gguf":
-        from ..weights.gguf_file import open_gguf
-
-        config = open_gguf(args.model).config
-    else:
-        from ..weights import open_checkpoint
-
-        config = open_checkpoint(args.model).config
+    config = _model_config(args.model)
     options = dict(dtype=args.dtype, kv_dtype=args.kv_dtype, batch=args.batch, prefill_chunk=args.prefill_chunk)
     contexts = [2048, 8192, 32768, 131072, 262144] if args.sweep else [args.context]
     plans = sweep(config, contexts, **options)
@@ -251,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ngemma4: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`gemma4 info X | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 
