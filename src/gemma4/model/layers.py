@@ -163,10 +163,13 @@ class Experts(nn.Module):
         out = torch.zeros_like(x)
         for expert in ids.unique().tolist():
             token, slot = torch.where(ids == expert)
-            gate, up = F.linear(x[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(gelu_tanh(gate) * up, self.down_proj[expert]) * weights[token, slot, None]
+            gate, up = self.project(x[token], "gate_up_proj", expert).chunk(2, dim=-1)
+            y = self.project(gelu_tanh(gate) * up, "down_proj", expert) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
+
+    def project(self, x: Tensor, name: str, expert: int) -> Tensor:
+        return F.linear(x, getattr(self, name)[expert])
 
 
 class DecoderLayer(nn.Module):

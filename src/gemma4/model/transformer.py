@@ -25,6 +25,10 @@ class ScaledEmbedding(nn.Embedding):
         rows = F.embedding(ids, self.weight).to(dtype or self.weight.dtype)
         return rows * torch.tensor(self.scale, dtype=rows.dtype, device=rows.device)
 
+    def attend(self, hidden: Tensor) -> Tensor:
+        """The tied LM head: hidden states against every embedding row."""
+        return F.linear(hidden, self.weight)
+
 
 class DictKV:
     """K/V for one full forward pass without a cache: keys are this step's tokens."""
@@ -86,6 +90,11 @@ class TextModel(nn.Module):
         self.first_shared = next((p.index for p in self.plan if not p.owns_kv), len(self.plan))
         self.rotates_keys_on_read = {t: any(p.k_eq_v for p in self.plan if p.attention_type == t) for t in (SLIDING, FULL)}
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (packed weights keep their own storage types)."""
+        return self.norm.weight.dtype
+
     def per_layer_inputs(self, ids: Tensor, embeds: Tensor) -> Tensor:
         """PLE: [B, T, layers, ple_dim] = (context projection + token table row) / sqrt(2)."""
         B, T = ids.shape
@@ -118,7 +127,7 @@ class TextModel(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
         kv = DictKV() if kv is None else kv
-        x = self.embed_tokens(ids)
+        x = self.embed_tokens(ids, self.dtype)
         ple = self.per_layer_inputs(ids, x) if self.ple_dim else None
         inputs = self.attention_inputs(positions, kv.begin(positions), x.dtype)
         for p, layer in zip(self.plan, self.layers):
@@ -146,12 +155,15 @@ class CausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
     def plan(self) -> tuple[LayerPlan, ...]:
         return self.model.plan
 
     def logits(self, hidden: Tensor) -> Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight)
+        logits = self.model.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         if (cap := self.config.final_logit_softcapping) is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits

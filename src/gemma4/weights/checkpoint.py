@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import CausalLM, TextModel
+from ..quant.modules import PackedModule, Scheme, pack_modules, pack_state
 from .layout import TensorSpec, checkpoint_tensors, decoder_prefix
 from .safetensors_io import SafetensorsFile, TensorInfo
 
@@ -146,27 +148,53 @@ def validate(checkpoint: Checkpoint) -> list[TensorSpec]:
     return expected
 
 
-def load_model(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, progress: bool = True) -> CausalLM:
+def load_model(
+    path: str | Path, dtype: torch.dtype | str = torch.bfloat16, progress: bool = True, quant: str | None = None, group: int = 0
+) -> CausalLM:
     """Load the text decoder of the checkpoint at `path`. Weights already in `dtype` stay
-    memory-mapped (no copy); row-read tables keep their stored dtype."""
-    dtype = resolve_dtype(dtype)
+    memory-mapped (no copy); row-read tables keep their stored dtype.
+
+    quant: pack the matrices as "bf16", "int8" or "int4" (group: columns per int4/int8 scale) and
+    compute in fp32 on the packed kernels; `dtype` is then ignored."""
+    dtype = torch.float32 if quant else resolve_dtype(dtype)
     checkpoint = open_checkpoint(path)
     validate(checkpoint)
     with torch.device("meta"):
         model = CausalLM(checkpoint.config.text)
     prefix = decoder_prefix(checkpoint.config)
     stored = {name: checkpoint.tensors[_checkpoint_name(name, prefix)] for name in model.state_dict()}
+    packed = pack_modules(model, Scheme(quant, group)) if quant else {}
     state = {}
     total = sum(info.end - info.start for info in stored.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", delay=1.0, disable=not progress, leave=False) as bar:
         for name, info in stored.items():
             tensor = checkpoint.file_of(info.name).tensor(info.name)
-            if name.removeprefix("model.") not in TextModel.ROW_TABLES:
-                tensor = tensor.to(dtype)
-            state[name] = tensor
+            if name in packed:
+                state.update(pack_state(name, tensor, *packed[name]))
+            elif name.removeprefix("model.") not in TextModel.ROW_TABLES:
+                state[name] = tensor.to(dtype)
+            else:
+                state[name] = tensor
             bar.update(info.end - info.start)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.requires_grad_(False).eval()
+    install(model, state)
+    return model.eval()
+
+
+def install(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put loaded tensors into a model built on the meta device (parameters and packed buffers alike)."""
+    for name, tensor in state.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        elif attr in module._buffers:
+            module._buffers[attr] = tensor
+        else:
+            raise CheckpointError(f"unexpected tensor {name!r} for this model")
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    left += [f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, PackedModule) for p in m.packed_names if getattr(m, p) is None]
+    if left:
+        raise CheckpointError(f"missing tensor {left[0]!r} (and {len(left) - 1} more)")
 
 
 def _checkpoint_name(name: str, prefix: str) -> str:

@@ -1,0 +1,24 @@
+"""Builds the optional matmul kernels (src/gemma4/quant/kernels.c). Everything else is in pyproject.toml."""
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class OptionalBuildExt(build_ext):
+    """The kernels only make things faster: without a working compiler, install anyway and fall back to PyTorch."""
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as error:  # noqa: BLE001 - any compiler failure means "no kernels", not "no package"
+            print(f"warning: gemma4's compiled kernels were not built ({error}); using the PyTorch fallback")
+
+
+kernels = Extension(
+    "gemma4.quant._kernels",
+    sources=["src/gemma4/quant/kernels.c"],
+    extra_compile_args=["-O3", "-march=native", "-fopenmp"],
+    extra_link_args=["-fopenmp"],
+)
+
+setup(ext_modules=[kernels], cmdclass={"build_ext": OptionalBuildExt})

@@ -1,0 +1,211 @@
+/* Decode-shaped matmuls over packed weights: y[M, N] = x[M, K] . W[N, K]^T for small M, with fp32
+ * activations and accumulation, the weights converted in registers as they stream from memory.
+ * Stock PyTorch kernels either compute in bf16 (slow without native bf16) or reach a fraction of
+ * the memory bandwidth on int4/int8; a matvec should be bound by the weight bytes it reads.
+ *
+ * Weight formats (see quant/packed.py):
+ *   bf16: uint16 [N, K].
+ *   int8: int8 codes [N, K]; w = scale[n, g] * code (+ offset[n, g]), groups of `group` along K.
+ *   int4: uint8 [N, K/2], blocks of 32 along K of 16 bytes each: byte j holds element j in its low
+ *         nibble and element j + 16 in its high one (llama.cpp's Q4 layout); w = scale * code + offset.
+ * Called through ctypes; each entry point splits the N rows over `threads` OpenMP threads. */
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GEMMA4_AVX2 1
+#endif
+
+#define MAX_M 8
+
+#ifdef GEMMA4_AVX2
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 load_bf16(const uint16_t *w) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
+}
+
+static inline __m256 load_i8(const int8_t *w) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
+}
+#endif
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Sum of x over each group, so offsets cost one multiply per group: sum_k (s q_k + o) x_k = s sum q_k x_k + o sum x_k. */
+static void group_sums(const float *x, float *sums, int64_t M, int64_t K, int64_t group) {
+    int64_t G = K / group;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            float s = 0.f;
+            for (int64_t k = 0; k < group; k++) s += x[m * K + g * group + k];
+            sums[m * G + g] = s;
+        }
+}
+
+void matmul_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *row = w + n * K;
+#ifdef GEMMA4_AVX2
+        if (M == 1) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t k = 0; k < K; k += 32) {
+                a0 = _mm256_fmadd_ps(load_bf16(row + k), _mm256_loadu_ps(x + k), a0);
+                a1 = _mm256_fmadd_ps(load_bf16(row + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+                a2 = _mm256_fmadd_ps(load_bf16(row + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+                a3 = _mm256_fmadd_ps(load_bf16(row + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+            }
+            y[n] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+            continue;
+        }
+        __m256 acc[MAX_M];
+        for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K; k += 8) {
+            __m256 wv = load_bf16(row + k);
+            for (int64_t m = 0; m < M; m++) acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m]);
+        }
+        for (int64_t m = 0; m < M; m++) y[m * N + n] = hsum(acc[m]);
+#else
+        for (int64_t m = 0; m < M; m++) {
+            float s = 0.f;
+            for (int64_t k = 0; k < K; k++) s += bf16_to_float(row[k]) * x[m * K + k];
+            y[m * N + n] = s;
+        }
+#endif
+    }
+}
+
+static float offset_term(const float *offsets, const float *sums, int64_t n, int64_t m, int64_t G) {
+    float s = 0.f;
+    for (int64_t g = 0; g < G; g++) s += offsets[n * G + g] * sums[m * G + g];
+    return s;
+}
+
+void matmul_int8(const float *x, const int8_t *w, const float *scales, const float *offsets, float *sums, float *y,
+                 int64_t M, int64_t N, int64_t K, int64_t group, int threads) {
+    int64_t G = K / group;
+    if (offsets) group_sums(x, sums, M, K, group);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *row = w + n * K;
+        const float *scale = scales + n * G;
+#ifdef GEMMA4_AVX2
+        __m256 acc[MAX_M];
+        for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; g++) {
+            __m256 s = _mm256_set1_ps(scale[g]);
+            for (int64_t m = 0; m < M; m++) {
+                const float *xg = x + m * K + g * group;
+                const int8_t *wg = row + g * group;
+                __m256 p0 = _mm256_setzero_ps(), p1 = p0;
+                int64_t k = 0;
+                for (; k + 16 <= group; k += 16) {
+                    p0 = _mm256_fmadd_ps(load_i8(wg + k), _mm256_loadu_ps(xg + k), p0);
+                    p1 = _mm256_fmadd_ps(load_i8(wg + k + 8), _mm256_loadu_ps(xg + k + 8), p1);
+                }
+                if (k < group) p0 = _mm256_fmadd_ps(load_i8(wg + k), _mm256_loadu_ps(xg + k), p0);
+                acc[m] = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), s, acc[m]);
+            }
+        }
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = hsum(acc[m]) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
+#else
+        for (int64_t m = 0; m < M; m++) {
+            float total = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                float s = 0.f;
+                for (int64_t k = 0; k < group; k++) s += row[g * group + k] * x[m * K + g * group + k];
+                total += s * scale[g];
+            }
+            y[m * N + n] = total + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
+        }
+#endif
+    }
+}
+
+void matmul_int4(const float *x, const uint8_t *w, const float *scales, const float *offsets, float *sums, float *y,
+                 int64_t M, int64_t N, int64_t K, int64_t group, int threads) {
+    int64_t G = K / group, blocks = group / 32;
+    if (offsets) group_sums(x, sums, M, K, group);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * (K / 2);
+        const float *scale = scales + n * G;
+#ifdef GEMMA4_AVX2
+        const __m128i low = _mm_set1_epi8(0x0F);
+        __m256 acc[MAX_M];
+        for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; g++) {
+            __m256 p[MAX_M][2];
+            for (int64_t m = 0; m < M; m++) p[m][0] = p[m][1] = _mm256_setzero_ps();
+            for (int64_t b = 0; b < blocks; b++) {
+                int64_t k = (g * blocks + b) * 32;
+                __m128i bytes = _mm_loadu_si128((const __m128i *)(row + k / 2));
+                __m128i lo = _mm_and_si128(bytes, low), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+                __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+                __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+                __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+                __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+                for (int64_t m = 0; m < M; m++) {
+                    const float *xb = x + m * K + k;
+                    p[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), p[m][0]);
+                    p[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), p[m][1]);
+                    p[m][0] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), p[m][0]);
+                    p[m][1] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), p[m][1]);
+                }
+            }
+            __m256 s = _mm256_set1_ps(scale[g]);
+            for (int64_t m = 0; m < M; m++) acc[m] = _mm256_fmadd_ps(_mm256_add_ps(p[m][0], p[m][1]), s, acc[m]);
+        }
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = hsum(acc[m]) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
+#else
+        for (int64_t m = 0; m < M; m++) {
+            float total = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                float s = 0.f;
+                for (int64_t b = 0; b < blocks; b++) {
+                    int64_t k = (g * blocks + b) * 32;
+                    for (int64_t j = 0; j < 16; j++) {
+                        uint8_t byte = row[k / 2 + j];
+                        s += (byte & 15) * x[m * K + k + j] + (byte >> 4) * x[m * K + k + j + 16];
+                    }
+                }
+                total += s * scale[g];
+            }
+            y[m * N + n] = total + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
+        }
+#endif
+    }
+}
+
+/* Rows [n0, n1) of an int4 weight to fp32, for prefill (which then runs a dense fp32 matmul). */
+void dequantize_int4(const uint8_t *w, const float *scales, const float *offsets, float *out, int64_t n0, int64_t n1,
+                     int64_t K, int64_t group, int threads) {
+    int64_t G = K / group;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w + n * (K / 2);
+        float *o = out + (n - n0) * K;
+        for (int64_t k = 0; k < K; k += 32)
+            for (int64_t j = 0; j < 16; j++) {
+                int64_t g = k / group;
+                float s = scales[n * G + g], z = offsets ? offsets[n * G + g] : 0.f;
+                o[k + j] = s * (row[k / 2 + j] & 15) + z;
+                o[k + j + 16] = s * (row[k / 2 + j] >> 4) + z;
+            }
+    }
+}

@@ -1,0 +1,93 @@
+"""The compiled matmul kernels (kernels.c), loaded with ctypes, and their pure-PyTorch twins.
+
+The shared library is built by the package's install step (setup.py). Where it is missing (no
+compiler, or a source checkout never built) every function falls back to PyTorch: slower, same result."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_HERE = Path(__file__).parent
+
+
+def _load() -> ctypes.CDLL | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = _HERE / f"_kernels{suffix}"
+        if path.is_file():
+            try:
+                return ctypes.CDLL(str(path))
+            except OSError:
+                return None
+    return None
+
+
+_lib = _load()
+_f32 = ctypes.POINTER(ctypes.c_float)
+
+
+def available() -> bool:
+    return _lib is not None
+
+
+def _ptr(t: Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def matmul_bf16(x: Tensor, codes: Tensor) -> Tensor:
+    """x: fp32 [M, K] contiguous; codes: bf16 [N, K] -> fp32 [M, N]."""
+    M, K = x.shape
+    N = codes.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    _lib.matmul_bf16(_ptr(x), _ptr(codes), _ptr(y), M, N, K, torch.get_num_threads())  # type: ignore[union-attr]
+    return y
+
+
+def matmul_grouped(bits: int, x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int) -> Tensor:
+    """x: fp32 [M, K]; int8 codes [N, K] or int4 codes [N, K/2]; scales/offsets fp32 [N, K/group] -> fp32 [M, N]."""
+    M, K = x.shape
+    N = codes.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    sums = torch.empty(M, K // group, dtype=torch.float32) if offsets is not None else None
+    fn = _lib.matmul_int8 if bits == 8 else _lib.matmul_int4  # type: ignore[union-attr]
+    fn(_ptr(x), _ptr(codes), _ptr(scales), _ptr(offsets), _ptr(sums), _ptr(y), M, N, K, group, torch.get_num_threads())
+    return y
+
+
+def dequantize_int4(codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int, rows: slice) -> Tensor:
+    """Rows of an int4 weight as fp32 [rows, K]."""
+    n0, n1, _ = rows.indices(codes.shape[0])
+    K = codes.shape[1] * 2
+    out = torch.empty(n1 - n0, K, dtype=torch.float32)
+    if _lib is None:
+        return unpack_int4(codes[n0:n1]).float().view(n1 - n0, -1, group).mul(scales[n0:n1, :, None]).add(
+            0 if offsets is None else offsets[n0:n1, :, None]
+        ).view(n1 - n0, K)
+    _lib.dequantize_int4(_ptr(codes), _ptr(scales), _ptr(offsets), _ptr(out), n0, n1, K, group, torch.get_num_threads())
+    return out
+
+
+def unpack_int4(codes: Tensor) -> Tensor:
+    """uint8 [..., K/2] in 32-element blocks (low nibbles: first 16, high: last 16) -> uint8 codes [..., K]."""
+    blocks = codes.view(*codes.shape[:-1], -1, 16)
+    return torch.cat((blocks & 15, blocks >> 4), dim=-1).flatten(-2)
+
+
+def pack_int4(values: Tensor) -> Tensor:
+    """uint8 codes 0..15 [..., K] (K a multiple of 32) -> the packed layout unpack_int4 reads."""
+    blocks = values.view(*values.shape[:-1], -1, 32)
+    return (blocks[..., :16] | (blocks[..., 16:] << 4)).flatten(-2).contiguous()
+
+
+if _lib is not None:
+    for _name in ("matmul_bf16", "matmul_int8", "matmul_int4", "dequantize_int4"):
+        getattr(_lib, _name).restype = None
+    _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    _lib.matmul_bf16.argtypes = [_p, _p, _p, _i64, _i64, _i64, _int]
+    _lib.matmul_int8.argtypes = [_p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int]
+    _lib.matmul_int4.argtypes = [_p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int]
+    _lib.dequantize_int4.argtypes = [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _int]

@@ -1,0 +1,113 @@
+"""Modules that hold packed weights in place of nn.Linear, the expert stacks and the embedding
+tables, and the one function that swaps them into a model before its weights are loaded.
+
+Each packed parameter `p` becomes buffers `p` (codes), `p_scale` and `p_offset`: the names a
+quantized checkpoint stores, so saving is `state_dict()` and loading is `load_state_dict()`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..model.layers import Experts
+from ..model.transformer import ScaledEmbedding
+from .packed import DEFAULT_GROUP, PackedTensor, quantize
+
+SUFFIXES = ("", "_scale", "_offset")
+
+
+class PackedModule(nn.Module):
+    """Holds packed parameters by name; `packed(name)` views them as a PackedTensor."""
+
+    def __init__(self, names: tuple[str, ...]):
+        super().__init__()
+        self.packed_names = names
+        for name in names:
+            for suffix in SUFFIXES:
+                self.register_buffer(name + suffix, None)
+
+    def packed(self, name: str) -> PackedTensor:
+        return PackedTensor.of(getattr(self, name), getattr(self, name + "_scale"), getattr(self, name + "_offset"))
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: {self.packed(n).kind}" for n in self.packed_names if getattr(self, n) is not None)
+
+
+class PackedLinear(PackedModule):
+    def __init__(self) -> None:
+        super().__init__(("weight",))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.packed("weight").matmul(x)
+
+
+class PackedExperts(PackedModule):
+    forward = Experts.forward
+
+    def __init__(self) -> None:
+        super().__init__(("gate_up_proj", "down_proj"))
+
+    def project(self, x: Tensor, name: str, expert: int) -> Tensor:
+        return self.packed(name)[expert].matmul(x)
+
+
+class PackedEmbedding(PackedModule):
+    """A scaled embedding whose rows are dequantized as they are read; also the tied LM head."""
+
+    def __init__(self, scale: float):
+        super().__init__(("weight",))
+        self.scale = scale
+
+    def forward(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        return self.packed("weight").rows(ids).to(dtype or torch.float32) * self.scale
+
+    def attend(self, hidden: Tensor) -> Tensor:
+        return self.packed("weight").matmul(hidden)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """Which weights are packed, how: `kind` for matrices; `tables` for row-read tables
+    (None: leave them as stored, e.g. a bf16 PLE table that stays memory-mapped)."""
+
+    kind: str
+    group: int = 0
+    tables: str | None = None
+
+    def for_module(self, name: str, module: nn.Module) -> str | None:
+        if isinstance(module, ScaledEmbedding):
+            return self.tables if name.endswith("embed_tokens_per_layer") else self.kind
+        if isinstance(module, Experts):
+            return self.kind
+        if isinstance(module, nn.Linear) and module.bias is None and not name.endswith("router.proj"):
+            return self.kind  # the router stays in full precision: it only picks experts, and picks are brittle
+        return None
+
+
+def pack_modules(model: nn.Module, scheme: Scheme) -> dict[str, tuple[str, int]]:
+    """Swap packable modules for packed ones (on the meta device, before loading).
+    Returns {parameter name: (kind, group)} for every weight that is now packed."""
+    packed: dict[str, tuple[str, int]] = {}
+    for name, module in list(model.named_modules()):
+        kind = scheme.for_module(name, module)
+        if kind is None:
+            continue
+        group = 0 if kind == "bf16" else scheme.group or DEFAULT_GROUP[kind]
+        if isinstance(module, ScaledEmbedding):
+            replacement: PackedModule = PackedEmbedding(module.scale)
+        elif isinstance(module, Experts):
+            replacement = PackedExperts()
+        else:
+            replacement = PackedLinear()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, replacement)
+        packed.update({f"{name}.{p}": (kind, group) for p in replacement.packed_names})
+    return packed
+
+
+def pack_state(name: str, weight: Tensor, kind: str, group: int) -> dict[str, Tensor]:
+    """The buffers a packed parameter `name` loads from a float weight."""
+    p = quantize(weight, kind, group)
+    return {name + s: t for s, t in zip(SUFFIXES, (p.codes, p.scales, p.offsets)) if t is not None}

@@ -1,0 +1,126 @@
+"""Packed weights: 16-bit, int8 and int4 matrices that stay in their storage format and are
+multiplied by fp32 activations, converted in registers (quant/kernels.c).
+
+One format per kind, with w = scale[n, g] * code + offset[n, g] over groups of `group` columns:
+  bf16: codes are the bf16 weights themselves (no scale).
+  int8: int8 codes [N, K]; group K = per output channel (ours), 32 or 16 (from GGUF Q8_0/Q5/Q6_K).
+  int4: uint8 [N, K/2], 32-element blocks with low nibbles = first 16, high = last 16 (as llama.cpp's Q4).
+Offsets are optional (symmetric int8 has none). Leading dimensions stack experts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import kernels
+
+KINDS = ("bf16", "int8", "int4")
+DEFAULT_GROUP = {"int8": 0, "int4": 64}  # 0: one group per output channel
+STREAMING_MAX_ROWS = 8  # activations rows up to which the streaming kernels beat dequantize + dense matmul
+DENSE_BLOCK_BYTES = 64 << 20  # fp32 rows dequantized at once on the dense path
+
+
+@dataclass(frozen=True)
+class PackedTensor:
+    kind: str
+    codes: Tensor
+    scales: Tensor | None = None  # fp32 [..., N, K/group]
+    offsets: Tensor | None = None
+    group: int = 0  # 0: one group per row
+
+    @classmethod
+    def of(cls, codes: Tensor, scales: Tensor | None = None, offsets: Tensor | None = None) -> PackedTensor:
+        """The format is in the tensors: the codes' dtype names the kind, the scales' width the group."""
+        kind = {torch.bfloat16: "bf16", torch.int8: "int8", torch.uint8: "int4"}[codes.dtype]
+        K = codes.shape[-1] * (2 if kind == "int4" else 1)
+        return cls(kind, codes, scales, offsets, 0 if scales is None else K // scales.shape[-1])
+
+    @property
+    def group_size(self) -> int:
+        return self.group or self.shape[-1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        *lead, n, k = self.codes.shape
+        return (*lead, n, k * 2 if self.kind == "int4" else k)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.offsets) if t is not None)
+
+    def __getitem__(self, index: int) -> PackedTensor:
+        """One matrix of a stack (an expert)."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return PackedTensor(self.kind, self.codes[index], pick(self.scales), pick(self.offsets), self.group)
+
+    def dequantize(self, rows: slice = slice(None)) -> Tensor:
+        """fp32 [rows, K] of a 2-D weight."""
+        if self.kind == "bf16":
+            return self.codes[rows].float()
+        if self.kind == "int4":
+            return kernels.dequantize_int4(self.codes, self.scales, self.offsets, self.group_size, rows)  # type: ignore[arg-type]
+        n = self.codes[rows].shape[0]
+        w = self.codes[rows].float().view(n, -1, self.group_size) * self.scales[rows, :, None]  # type: ignore[index]
+        if self.offsets is not None:
+            w += self.offsets[rows, :, None]
+        return w.view(n, -1)
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """Embedding rows for token ids, fp32 [*ids.shape, K]; only those rows are read."""
+        flat = ids.reshape(-1)
+        pick = lambda t: None if t is None else t[flat].contiguous()  # noqa: E731
+        picked = PackedTensor(self.kind, self.codes[flat].contiguous(), pick(self.scales), pick(self.offsets), self.group)
+        return picked.dequantize().view(*ids.shape, -1)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """x [..., K] @ W.T -> [..., N] in x's dtype, computed in fp32."""
+        *lead, K = x.shape
+        flat = x.reshape(-1, K).float().contiguous()
+        if flat.shape[0] <= STREAMING_MAX_ROWS and kernels.available() and self._streamable():
+            if self.kind == "bf16":
+                y = kernels.matmul_bf16(flat, self.codes)
+            else:
+                y = kernels.matmul_grouped(8 if self.kind == "int8" else 4, flat, self.codes, self.scales, self.offsets, self.group_size)  # type: ignore[arg-type]
+        else:
+            y = self._dense_matmul(flat)
+        return y.view(*lead, -1).to(x.dtype)
+
+    def _streamable(self) -> bool:
+        K = self.shape[-1]
+        return self.codes.is_contiguous() and (K % 32 == 0 if self.kind == "bf16" else self.group_size % (32 if self.kind == "int4" else 8) == 0)
+
+    def _dense_matmul(self, x: Tensor) -> Tensor:
+        N, K = self.shape
+        step = max(1, DENSE_BLOCK_BYTES // (4 * K))
+        if step >= N:
+            return F.linear(x, self.dequantize())
+        return torch.cat([F.linear(x, self.dequantize(slice(n, n + step))) for n in range(0, N, step)], dim=-1)
+
+
+def quantize(weight: Tensor, kind: str, group: int | None = None) -> PackedTensor:
+    """Pack a float weight [..., N, K]: bf16 by rounding; int8 symmetric (per channel by default);
+    int4 asymmetric min/max over groups of `group` (default 64) columns. group 0: one per row."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown quantization {kind!r}: use one of {', '.join(KINDS)}")
+    if kind == "bf16":
+        return PackedTensor("bf16", weight.to(torch.bfloat16).contiguous())
+    K = weight.shape[-1]
+    group = DEFAULT_GROUP[kind] if group is None else group
+    if group and K % group:
+        group = math.gcd(K, group)  # narrow rows (tiny models) get the largest group that fits
+    size = group or K
+    if kind == "int4" and size % 32:
+        return quantize(weight, "int8", group)  # int4 blocks are 32 wide; rows this narrow are rare and small
+    w = weight.float().reshape(*weight.shape[:-1], K // size, size)
+    if kind == "int8":
+        scales = w.abs().amax(-1).clamp_min(1e-30) / 127
+        codes = torch.round(w / scales[..., None]).clamp(-127, 127).to(torch.int8)
+        return PackedTensor("int8", codes.flatten(-2).contiguous(), scales.contiguous(), None, group)
+    low, high = w.amin(-1), w.amax(-1)
+    scales = ((high - low) / 15).clamp_min(1e-30)
+    codes = torch.round((w - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+    return PackedTensor("int4", kernels.pack_int4(codes.flatten(-2)), scales.contiguous(), low.contiguous(), group)
