@@ -4,7 +4,7 @@
  * the memory bandwidth on int4/int8; a matvec should be bound by the weight bytes it reads.
  *
  * Weight formats (see quant/packed.py):
- *   bf16: uint16 [N, K].
+ *   bf16, f16: uint16 [N, K].
  *   int8: int8 codes [N, K]; w = scale[n, g] * code (+ offset[n, g]), groups of `group` along K.
  *   int4: uint8 [N, K/2], blocks of 32 along K of 16 bytes each: byte j holds element j in its low
  *         nibble and element j + 16 in its high one (llama.cpp's Q4 layout); w = scale * code + offset.
@@ -32,6 +32,8 @@ static inline __m256 load_bf16(const uint16_t *w) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
 }
 
+static inline __m256 load_f16(const uint16_t *w) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)); }
+
 static inline __m256 load_i8(const int8_t *w) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
 }
@@ -39,6 +41,21 @@ static inline __m256 load_i8(const int8_t *w) {
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023, bits;
+    if (exp == 31) bits = sign | 0x7F800000 | (man << 13);
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (!man) bits = sign;
+    else {  /* subnormal: normalise */
+        exp = 113;
+        while (!(man & 1024)) { man <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((man & 1023) << 13);
+    }
     float f;
     memcpy(&f, &bits, 4);
     return f;
@@ -55,7 +72,10 @@ static void group_sums(const float *x, float *sums, int64_t M, int64_t K, int64_
         }
 }
 
-void matmul_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+#define LOAD16(p) (is_f16 ? load_f16(p) : load_bf16(p))
+
+/* 16-bit weights: bf16 (is_f16 = 0) or IEEE half (is_f16 = 1). */
+void matmul_16bit(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int is_f16, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint16_t *row = w + n * K;
@@ -63,10 +83,10 @@ void matmul_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t
         if (M == 1) {
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int64_t k = 0; k < K; k += 32) {
-                a0 = _mm256_fmadd_ps(load_bf16(row + k), _mm256_loadu_ps(x + k), a0);
-                a1 = _mm256_fmadd_ps(load_bf16(row + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-                a2 = _mm256_fmadd_ps(load_bf16(row + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-                a3 = _mm256_fmadd_ps(load_bf16(row + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+                a0 = _mm256_fmadd_ps(LOAD16(row + k), _mm256_loadu_ps(x + k), a0);
+                a1 = _mm256_fmadd_ps(LOAD16(row + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+                a2 = _mm256_fmadd_ps(LOAD16(row + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+                a3 = _mm256_fmadd_ps(LOAD16(row + k + 24), _mm256_loadu_ps(x + k + 24), a3);
             }
             y[n] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
             continue;
@@ -74,19 +94,21 @@ void matmul_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t
         __m256 acc[MAX_M];
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
         for (int64_t k = 0; k < K; k += 8) {
-            __m256 wv = load_bf16(row + k);
+            __m256 wv = LOAD16(row + k);
             for (int64_t m = 0; m < M; m++) acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m]);
         }
         for (int64_t m = 0; m < M; m++) y[m * N + n] = hsum(acc[m]);
 #else
         for (int64_t m = 0; m < M; m++) {
             float s = 0.f;
-            for (int64_t k = 0; k < K; k++) s += bf16_to_float(row[k]) * x[m * K + k];
+            for (int64_t k = 0; k < K; k++) s += (is_f16 ? half_to_float(row[k]) : bf16_to_float(row[k])) * x[m * K + k];
             y[m * N + n] = s;
         }
 #endif
     }
 }
+
+#undef LOAD16
 
 static float offset_term(const float *offsets, const float *sums, int64_t n, int64_t m, int64_t G) {
     float s = 0.f;

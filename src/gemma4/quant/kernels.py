@@ -27,7 +27,6 @@ def _load() -> ctypes.CDLL | None:
 
 
 _lib = _load()
-_f32 = ctypes.POINTER(ctypes.c_float)
 
 
 def available() -> bool:
@@ -38,12 +37,13 @@ def _ptr(t: Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
 
 
-def matmul_bf16(x: Tensor, codes: Tensor) -> Tensor:
-    """x: fp32 [M, K] contiguous; codes: bf16 [N, K] -> fp32 [M, N]."""
+def matmul_16bit(x: Tensor, codes: Tensor) -> Tensor:
+    """x: fp32 [M, K] contiguous; codes: bf16 or fp16 [N, K] -> fp32 [M, N]."""
     M, K = x.shape
     N = codes.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
-    _lib.matmul_bf16(_ptr(x), _ptr(codes), _ptr(y), M, N, K, torch.get_num_threads())  # type: ignore[union-attr]
+    is_f16 = int(codes.dtype == torch.float16)
+    _lib.matmul_16bit(_ptr(x), _ptr(codes), _ptr(y), M, N, K, is_f16, torch.get_num_threads())  # type: ignore[union-attr]
     return y
 
 
@@ -84,10 +84,10 @@ def pack_int4(values: Tensor) -> Tensor:
 
 
 if _lib is not None:
-    for _name in ("matmul_bf16", "matmul_int8", "matmul_int4", "dequantize_int4"):
+    for _name in ("matmul_16bit", "matmul_int8", "matmul_int4", "dequantize_int4"):
         getattr(_lib, _name).restype = None
     _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    _lib.matmul_bf16.argtypes = [_p, _p, _p, _i64, _i64, _i64, _int]
+    _lib.matmul_16bit.argtypes = [_p, _p, _p, _i64, _i64, _i64, _int, _int]
     _lib.matmul_int8.argtypes = [_p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int]
     _lib.matmul_int4.argtypes = [_p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int]
     _lib.dequantize_int4.argtypes = [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _int]

@@ -77,13 +77,29 @@ class Scheme:
     tables: str | None = None
 
     def for_module(self, name: str, module: nn.Module) -> str | None:
-        if isinstance(module, ScaledEmbedding):
-            return self.tables if name.endswith("embed_tokens_per_layer") else self.kind
-        if isinstance(module, Experts):
-            return self.kind
-        if isinstance(module, nn.Linear) and module.bias is None and not name.endswith("router.proj"):
-            return self.kind  # the router stays in full precision: it only picks experts, and picks are brittle
-        return None
+        if not packable(name, module):
+            return None
+        return self.tables if name.endswith("embed_tokens_per_layer") else self.kind
+
+
+def packable(name: str, module: nn.Module) -> bool:
+    """Matrices and embedding tables; the MoE router stays in full precision (it only picks experts,
+    and picks are brittle)."""
+    if isinstance(module, (ScaledEmbedding, Experts)):
+        return True
+    return isinstance(module, nn.Linear) and module.bias is None and not name.endswith("router.proj")
+
+
+def packed_twin(module: nn.Module) -> PackedModule:
+    """The packed module that takes `module`'s place (its buffers still empty)."""
+    if isinstance(module, ScaledEmbedding):
+        return PackedEmbedding(module.scale)
+    return PackedExperts() if isinstance(module, Experts) else PackedLinear()
+
+
+def replace_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, replacement)
 
 
 def pack_modules(model: nn.Module, scheme: Scheme) -> dict[str, tuple[str, int]]:
@@ -95,19 +111,17 @@ def pack_modules(model: nn.Module, scheme: Scheme) -> dict[str, tuple[str, int]]
         if kind is None:
             continue
         group = 0 if kind == "bf16" else scheme.group or DEFAULT_GROUP[kind]
-        if isinstance(module, ScaledEmbedding):
-            replacement: PackedModule = PackedEmbedding(module.scale)
-        elif isinstance(module, Experts):
-            replacement = PackedExperts()
-        else:
-            replacement = PackedLinear()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, replacement)
-        packed.update({f"{name}.{p}": (kind, group) for p in replacement.packed_names})
+        twin = packed_twin(module)
+        replace_module(model, name, twin)
+        packed.update({f"{name}.{p}": (kind, group) for p in twin.packed_names})
     return packed
+
+
+def packed_state(name: str, p: PackedTensor) -> dict[str, Tensor]:
+    """The buffers that hold packed parameter `name`."""
+    return {name + s: t for s, t in zip(SUFFIXES, (p.codes, p.scales, p.offsets)) if t is not None}
 
 
 def pack_state(name: str, weight: Tensor, kind: str, group: int) -> dict[str, Tensor]:
     """The buffers a packed parameter `name` loads from a float weight."""
-    p = quantize(weight, kind, group)
-    return {name + s: t for s, t in zip(SUFFIXES, (p.codes, p.scales, p.offsets)) if t is not None}
+    return packed_state(name, quantize(weight, kind, group))

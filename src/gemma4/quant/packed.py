@@ -2,7 +2,7 @@
 multiplied by fp32 activations, converted in registers (quant/kernels.c).
 
 One format per kind, with w = scale[n, g] * code + offset[n, g] over groups of `group` columns:
-  bf16: codes are the bf16 weights themselves (no scale).
+  bf16, f16: codes are the 16-bit weights themselves (no scale).
   int8: int8 codes [N, K]; group K = per output channel (ours), 32 or 16 (from GGUF Q8_0/Q5/Q6_K).
   int4: uint8 [N, K/2], 32-element blocks with low nibbles = first 16, high = last 16 (as llama.cpp's Q4).
 Offsets are optional (symmetric int8 has none). Leading dimensions stack experts."""
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import kernels
 
-KINDS = ("bf16", "int8", "int4")
+KINDS = ("bf16", "int8", "int4")  # what users pick; "f16" also exists, for GGUF F16 tensors
 DEFAULT_GROUP = {"int8": 0, "int4": 64}  # 0: one group per output channel
 STREAMING_MAX_ROWS = 8  # activations rows up to which the streaming kernels beat dequantize + dense matmul
 DENSE_BLOCK_BYTES = 64 << 20  # fp32 rows dequantized at once on the dense path
@@ -35,7 +35,7 @@ class PackedTensor:
     @classmethod
     def of(cls, codes: Tensor, scales: Tensor | None = None, offsets: Tensor | None = None) -> PackedTensor:
         """The format is in the tensors: the codes' dtype names the kind, the scales' width the group."""
-        kind = {torch.bfloat16: "bf16", torch.int8: "int8", torch.uint8: "int4"}[codes.dtype]
+        kind = {torch.bfloat16: "bf16", torch.float16: "f16", torch.int8: "int8", torch.uint8: "int4"}[codes.dtype]
         K = codes.shape[-1] * (2 if kind == "int4" else 1)
         return cls(kind, codes, scales, offsets, 0 if scales is None else K // scales.shape[-1])
 
@@ -59,7 +59,7 @@ class PackedTensor:
 
     def dequantize(self, rows: slice = slice(None)) -> Tensor:
         """fp32 [rows, K] of a 2-D weight."""
-        if self.kind == "bf16":
+        if self.kind in ("bf16", "f16"):
             return self.codes[rows].float()
         if self.kind == "int4":
             return kernels.dequantize_int4(self.codes, self.scales, self.offsets, self.group_size, rows)  # type: ignore[arg-type]
@@ -81,8 +81,8 @@ class PackedTensor:
         *lead, K = x.shape
         flat = x.reshape(-1, K).float().contiguous()
         if flat.shape[0] <= STREAMING_MAX_ROWS and kernels.available() and self._streamable():
-            if self.kind == "bf16":
-                y = kernels.matmul_bf16(flat, self.codes)
+            if self.kind in ("bf16", "f16"):
+                y = kernels.matmul_16bit(flat, self.codes)
             else:
                 y = kernels.matmul_grouped(8 if self.kind == "int8" else 4, flat, self.codes, self.scales, self.offsets, self.group_size)  # type: ignore[arg-type]
         else:
@@ -91,7 +91,7 @@ class PackedTensor:
 
     def _streamable(self) -> bool:
         K = self.shape[-1]
-        return self.codes.is_contiguous() and (K % 32 == 0 if self.kind == "bf16" else self.group_size % (32 if self.kind == "int4" else 8) == 0)
+        return self.codes.is_contiguous() and (K % 32 == 0 if self.kind in ("bf16", "f16") else self.group_size % (32 if self.kind == "int4" else 8) == 0)
 
     def _dense_matmul(self, x: Tensor) -> Tensor:
         N, K = self.shape

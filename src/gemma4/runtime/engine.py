@@ -65,17 +65,19 @@ class Model:
     def from_folder(
         cls,
         path: str | Path,
-        dtype: torch.dtype | str = torch.bfloat16,
+        dtype: torch.dtype | str | None = None,
         context: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         progress: bool = True,
+        quant: str | None = None,
+        group: int = 0,
     ) -> Model:
         from ..weights import load_model
 
         folder = Path(path)
         if folder.is_file() and folder.suffix == ".gguf":
-            return cls.from_gguf(folder, dtype, context, prefill_chunk, progress)
-        lm = load_model(folder, dtype=dtype, progress=progress)
+            return cls.from_gguf(folder, dtype, context, prefill_chunk, progress, quant, group)
+        lm = load_model(folder, dtype=dtype or torch.bfloat16, progress=progress, quant=quant, group=group)
         has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
         tokenizer = Tokenizer.from_folder(folder) if has_tokenizer else None
         return cls(lm, tokenizer, _read_json(folder / "generation_config.json"), _chat_template(folder), context, prefill_chunk)
@@ -84,16 +86,19 @@ class Model:
     def from_gguf(
         cls,
         path: Path,
-        dtype: torch.dtype | str = torch.bfloat16,
+        dtype: torch.dtype | str | None = None,
         context: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         progress: bool = True,
+        quant: str | None = None,
+        group: int = 0,
     ) -> Model:
-        """A llama.cpp / Ollama GGUF file: config, weights (dequantized), tokenizer, template."""
+        """A llama.cpp / Ollama GGUF file: config, weights (kept in the file's types unless `dtype` or
+        `quant` asks otherwise), tokenizer, template."""
         from ..weights.checkpoint import resolve_dtype
         from ..weights.gguf_file import gguf_tokenizer, load_gguf_model
 
-        lm, checkpoint = load_gguf_model(path, resolve_dtype(dtype), progress)
+        lm, checkpoint = load_gguf_model(path, resolve_dtype(dtype) if dtype else None, progress, quant, group)
         template = checkpoint.field("tokenizer.chat_template")
         eos = checkpoint.field("tokenizer.ggml.eos_token_id", 1)
         generation = {"eos_token_id": sorted({eos, END_OF_TURN_ID})}

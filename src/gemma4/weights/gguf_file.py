@@ -16,9 +16,13 @@ from tqdm import tqdm
 
 from ..config import FULL, SLIDING, ModelConfig
 from ..errors import CheckpointError
-from ..model import CausalLM
+from ..model import CausalLM, TextModel
+from ..quant.modules import PackedModule, Scheme, pack_modules, pack_state, packable, packed_state, packed_twin, replace_module
+from ..quant.packed import PackedTensor
 from ..runtime.tokenizer import SPECIAL_TOKENS, Tokenizer
+from .checkpoint import install
 from .gguf_header import GGUFTensor, read_gguf
+from .gguf_repack import BLOCK_BYTES, BlockRows, repack
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
@@ -239,31 +243,61 @@ def dequantize(tensor: GGUFTensor) -> np.ndarray:
     return np.array(data, dtype=np.float32).reshape(tensor.torch_shape)  # a writable copy
 
 
-def load_gguf_model(path: str | Path, dtype: torch.dtype, progress: bool = True) -> tuple[CausalLM, GGUFCheckpoint]:
-    """The decoder of a GGUF file, dequantized tensor by tensor into `dtype`."""
+def load_gguf_model(
+    path: str | Path, dtype: torch.dtype | None = None, progress: bool = True, quant: str | None = None, group: int = 0
+) -> tuple[CausalLM, GGUFCheckpoint]:
+    """The decoder of a GGUF file.
+
+    By default the file's own types are kept: quantized and 16-bit matrices are re-packed for our
+    kernels (no float copy), a quantized PLE table stays in the file, the rest is fp32. With `dtype`,
+    every tensor is dequantized into it; with `quant`, dequantized and packed anew (bf16/int8/int4)."""
     checkpoint = open_gguf(path)
     with torch.device("meta"):
         model = CausalLM(checkpoint.config.text)
-    expected = model.state_dict()
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    native = dtype is None and quant is None
+    packed = pack_modules(model, Scheme(quant, group)) if quant else {}
     state: dict[str, torch.Tensor] = {}
     for t in tqdm(checkpoint.tensors, desc="loading", unit="tensor", delay=1.0, disable=not progress, leave=False):
         if t.name in DERIVED:
             continue
-        name = our_name(t.name)
-        key = None if name is None else ("model." + name if not name.startswith("lm_head") else name)
-        if key is None or key not in expected:
-            raise CheckpointError(f"{checkpoint.path.name}: unexpected tensor {t.name!r} for this {checkpoint.architecture} model")
-        values = torch.from_numpy(dequantize(t))
-        want = tuple(expected[key].shape)
-        if values.numel() == int(np.prod(want)) and tuple(values.shape) != want:
-            values = values.reshape(want)  # e.g. the [1] layer scalar
-        if tuple(values.shape) != want:
-            raise CheckpointError(
-                f"{checkpoint.path.name}: tensor {t.name} has shape {list(values.shape)}, but the metadata implies {list(want)}"
-            )
-        state[key] = _transform(checkpoint, key)(values).to(dtype)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise CheckpointError(f"{checkpoint.path.name}: missing tensor for {missing[0]} (and {len(missing) - 1} more)")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.requires_grad_(False).eval(), checkpoint
+        key = _our_key(checkpoint, t, expected)
+        module_name, _, param = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        type_name = t.tensor_type.name
+        if native and type_name != "F32" and packable(module_name, module):
+            if key.removeprefix("model.") in TextModel.ROW_TABLES and type_name in BLOCK_BYTES:
+                replace_module(model, module_name, BlockRows(t.data, type_name, expected[key][-1], module.scale))
+                continue
+            if not isinstance(module, PackedModule):
+                module = packed_twin(module)
+                replace_module(model, module_name, module)
+            state.update(packed_state(key, _packed(t, expected[key])))
+            continue
+        values = _transform(checkpoint, key)(torch.from_numpy(dequantize(t)).reshape(expected[key]))
+        state[key] = values.to(dtype or torch.float32) if key not in packed else values
+        if key in packed:
+            state.update(pack_state(key, state.pop(key), *packed[key]))
+    install(model, state)
+    return model.eval(), checkpoint
+
+
+def _our_key(checkpoint: GGUFCheckpoint, t: GGUFTensor, expected: dict[str, tuple[int, ...]]) -> str:
+    """Our parameter name for a GGUF tensor, after checking its shape against the metadata's model."""
+    name = our_name(t.name)
+    key = None if name is None else ("model." + name if not name.startswith("lm_head") else name)
+    if key is None or key not in expected:
+        raise CheckpointError(f"{checkpoint.path.name}: unexpected tensor {t.name!r} for this {checkpoint.architecture} model")
+    want = expected[key]
+    if int(np.prod(t.torch_shape)) != int(np.prod(want)) or (len(want) > 1 and tuple(t.torch_shape) != want):
+        raise CheckpointError(
+            f"{checkpoint.path.name}: tensor {t.name} has shape {list(t.torch_shape)}, but the metadata implies {list(want)}"
+        )
+    return key
+
+
+def _packed(t: GGUFTensor, shape: tuple[int, ...]) -> PackedTensor:
+    if t.tensor_type.name in BLOCK_BYTES:
+        return repack(t.data, t.tensor_type.name, shape)
+    raw = torch.from_numpy(t.data.view(np.uint16)).reshape(shape)  # F16/BF16 stay in the memory map
+    return PackedTensor.of(raw.view(torch.float16 if t.tensor_type.name == "F16" else torch.bfloat16))

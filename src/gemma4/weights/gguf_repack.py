@@ -1,0 +1,124 @@
+"""GGUF quantized blocks -> our packed formats, losslessly and without a float copy: every
+llama.cpp type here is w = scale * code + offset over small groups, so the codes move into our
+int4 (4-bit types) or int8 (5- and 6-bit types) layouts and each group's scale and offset into fp32.
+
+Block layouts follow ggml-quants.c; tests check each against gguf.quants.dequantize."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..quant.kernels import pack_int4
+from ..quant.packed import PackedTensor
+
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+
+
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 at byte `at` of every block, as fp32 [B, 1]."""
+    return blocks[:, at : at + 2].copy().view(np.float16).astype(np.float32)
+
+
+def _low_high(qs: np.ndarray) -> np.ndarray:
+    """Bytes [B, n] -> 2n nibbles: all low nibbles, then all high ones."""
+    return np.concatenate((qs & 15, qs >> 4), axis=1)
+
+
+def _bits(qh: np.ndarray, count: int) -> np.ndarray:
+    """[B, 4] bytes of a little-endian bit field -> [B, count] bits."""
+    return np.unpackbits(qh, axis=1, bitorder="little")[:, :count]
+
+
+def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8 six-bit (scale, min) pairs packed in 12 bytes of a Q4_K/Q5_K super-block (get_scale_min_k4)."""
+    q = scales.astype(np.uint8)
+    sc = np.concatenate((q[:, 0:4] & 63, (q[:, 8:12] & 15) | ((q[:, 0:4] >> 6) << 4)), axis=1)
+    mn = np.concatenate((q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)), axis=1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _k_codes(qs: np.ndarray, high_bits: np.ndarray | None) -> np.ndarray:
+    """Q4_K/Q5_K codes [B, 256]: chunk c of 32 bytes holds sub-block 2c in low nibbles, 2c+1 in high ones;
+    Q5_K adds bit 2c (resp. 2c+1) of qh[l] as the fifth bit of element l of that sub-block."""
+    chunks = []
+    for c in range(4):
+        low, high = qs[:, 32 * c : 32 * c + 32] & 15, qs[:, 32 * c : 32 * c + 32] >> 4
+        if high_bits is not None:
+            low = low | (((high_bits >> (2 * c)) & 1) << 4)
+            high = high | (((high_bits >> (2 * c + 1)) & 1) << 4)
+        chunks += [low, high]
+    return np.concatenate(chunks, axis=1)
+
+
+def _q6_k(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ql, qh, sc, d = b[:, :128], b[:, 128:192], b[:, 192:208].view(np.int8), _f16(b, 208)
+    parts = []
+    for h in range(2):
+        low, top = ql[:, 64 * h : 64 * h + 64], qh[:, 32 * h : 32 * h + 32]
+        parts += [
+            (low[:, :32] & 15) | ((top & 3) << 4),
+            (low[:, 32:] & 15) | (((top >> 2) & 3) << 4),
+            (low[:, :32] >> 4) | (((top >> 4) & 3) << 4),
+            (low[:, 32:] >> 4) | (((top >> 6) & 3) << 4),
+        ]
+    codes = np.concatenate(parts, axis=1).astype(np.int16) - 32
+    return codes.astype(np.int8), d * sc.astype(np.float32)
+
+
+def repack(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> PackedTensor:
+    """Raw blocks (uint8 [..., row bytes]) of a tensor of `shape` -> a PackedTensor of that shape."""
+    b = np.ascontiguousarray(data).reshape(-1, BLOCK_BYTES[type_name])
+    offsets = None
+    if type_name == "Q8_0":
+        codes, scales, group = b[:, 2:].view(np.int8), _f16(b, 0), 32
+    elif type_name in ("Q4_0", "Q4_1"):
+        d = _f16(b, 0)
+        codes, scales, group = b[:, -16:], d, 32  # already our int4 layout
+        offsets = -8 * d if type_name == "Q4_0" else _f16(b, 2)
+    elif type_name in ("Q5_0", "Q5_1"):
+        d, qh = _f16(b, 0), b[:, -20:-16]
+        codes, scales, group = _low_high(b[:, -16:]) | (_bits(qh, 32) << 4), d, 32
+        if type_name == "Q5_0":
+            codes = codes.astype(np.int8) - 16
+        else:
+            offsets = _f16(b, 2)
+    elif type_name in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(b, 0), _f16(b, 2)
+        sc, mn = _k_scales(b[:, 4:16])
+        high_bits = b[:, 16:48] if type_name == "Q5_K" else None
+        codes = _k_codes(b[:, -128:], high_bits)
+        scales, offsets, group = d * sc, -dmin * mn, 32
+        if type_name == "Q4_K":
+            codes = pack_int4(torch.from_numpy(np.ascontiguousarray(codes))).numpy()
+    elif type_name == "Q6_K":
+        (codes, scales), group = _q6_k(b), 16
+    else:
+        raise ValueError(f"no packed form for {type_name}")
+    *rows, K = shape
+    to_torch = lambda a, width: torch.from_numpy(np.ascontiguousarray(a).reshape(*rows, width))  # noqa: E731
+    codes_t = to_torch(codes.astype(np.uint8 if type_name in ("Q4_0", "Q4_1", "Q4_K") else np.int8), -1)
+    G = K // group
+    return PackedTensor.of(codes_t, to_torch(scales.astype(np.float32), G), None if offsets is None else to_torch(offsets.astype(np.float32), G))
+
+
+class BlockRows(nn.Module):
+    """A row-read table (the PLE table) left in the memory-mapped GGUF file: a lookup repacks and
+    dequantizes just the rows it reads, so the table costs no RAM beyond the page cache."""
+
+    def __init__(self, blocks: np.ndarray, type_name: str, width: int, scale: float):
+        super().__init__()
+        self.blocks, self.type_name, self.width, self.scale = blocks, type_name, width, scale
+
+    def forward(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        picked = self.blocks[ids.reshape(-1).numpy()]
+        rows = repack(picked, self.type_name, (len(picked), self.width)).dequantize()
+        return rows.view(*ids.shape, -1).to(dtype or torch.float32) * self.scale
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.nbytes
+
+    def extra_repr(self) -> str:
+        return f"{self.type_name}, {self.blocks.shape[0]} rows of {self.width}, in the file"
