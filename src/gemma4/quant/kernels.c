@@ -125,6 +125,25 @@ void matmul_int8(const float *x, const int8_t *w, const float *scales, const flo
         const int8_t *row = w + n * K;
         const float *scale = scales + n * G;
 #ifdef GEMMA4_AVX2
+        if (M == 1) {  /* decode: accumulators in registers */
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t g = 0; g < G; g++) {
+                const float *xg = x + g * group;
+                const int8_t *wg = row + g * group;
+                __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
+                int64_t k = 0;
+                for (; k + 32 <= group; k += 32) {
+                    p0 = _mm256_fmadd_ps(load_i8(wg + k), _mm256_loadu_ps(xg + k), p0);
+                    p1 = _mm256_fmadd_ps(load_i8(wg + k + 8), _mm256_loadu_ps(xg + k + 8), p1);
+                    p2 = _mm256_fmadd_ps(load_i8(wg + k + 16), _mm256_loadu_ps(xg + k + 16), p2);
+                    p3 = _mm256_fmadd_ps(load_i8(wg + k + 24), _mm256_loadu_ps(xg + k + 24), p3);
+                }
+                for (; k < group; k += 8) p0 = _mm256_fmadd_ps(load_i8(wg + k), _mm256_loadu_ps(xg + k), p0);
+                acc = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3)), _mm256_set1_ps(scale[g]), acc);
+            }
+            y[n] = hsum(acc) + (offsets ? offset_term(offsets, sums, n, 0, G) : 0.f);
+            continue;
+        }
         __m256 acc[MAX_M];
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
         for (int64_t g = 0; g < G; g++) {
@@ -168,6 +187,25 @@ void matmul_int4(const float *x, const uint8_t *w, const float *scales, const fl
         const float *scale = scales + n * G;
 #ifdef GEMMA4_AVX2
         const __m128i low = _mm_set1_epi8(0x0F);
+        if (M == 1) {  /* decode: accumulators in registers */
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t g = 0; g < G; g++) {
+                __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
+                for (int64_t b = 0; b < blocks; b++) {
+                    int64_t k = (g * blocks + b) * 32;
+                    __m128i bytes = _mm_loadu_si128((const __m128i *)(row + k / 2));
+                    __m256i both = _mm256_cvtepu8_epi16(bytes);  /* 16 bytes -> 16 x u16, then split nibbles */
+                    __m256i lo16 = _mm256_and_si256(both, _mm256_set1_epi16(0x0F)), hi16 = _mm256_srli_epi16(both, 4);
+                    p0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(lo16))), _mm256_loadu_ps(x + k), p0);
+                    p1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(lo16, 1))), _mm256_loadu_ps(x + k + 8), p1);
+                    p2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(hi16))), _mm256_loadu_ps(x + k + 16), p2);
+                    p3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(hi16, 1))), _mm256_loadu_ps(x + k + 24), p3);
+                }
+                acc = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3)), _mm256_set1_ps(scale[g]), acc);
+            }
+            y[n] = hsum(acc) + (offsets ? offset_term(offsets, sums, n, 0, G) : 0.f);
+            continue;
+        }
         __m256 acc[MAX_M];
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
         for (int64_t g = 0; g < G; g++) {
