@@ -77,6 +77,12 @@ def converted(checkpoints, tmp_path_factory):
     return convert
 
 
+def packed_modules(model: gemma4.Model) -> list:
+    from gemma4.quant.modules import PackedModule
+
+    return [m for m in model.lm.modules() if isinstance(m, PackedModule)]
+
+
 def token_ids(length: int = 33) -> list[int]:
     return [2, *range(1000, 1000 + length - 1)]
 
@@ -88,7 +94,11 @@ def test_f32_gguf_equals_safetensors(checkpoints, converted, preset):
     from_gguf = gemma4.load(converted(preset), dtype=torch.float32, progress=False)
     from_safetensors = gemma4.load(checkpoints(preset), dtype=torch.float32, progress=False)
     assert from_gguf.plan == from_safetensors.plan  # the config rebuilt from GGUF metadata
-    assert torch.equal(from_gguf(ids), from_safetensors(ids))
+    gguf_state, safetensors_state = from_gguf.lm.state_dict(), from_safetensors.lm.state_dict()
+    assert gguf_state.keys() == safetensors_state.keys()
+    assert all(torch.equal(gguf_state[k], safetensors_state[k]) for k in gguf_state)  # bit for bit
+    # Logits to round-off only: both files are memory-mapped, and BLAS picks its SIMD path by alignment.
+    torch.testing.assert_close(from_gguf(ids), from_safetensors(ids), atol=1e-5, rtol=0)
     # The tokenizer rebuilt from the GGUF vocabulary tokenizes like the checkpoint's tokenizer.json.
     text = '<|turn>user\nHello, world! Ünïcödé 🙂<turn|>\n<|tool_call>call:f{a:<|"|>x<|"|>}<tool_call|>'
     assert from_gguf.tokenizer.encode(text) == from_safetensors.tokenizer.encode(text)
@@ -115,6 +125,11 @@ def test_quantized_gguf_is_the_quantized_model(checkpoints, converted, outtype):
             rounded = gguf.quants.dequantize(gguf.quants.quantize(weight.numpy(), t.tensor_type), t.tensor_type)
             weight.copy_(torch.from_numpy(np.asarray(rounded, dtype=np.float32)).reshape(weight.shape))
     assert torch.allclose(gemma4.load(path, dtype=torch.float32, progress=False)(ids), expected(ids), atol=1e-5, rtol=0)
+    # Kept in the file's types (Q8_0 re-packed as int8 codes and scales, BF16 as is) it is the same model.
+    native = gemma4.load(path, progress=False)
+    kinds = {m.packed(n).kind for m in packed_modules(native) for n in m.packed_names}
+    assert kinds == ({"int8", "f16"} if outtype == "q8_0" else {"bf16"})  # the converter keeps a few tensors F16
+    assert torch.allclose(native(ids), expected(ids), atol=1e-4, rtol=0)
 
 
 @needs_converter

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import Gemma4Error
+from ..quant.packed import KINDS
 from ..weights.presets import PRESETS, preset_config
 
 
@@ -82,8 +83,23 @@ def _synth(args: argparse.Namespace) -> None:
     print(f"wrote {args.preset} to {out}")
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from ..weights.quantized import save_quantized
+
+    if args.quant is None:
+        raise Gemma4Error("--quant is required: bf16, int8 or int4")
+    out = save_quantized(args.model, args.out_dir, args.quant, args.group)
+    print(f"wrote {args.quant} checkpoint to {out}")
+
+
+def _add_weight_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="a plain model in this dtype (default: bf16; GGUF: the file's types)")
+    parser.add_argument("--quant", choices=list(KINDS), help="pack the weights (bf16, int8, int4) and compute on the packed kernels")
+    parser.add_argument("--group", type=int, default=0, help="columns per int8/int4 scale (default: int8 per channel, int4 64)")
+
+
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    _add_weight_options(parser)
     parser.add_argument("--context", type=int, help="longest conversation to serve, in tokens (default: the model's)")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per step (default 512)")
     parser.add_argument("--max-new-tokens", type=int, default=512)
@@ -109,7 +125,9 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - a gemma4.Model
 
     if args.model is None:
         args.model = default_model_path()
-    return gemma4.load(args.model, dtype=args.dtype, context=args.context, prefill_chunk=args.prefill_chunk)
+    return gemma4.load(
+        args.model, dtype=args.dtype, context=args.context, prefill_chunk=args.prefill_chunk, quant=args.quant, group=args.group
+    )
 
 
 def _print_answer(model, events) -> None:  # noqa: ANN001
@@ -230,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=_synth)
+
+    quantize = commands.add_parser("quantize", help="save a checkpoint with packed int8/int4/bf16 weights (reloads as is)")
+    quantize.add_argument("model", metavar="MODEL", help="checkpoint folder")
+    quantize.add_argument("out_dir", metavar="OUT_DIR")
+    quantize.add_argument("--quant", choices=list(KINDS), help="bf16, int8 or int4")
+    quantize.add_argument("--group", type=int, default=0, help="columns per scale (default: int8 per channel, int4 64)")
+    quantize.set_defaults(run=_quantize)
 
     run = commands.add_parser("run", help="answer one prompt, streaming (default model: Gemma 3 270M)")
     run.add_argument("model", metavar="[MODEL]", help="checkpoint folder or .gguf file (default: Gemma 3 270M)")

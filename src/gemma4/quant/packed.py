@@ -108,6 +108,12 @@ def quantize(weight: Tensor, kind: str, group: int | None = None) -> PackedTenso
         raise ValueError(f"unknown quantization {kind!r}: use one of {', '.join(KINDS)}")
     if kind == "bf16":
         return PackedTensor("bf16", weight.to(torch.bfloat16).contiguous())
+    rows_per_block = max(1, DENSE_BLOCK_BYTES // (4 * weight.shape[-1]))
+    if weight.dim() == 2 and weight.shape[0] > rows_per_block:  # big tables: bound the fp32 working copy
+        parts = [quantize(weight[n : n + rows_per_block], kind, group) for n in range(0, weight.shape[0], rows_per_block)]
+        cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+        first = parts[0]
+        return PackedTensor(first.kind, cat([p.codes for p in parts]), cat([p.scales for p in parts]), cat([p.offsets for p in parts]), first.group)
     K = weight.shape[-1]
     group = DEFAULT_GROUP[kind] if group is None else group
     if group and K % group:

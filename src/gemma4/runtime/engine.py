@@ -265,8 +265,7 @@ class Model:
         lines = [f"context: {self.context} tokens (model maximum {self.config.max_position_embeddings})"]
         table = getattr(self.lm.model, "embed_tokens_per_layer", None)
         if table is not None:
-            where = "memory-mapped from the checkpoint (rows read per token)" if _is_mapped(table.weight) else "in RAM"
-            lines.append(f"per-layer embeddings: {table.weight.numel():,} parameters, {table.weight.dtype}, {where}")
+            lines.append(f"per-layer embeddings: {_table_placement(table)}")
         session = self._session
         held = session.cache.nbytes_by_type() if session else {}
         for kind in ("sliding_attention", "full_attention"):
@@ -275,7 +274,7 @@ class Model:
                 continue
             owners = [p for p in plans if p.owns_kv]
             p = plans[0]
-            per_token = sum(o.num_kv_heads * o.head_dim * (1 if o.k_eq_v else 2) for o in owners) * self.lm.model.embed_tokens.weight.element_size()
+            per_token = sum(o.num_kv_heads * o.head_dim * (1 if o.k_eq_v else 2) for o in owners) * self.lm.dtype.itemsize
             bound = f"ring of {p.sliding_window} positions" if p.sliding_window else f"up to {global_capacity(self.context, self.context)} positions"
             lines.append(
                 f"{kind}: {len(plans)} layers ({len(plans) - len(owners)} KV-shared), head_dim {p.head_dim}, "
@@ -283,6 +282,15 @@ class Model:
                 f"held now {held.get(kind, 0):,} B; attention: torch SDPA with a position mask"
             )
         return lines
+
+
+def _table_placement(table: torch.nn.Module) -> str:
+    """Where the PLE table lives: rows are read per token, so it need not be in RAM."""
+    if hasattr(table, "blocks"):  # a quantized GGUF table: rows repacked as read
+        return f"{table.blocks.nbytes:,} B of {table.type_name} blocks in the GGUF file (rows read per token)"
+    weight = table.weight
+    where = "memory-mapped from the checkpoint (rows read per token)" if _is_mapped(weight) else "in RAM"
+    return f"{weight.numel():,} elements, {weight.dtype}, {where}"
 
 
 def _text_stream(tokens: Iterator[int], tokenizer: Tokenizer | None, stop_ids: set[int], stop: Sequence[str]) -> Iterator[str]:

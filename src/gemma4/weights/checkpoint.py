@@ -15,12 +15,14 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import CausalLM, TextModel
 from ..quant.modules import PackedModule, Scheme, pack_modules, pack_state
+from ..quant.packed import KINDS
 from .layout import TensorSpec, checkpoint_tensors, decoder_prefix
 from .safetensors_io import SafetensorsFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 FLOAT_DTYPES = ("BF16", "F16", "F32")
+QUANT_METHOD = "gemma4"  # config.json's quantization_config.quant_method in checkpoints `gemma4 quantize` wrote
 
 # Names `gemma4.load(path, dtype=...)` accepts besides torch dtypes.
 DTYPE_ALIASES = {
@@ -121,9 +123,22 @@ def ignorable(name: str, config: ModelConfig) -> bool:
     return layer < config.text.num_hidden_layers and config.text.num_hidden_layers - layer <= config.text.num_kv_shared_layers
 
 
+def quant_config(checkpoint: Checkpoint) -> dict | None:
+    """The settings of a checkpoint `gemma4 quantize` wrote; None for a float checkpoint."""
+    found = checkpoint.config.raw.get("quantization_config")
+    if not isinstance(found, dict) or found.get("quant_method") != QUANT_METHOD:
+        return None
+    if found.get("kind") not in KINDS:
+        raise CheckpointError(f"{checkpoint.path}/config.json: quantization kind {found.get('kind')!r} is not one of {', '.join(KINDS)}")
+    return found
+
+
 def validate(checkpoint: Checkpoint) -> list[TensorSpec]:
-    """Check every tensor against what config.json implies; return the expected layout."""
+    """Check every tensor against what config.json implies; return the expected layout.
+    (A quantized checkpoint's packed tensors are checked as they load.)"""
     expected = checkpoint_tensors(checkpoint.config)
+    if quant_config(checkpoint) is not None:
+        return expected
     names = {s.name for s in expected}
     for spec in expected:
         info = checkpoint.tensors.get(spec.name)
@@ -149,21 +164,31 @@ def validate(checkpoint: Checkpoint) -> list[TensorSpec]:
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype | str = torch.bfloat16, progress: bool = True, quant: str | None = None, group: int = 0
+    path: str | Path,
+    dtype: torch.dtype | str = torch.bfloat16,
+    progress: bool = True,
+    quant: str | None = None,
+    group: int = 0,
+    pack_tables: bool = False,
 ) -> CausalLM:
     """Load the text decoder of the checkpoint at `path`. Weights already in `dtype` stay
     memory-mapped (no copy); row-read tables keep their stored dtype.
 
     quant: pack the matrices as "bf16", "int8" or "int4" (group: columns per int4/int8 scale) and
-    compute in fp32 on the packed kernels; `dtype` is then ignored."""
-    dtype = torch.float32 if quant else resolve_dtype(dtype)
+    compute in fp32 on the packed kernels; `dtype` is then ignored. The PLE table stays as stored
+    (memory-mapped) unless pack_tables. A checkpoint saved quantized loads as it was saved."""
     checkpoint = open_checkpoint(path)
+    from .quantized import load_quantized
+
+    if (settings := quant_config(checkpoint)) is not None:
+        return load_quantized(checkpoint, settings)
+    dtype = torch.float32 if quant else resolve_dtype(dtype)
     validate(checkpoint)
     with torch.device("meta"):
         model = CausalLM(checkpoint.config.text)
     prefix = decoder_prefix(checkpoint.config)
     stored = {name: checkpoint.tensors[_checkpoint_name(name, prefix)] for name in model.state_dict()}
-    packed = pack_modules(model, Scheme(quant, group)) if quant else {}
+    packed = pack_modules(model, Scheme(quant, group, tables=quant if pack_tables else None)) if quant else {}
     state = {}
     total = sum(info.end - info.start for info in stored.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", delay=1.0, disable=not progress, leave=False) as bar:

@@ -5,6 +5,7 @@ tokenizer. The file is memory-mapped; tensors are dequantized one at a time into
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,5 +300,7 @@ def _our_key(checkpoint: GGUFCheckpoint, t: GGUFTensor, expected: dict[str, tupl
 def _packed(t: GGUFTensor, shape: tuple[int, ...]) -> PackedTensor:
     if t.tensor_type.name in BLOCK_BYTES:
         return repack(t.data, t.tensor_type.name, shape)
-    raw = torch.from_numpy(t.data.view(np.uint16)).reshape(shape)  # F16/BF16 stay in the memory map
+    with warnings.catch_warnings():  # the map is read-only, and so are our weights
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(t.data.view(np.uint16)).reshape(shape)  # F16/BF16 stay in the memory map
     return PackedTensor.of(raw.view(torch.float16 if t.tensor_type.name == "F16" else torch.bfloat16))
