@@ -62,3 +62,17 @@ def test_info_json_on_a_checkpoint(checkpoints):
     result = gemma4("info", str(checkpoints("tiny-e2b", torch.bfloat16)), "--json")
     info = json.loads(result.stdout)
     assert info["variant"] == "tiny-e2b" and info["bytes_by_dtype"]["BF16"] > 0
+
+
+def test_quantize_then_run_the_saved_checkpoint(checkpoints, tmp_path):
+    import gemma4 as api
+
+    path, out = str(checkpoints("tiny-e2b", torch.bfloat16)), tmp_path / "int8"
+    result = gemma4("quantize", path, str(out), "--quant", "int8")
+    assert result.returncode == 0 and "wrote int8" in result.stdout, result.stderr
+    result = gemma4("run", str(out), "Once upon", "--raw", "--max-new-tokens", "5", "--temperature", "0", "--verbose")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == api.load(out, progress=False).generate("Once upon", 5, temperature=0) + "\n"
+    assert "int8" in result.stderr  # --verbose names the table's packing
+    again = gemma4("quantize", path, str(out), "--quant", "int4")  # never overwrite what the user has
+    assert again.returncode == 2 and "not empty" in again.stderr and len(again.stderr.strip().splitlines()) == 1

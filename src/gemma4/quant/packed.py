@@ -126,7 +126,41 @@ def quantize(weight: Tensor, kind: str, group: int | None = None) -> PackedTenso
         scales = w.abs().amax(-1).clamp_min(1e-30) / 127
         codes = torch.round(w / scales[..., None]).clamp(-127, 127).to(torch.int8)
         return PackedTensor("int8", codes.flatten(-2).contiguous(), scales.contiguous(), None, group)
-    low, high = w.amin(-1), w.amax(-1)
-    scales = ((high - low) / 15).clamp_min(1e-30)
-    codes = torch.round((w - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
-    return PackedTensor("int4", kernels.pack_int4(codes.flatten(-2)), scales.contiguous(), low.contiguous(), group)
+    scales, offsets, codes = _fit_int4(w)
+    return PackedTensor("int4", kernels.pack_int4(codes.flatten(-2)), scales.contiguous(), offsets.contiguous(), group)
+
+
+def _fit_int4(w: Tensor, shrinks: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)) -> tuple[Tensor, Tensor, Tensor]:
+    """Per group [..., G, size]: the (scale, offset, codes) with the least squared error among ranges
+    clipped towards the group's mean, each refitted by least squares given its codes (16 levels make
+    min/max a poor fit: outliers stretch every step)."""
+    best = None
+    center = w.mean(-1, keepdim=True)
+    for shrink in shrinks:
+        low = center + (w.amin(-1, keepdim=True) - center) * shrink
+        high = center + (w.amax(-1, keepdim=True) - center) * shrink
+        scale = ((high - low) / 15).clamp_min(1e-30)
+        codes = torch.round((w - low) / scale).clamp(0, 15)
+        scale, low = _least_squares(w, codes, scale, low)
+        codes = torch.round((w - low) / scale).clamp(0, 15)
+        error = (codes * scale + low - w).square().sum(-1, keepdim=True)
+        if best is None:
+            best = [error, scale, low, codes]
+        else:
+            better = error < best[0]
+            best = [torch.where(better, new, old) for new, old in zip((error, scale, low, codes), best)]
+    _, scale, low, codes = best  # type: ignore[misc]
+    return scale[..., 0], low[..., 0], codes.to(torch.uint8)
+
+
+def _least_squares(w: Tensor, codes: Tensor, scale: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
+    """The scale and offset minimising |codes * scale + offset - w|^2 per group (kept where degenerate)."""
+    n = w.shape[-1]
+    sq, sw = codes.sum(-1, keepdim=True), w.sum(-1, keepdim=True)
+    sqq, sqw = codes.square().sum(-1, keepdim=True), (codes * w).sum(-1, keepdim=True)
+    det = n * sqq - sq * sq
+    ok = det > 0
+    fit_scale = torch.where(ok, (n * sqw - sq * sw) / det.clamp_min(1e-30), scale)
+    fit_low = torch.where(ok, (sw - fit_scale * sq) / n, low)
+    ok = fit_scale > 0
+    return torch.where(ok, fit_scale, scale), torch.where(ok, fit_low, low)

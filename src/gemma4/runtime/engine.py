@@ -290,7 +290,8 @@ def _table_placement(table: torch.nn.Module) -> str:
         return f"{table.blocks.nbytes:,} B of {table.type_name} blocks in the GGUF file (rows read per token)"
     weight = table.weight
     where = "memory-mapped from the checkpoint (rows read per token)" if _is_mapped(weight) else "in RAM"
-    return f"{weight.numel():,} elements, {weight.dtype}, {where}"
+    packing = f"packed {table.packed('weight').kind}" if hasattr(table, "packed") else str(weight.dtype)
+    return f"{weight.nbytes:,} B, {packing}, {where}"
 
 
 def _text_stream(tokens: Iterator[int], tokenizer: Tokenizer | None, stop_ids: set[int], stop: Sequence[str]) -> Iterator[str]:
