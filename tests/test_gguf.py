@@ -12,7 +12,6 @@ provides both, and CI runs it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import struct
@@ -25,25 +24,19 @@ import pytest
 import torch
 
 import gemma4
+from gemma4.benchmark.peers import converter_script, llama_cpp_installed
 from gemma4.errors import Gemma4Error
-from gemma4.weights.default_model import cache_dir, default_model_path
+from gemma4.weights.default_model import default_model_path
 
 HERE = Path(__file__).parent
-LLAMA_CPP_VERSION = "0.3.36"
 DENSE = ("tiny-e2b", "tiny-e4b", "tiny-31b")
-
-
-def converter_script() -> Path | None:
-    root = os.environ.get("GEMMA4_LLAMA_CPP_SRC") or cache_dir() / f"llama_cpp_python-{LLAMA_CPP_VERSION}"
-    script = Path(root) / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
-    return script if script.is_file() else None
 
 
 needs_converter = pytest.mark.skipif(
     converter_script() is None, reason="llama.cpp's converter is absent: run scripts/build_llama_cpp.sh"
 )
 needs_llama_cpp = pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed: run scripts/build_llama_cpp.sh"
+    not llama_cpp_installed(), reason="llama-cpp-python is not installed: run scripts/build_llama_cpp.sh"
 )
 
 

@@ -83,6 +83,37 @@ def _synth(args: argparse.Namespace) -> None:
     print(f"wrote {args.preset} to {out}")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from ..benchmark.driver import ENGINES, BenchOptions, benchmark, markdown
+
+    engines = tuple(e.strip() for e in args.engines.split(","))
+    if unknown := [e for e in engines if e not in ENGINES]:
+        raise Gemma4Error(f"unknown engine {unknown[0]!r}: choose from {', '.join(ENGINES)}")
+    options = BenchOptions(args.quant or "bf16", args.threads, args.context, args.prompt_tokens, args.new_tokens, engines)
+    report = benchmark(_benchmark_checkpoint(args.model), options)
+    table = markdown(report)
+    print(json.dumps(report, indent=2) if args.json else table)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write(table + "\n")
+
+
+def _benchmark_checkpoint(model: str) -> Path:
+    """A checkpoint folder, or a preset synthesized (once) into the cache."""
+    if Path(model).is_dir() or model not in PRESETS:
+        if not Path(model).is_dir():
+            raise Gemma4Error(f"{model}: not a checkpoint folder nor a preset ({', '.join(PRESETS)})")
+        return Path(model)
+    from ..weights import synthesize
+    from ..weights.default_model import cache_dir
+
+    target = cache_dir() / "synthetic" / model
+    if not (target / "config.json").is_file():
+        print(f"gemma4 bench: writing a synthetic {model} checkpoint to {target} (first use only)...", file=sys.stderr)
+        synthesize(model, target)
+    return target
+
+
 def _quantize(args: argparse.Namespace) -> None:
     from ..weights.quantized import save_quantized
 
@@ -255,6 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--quant", choices=list(KINDS), help="bf16, int8 or int4")
     quantize.add_argument("--group", type=int, default=0, help="columns per scale (default: int8 per channel, int4 64)")
     quantize.set_defaults(run=_quantize)
+
+    bench = commands.add_parser("bench", help="load, prefill and decode speed and memory, beside transformers and llama.cpp")
+    bench.add_argument("model", metavar="MODEL", help=f"checkpoint folder, or a preset to synthesize ({', '.join(PRESETS)})")
+    bench.add_argument("--quant", choices=list(KINDS), default="bf16", help="our weights (llama.cpp gets F16, Q8_0, Q4_0)")
+    bench.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    bench.add_argument("--context", type=int, default=4096)
+    bench.add_argument("--prompt-tokens", type=int, default=512)
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--engines", default="gemma4,transformers,llama.cpp", help="comma-separated subset")
+    bench.add_argument("--json", action="store_true", help="print the full report as JSON")
+    bench.add_argument("--results", metavar="FILE", help="append the Markdown table to FILE")
+    bench.set_defaults(run=_bench)
 
     run = commands.add_parser("run", help="answer one prompt, streaming (default model: Gemma 3 270M)")
     run.add_argument("model", metavar="[MODEL]", help="checkpoint folder or .gguf file (default: Gemma 3 270M)")

@@ -11,6 +11,7 @@
  * Called through ctypes; each entry point splits the N rows over `threads` OpenMP threads. */
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -75,7 +76,43 @@ static void group_sums(const float *x, float *sums, int64_t M, int64_t K, int64_
 #define LOAD16(p) (is_f16 ? load_f16(p) : load_bf16(p))
 
 /* 16-bit weights: bf16 (is_f16 = 0) or IEEE half (is_f16 = 1). */
+#ifdef GEMMA4_AVX2
+/* One token against bf16 weights with no shuffles: a 32-bit lane holding bf16 pair (w[2i], w[2i+1])
+ * gives w[2i] as a float by shifting left 16, and w[2i+1] by masking the low half. So x is split
+ * once per call into its even and odd elements per 16-block, and each 16 weights cost one load,
+ * a shift, an and and two FMAs. */
+static void decode_bf16(const float *x, const uint16_t *w, float *y, int64_t N, int64_t K, int threads) {
+    float *split = (float *)malloc(K * sizeof(float));
+    for (int64_t k = 0; k < K; k += 16)
+        for (int i = 0; i < 8; i++) {
+            split[k + i] = x[k + 2 * i];
+            split[k + 8 + i] = x[k + 2 * i + 1];
+        }
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *row = w + n * K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t k = 0; k < K; k += 32) {
+            __m256i p = _mm256_loadu_si256((const __m256i *)(row + k)), q = _mm256_loadu_si256((const __m256i *)(row + k + 16));
+            a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(p, 16)), _mm256_loadu_ps(split + k), a0);
+            a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(p, high)), _mm256_loadu_ps(split + k + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(q, 16)), _mm256_loadu_ps(split + k + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(q, high)), _mm256_loadu_ps(split + k + 24), a3);
+        }
+        y[n] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    }
+    free(split);
+}
+#endif
+
 void matmul_16bit(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int is_f16, int threads) {
+#ifdef GEMMA4_AVX2
+    if (M == 1 && !is_f16) {
+        decode_bf16(x, w, y, N, K, threads);
+        return;
+    }
+#endif
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint16_t *row = w + n * K;

@@ -1,0 +1,147 @@
+"""`gemma4 bench`: the same checkpoint through gemma4, transformers and llama.cpp, one after the
+other in one run, each in a process of its own; every figure also as a ratio to ours, and our
+decode speed against the bound the machine's memory bandwidth sets."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import Gemma4Error
+from .peers import LLAMA_CPP_TYPE, gguf_for, llama_cpp_installed
+
+ENGINES = ("gemma4", "transformers", "llama.cpp")
+
+
+@dataclass
+class BenchOptions:
+    quant: str = "bf16"
+    threads: int = 2
+    context: int = 4096
+    prompt_tokens: int = 512
+    new_tokens: int = 128
+    engines: tuple[str, ...] = ENGINES
+    seed: int = 0
+
+
+def memory_bandwidth(threads: int, size_bytes: int = 1 << 30) -> float:
+    """Bytes per second a `threads`-thread reduction streams from RAM (best of 5)."""
+    torch.set_num_threads(threads)
+    data = torch.ones(size_bytes // 4)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return size_bytes / best
+
+
+def prompts(vocab: int, options: BenchOptions) -> tuple[list[int], list[int]]:
+    """A long and a short prompt of ordinary token ids (no special tokens), the same for every engine."""
+    g = torch.Generator().manual_seed(options.seed)
+    ids = torch.randint(1000, vocab - 1000, (options.prompt_tokens + 8,), generator=g).tolist()
+    return [2, *ids[: options.prompt_tokens - 1]], [2, *ids[-7:]]
+
+
+def run_engine(engine: str, job: dict[str, Any]) -> dict[str, Any]:
+    """One engine in a child process -> its measurements (or {"error": ...})."""
+    result = subprocess.run(
+        [sys.executable, "-m", "gemma4.benchmark.workers", engine, json.dumps(job)], capture_output=True, text=True, timeout=3600
+    )
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["exit code %d" % result.returncode])[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def benchmark(checkpoint: Path, options: BenchOptions) -> dict[str, Any]:
+    from ..weights import open_checkpoint
+
+    config = open_checkpoint(checkpoint).config
+    long_prompt, short_prompt = prompts(config.text.vocab_size, options)
+    base = {"prompt": long_prompt, "short_prompt": short_prompt, "new_tokens": options.new_tokens,
+            "threads": options.threads, "context": options.context}
+    bandwidth = memory_bandwidth(options.threads)
+    rows: dict[str, dict[str, Any]] = {}
+    for engine in options.engines:
+        if engine == "gemma4":
+            job, label = {**base, "model": str(checkpoint), "quant": options.quant}, f"gemma4 {options.quant}"
+        elif engine == "transformers":
+            if options.quant != "bf16":
+                continue  # transformers has no CPU kernel of our int8/int4 formats: compared at bf16 only
+            job, label = {**base, "model": str(checkpoint), "torch_dtype": "bfloat16"}, "transformers bf16"
+        elif engine == "llama.cpp":
+            if not llama_cpp_installed():
+                print("gemma4 bench: llama.cpp skipped: llama-cpp-python is not installed (scripts/build_llama_cpp.sh)", file=sys.stderr)
+                continue
+            type_name = LLAMA_CPP_TYPE[options.quant]
+            job, label = {**base, "model": str(gguf_for(checkpoint, type_name))}, f"llama.cpp {type_name}"
+        else:
+            raise Gemma4Error(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
+        print(f"gemma4 bench: running {label}...", file=sys.stderr, flush=True)
+        rows[label] = _derived(run_engine(engine, job), options)
+    ours = rows.get(f"gemma4 {options.quant}", {})
+    for row in rows.values():
+        row["ratio_to_gemma4"] = {k: row[k] / ours[k] for k in RATIO_KEYS if k in row and ours.get(k)}
+    bound = ours.get("weight_bytes_per_token") and bandwidth / ours["weight_bytes_per_token"]
+    return {
+        "checkpoint": str(checkpoint), "machine": _machine(), "options": options.__dict__,
+        "memory_bandwidth_gb_s": bandwidth / 1e9,
+        "decode_bound_tok_s": bound or None,
+        "gemma4_fraction_of_bound": ours["decode_tok_s"] / bound if bound and "decode_tok_s" in ours else None,
+        "engines": rows,
+    }
+
+
+RATIO_KEYS = ("load_s", "cold_start_s", "ttft_short_s", "prefill_tok_s", "decode_tok_s", "peak_rss_gb")
+
+
+def _derived(raw: dict[str, Any], options: BenchOptions) -> dict[str, Any]:
+    if "error" in raw:
+        return raw
+    return {
+        **raw,
+        "prefill_tok_s": options.prompt_tokens / raw["prefill_s"],
+        "decode_tok_s": (options.new_tokens - 1) / raw["decode_s"],
+        "peak_rss_gb": raw["peak_rss_bytes"] / 1e9,
+    }
+
+
+def _machine() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, torch {torch.__version__}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a Markdown section: one row per engine, ratios to ours in parentheses."""
+    o = report["options"]
+    lines = [
+        f"### {Path(report['checkpoint']).name}: {o['quant']}, {o['threads']} threads, "
+        f"prompt {o['prompt_tokens']}, decode {o['new_tokens']} ({time.strftime('%Y-%m-%d %H:%M')})",
+        "",
+        f"Machine: {report['machine']}; memory bandwidth {report['memory_bandwidth_gb_s']:.1f} GB/s"
+        + (f"; decode bound {report['decode_bound_tok_s']:.1f} tok/s, gemma4 at {report['gemma4_fraction_of_bound']:.0%} of it"
+           if report.get("gemma4_fraction_of_bound") else ""),
+        "",
+        "| engine | load s | cold start to 1st token s | prefill tok/s | decode tok/s | peak RSS GB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, row in report["engines"].items():
+        if "error" in row:
+            lines.append(f"| {label} | failed: {row['error']} | | | | |")
+            continue
+        ratio = row.get("ratio_to_gemma4", {})
+        cell = lambda key, fmt: f"{row[key]:{fmt}}" + (f" ({ratio[key]:.2f}x)" if key in ratio and not label.startswith("gemma4") else "")  # noqa: E731
+        lines.append(
+            f"| {label} | {cell('load_s', '.2f')} | {cell('cold_start_s', '.2f')} | {cell('prefill_tok_s', '.1f')} "
+            f"| {cell('decode_tok_s', '.2f')} | {cell('peak_rss_gb', '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
