@@ -13,7 +13,8 @@ from typing import Any
 from .config import ModelConfig
 from .plan import LayerPlan, build_plan
 from .runtime.kv_cache import DEFAULT_CHUNK, global_capacity
-from .weights.layout import checkpoint_tensors
+from .quant.packed import packed_nbytes
+from .weights.layout import TensorSpec, checkpoint_tensors
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -65,20 +66,27 @@ def plan_memory(
     batch: int = 1,
     prefill_chunk: int = 512,
     savings: Savings = ALL_ON,
+    quant: str | None = None,
+    group: int = 0,
 ) -> dict[str, Any]:
-    """Bytes by component: weights, KV cache by layer type, prefill activation peak, total resident."""
+    """Bytes by component: weights, KV cache by layer type, prefill activation peak, total resident.
+
+    quant (bf16/int8/int4): matrices and embedding tables packed as `gemma4.load(quant=...)` packs
+    them, everything else and the activations in fp32; the PLE table stays as stored (bf16)."""
     if dtype not in DTYPE_BYTES:
-        raise ValueError(f"unsupported dtype {dtype!r}: use bf16, fp16 or fp32 (int8/int4 are not implemented yet)")
+        raise ValueError(f"unsupported dtype {dtype!r}: use bf16, fp16 or fp32")
+    if quant:  # packed weights compute in fp32 and keep K/V in bf16 (runtime.engine.Model)
+        dtype, kv_dtype = "fp32", kv_dtype or "bf16"
     text = config.text
     width, kv_width = DTYPE_BYTES[dtype], DTYPE_BYTES[kv_dtype or dtype]
     plan = build_plan(text)
     weights: dict[str, int] = {}
     for spec in checkpoint_tensors(config):
-        weights[spec.component] = weights.get(spec.component, 0) + spec.numel * width
+        weights[spec.component] = weights.get(spec.component, 0) + _stored_bytes(spec, width, quant, group)
     encoders = weights.pop("vision", 0) + weights.pop("audio", 0)  # in the files, never loaded for text
     ple_table = weights.pop("ple_table", 0)
     # The PLE table, when mapped, is resident only for the rows of tokens seen (at most one per token).
-    ple_row = text.num_hidden_layers * (text.hidden_size_per_layer_input or 0) * width
+    ple_row = text.num_hidden_layers * (text.hidden_size_per_layer_input or 0) * (2 if quant else width)
     ple_resident = min(ple_table, context * batch * ple_row) if savings.ple_on_disk else ple_table
     kv = kv_bytes_by_type(plan, context, batch, kv_width, savings)
     activations = _prefill_peak(plan, text.hidden_size, min(prefill_chunk, context), context, batch, width)
@@ -87,6 +95,7 @@ def plan_memory(
         "context": context,
         "batch": batch,
         "dtype": dtype,
+        "quant": quant,
         "kv_dtype": kv_dtype or dtype,
         "weights": weights,
         "ple_table": {"bytes": ple_table, "resident": ple_resident, "on_disk": savings.ple_on_disk},
@@ -95,6 +104,15 @@ def plan_memory(
         "activation_peak": activations,
         "total_resident": resident,
     }
+
+
+def _stored_bytes(spec: TensorSpec, width: int, quant: str | None, group: int) -> int:
+    if quant is None:
+        return spec.numel * width
+    if spec.component == "ple_table":
+        return spec.numel * 2  # left as stored, memory-mapped
+    packed = len(spec.shape) >= 2 and not spec.name.endswith("router.proj.weight") and spec.component not in ("vision", "audio")
+    return packed_nbytes(spec.shape, quant, group or None) if packed else spec.numel * 4
 
 
 def _prefill_peak(plan: tuple[LayerPlan, ...], hidden: int, chunk: int, context: int, batch: int, width: int) -> int:

@@ -47,7 +47,7 @@ def _plan(args: argparse.Namespace) -> None:
     from ..planner import savings_table, sweep
 
     config = _model_config(args.model)
-    options = dict(dtype=args.dtype, kv_dtype=args.kv_dtype, batch=args.batch, prefill_chunk=args.prefill_chunk)
+    options = dict(dtype=args.dtype, kv_dtype=args.kv_dtype, batch=args.batch, prefill_chunk=args.prefill_chunk, quant=args.quant, group=args.group)
     contexts = [2048, 8192, 32768, 131072, 262144] if args.sweep else [args.context]
     plans = sweep(config, contexts, **options)
     if not plans:
@@ -58,7 +58,7 @@ def _plan(args: argparse.Namespace) -> None:
         return
     gb = lambda n: f"{n / 1e9:8.3f} GB"  # noqa: E731
     for p in plans:
-        print(f"context {p['context']:>7} x batch {p['batch']}, weights {p['dtype']}, KV {p['kv_dtype']}")
+        print(f"context {p['context']:>7} x batch {p['batch']}, weights {p['quant'] or p['dtype']}, KV {p['kv_dtype']}")
         for component, n in p["weights"].items():
             if n:
                 print(f"  weights  {component:<26}{gb(n)}")
@@ -266,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("model", metavar="MODEL", help=f"checkpoint folder, .gguf file, or a preset ({', '.join(PRESETS)})")
     plan.add_argument("--context", type=int, default=8192)
     plan.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    plan.add_argument("--kv-dtype", choices=["bf16", "fp16", "fp32"], help="default: --dtype")
+    plan.add_argument("--kv-dtype", choices=["bf16", "fp16", "fp32"], help="default: --dtype (fp32 with --quant)")
+    plan.add_argument("--quant", choices=list(KINDS), help="packed weights, as `run --quant` loads them")
+    plan.add_argument("--group", type=int, default=0, help="columns per int8/int4 scale (default: int8 per channel, int4 64)")
     plan.add_argument("--batch", type=int, default=1)
     plan.add_argument("--prefill-chunk", type=int, default=512)
     plan.add_argument("--sweep", action="store_true", help="a table over 2K, 8K, 32K, 128K, 256K where the model allows")

@@ -153,6 +153,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = TextModel(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.kv_dtype: torch.dtype | None = None  # the K/V cache's dtype when it differs from the activations'
 
     @property
     def dtype(self) -> torch.dtype:

@@ -115,12 +115,10 @@ def quantize(weight: Tensor, kind: str, group: int | None = None) -> PackedTenso
         first = parts[0]
         return PackedTensor(first.kind, cat([p.codes for p in parts]), cat([p.scales for p in parts]), cat([p.offsets for p in parts]), first.group)
     K = weight.shape[-1]
-    group = DEFAULT_GROUP[kind] if group is None else group
-    if group and K % group:
-        group = math.gcd(K, group)  # narrow rows (tiny models) get the largest group that fits
+    fitted_kind, group = fit_group(K, kind, group)
+    if fitted_kind != kind:
+        return quantize(weight, fitted_kind, group)
     size = group or K
-    if kind == "int4" and size % 32:
-        return quantize(weight, "int8", group)  # int4 blocks are 32 wide; rows this narrow are rare and small
     w = weight.float().reshape(*weight.shape[:-1], K // size, size)
     if kind == "int8":
         scales = w.abs().amax(-1).clamp_min(1e-30) / 127
@@ -128,6 +126,28 @@ def quantize(weight: Tensor, kind: str, group: int | None = None) -> PackedTenso
         return PackedTensor("int8", codes.flatten(-2).contiguous(), scales.contiguous(), None, group)
     scales, offsets, codes = _fit_int4(w)
     return PackedTensor("int4", kernels.pack_int4(codes.flatten(-2)), scales.contiguous(), offsets.contiguous(), group)
+
+
+def fit_group(K: int, kind: str, group: int | None) -> tuple[str, int]:
+    """The (kind, group) a row of K columns gets: the group narrowed to divide K; int4 needs whole
+    32-blocks, so rows too narrow for them (tiny models only) fall back to int8."""
+    group = DEFAULT_GROUP[kind] if group is None else group
+    if group and K % group:
+        group = math.gcd(K, group)
+    if kind == "int4" and (group or K) % 32:
+        return "int8", group
+    return kind, group
+
+
+def packed_nbytes(shape: tuple[int, ...], kind: str, group: int | None = None) -> int:
+    """Bytes `quantize(torch.empty(shape), kind, group)` holds, without making it."""
+    *lead, K = shape
+    rows = math.prod(lead)
+    if kind in ("bf16", "f16"):
+        return 2 * rows * K
+    kind, group = fit_group(K, kind, group)
+    scales = rows * (K // (group or K)) * 4
+    return rows * K // (2 if kind == "int4" else 1) + scales * (2 if kind == "int4" else 1)
 
 
 def _fit_int4(w: Tensor, shrinks: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)) -> tuple[Tensor, Tensor, Tensor]:

@@ -50,6 +50,8 @@ class Model:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         self.lm = lm
+        if lm.kv_dtype is None and lm.dtype == torch.float32 and _is_packed(lm):
+            lm.kv_dtype = torch.bfloat16  # packed weights compute in fp32; K/V keep half the bytes, widened on read
         self.tokenizer = tokenizer
         self.generation_config = dict(generation_config)
         self.chat_template = chat_template
@@ -282,6 +284,12 @@ class Model:
                 f"held now {held.get(kind, 0):,} B; attention: torch SDPA with a position mask"
             )
         return lines
+
+
+def _is_packed(lm: torch.nn.Module) -> bool:
+    from ..quant.modules import PackedModule
+
+    return any(isinstance(m, PackedModule) for m in lm.modules())
 
 
 def _table_placement(table: torch.nn.Module) -> str:

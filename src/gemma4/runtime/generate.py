@@ -59,7 +59,7 @@ class Batch:
         check_fits(max(len(p) for p in prompts), context)
         self.lm, self.chunk, self.pad_id = lm, prefill_chunk, pad_id
         self.ids, self.positions = left_pad(prompts, pad_id)
-        self.cache = ModelCache(lm.plan, len(prompts), context, lm.dtype)
+        self.cache = ModelCache(lm.plan, len(prompts), context, lm.kv_dtype or lm.dtype)
         self.next_position = self.positions[:, -1] + 1
         self.room = context - self.ids.shape[1]
 
@@ -86,7 +86,7 @@ class Session:
         self.reset()
 
     def reset(self) -> None:
-        self.cache = ModelCache(self.lm.plan, 1, self.context, self.lm.dtype)
+        self.cache = ModelCache(self.lm.plan, 1, self.context, self.lm.kv_dtype or self.lm.dtype)
         self.tokens: list[int] = []  # the tokens whose K/V the cache holds, in order
         self.snapshot: CacheSnapshot | None = None
         self.reused = 0  # prompt tokens the last call did not have to feed (or re-feed)

@@ -99,9 +99,12 @@ class ModelCache:
         plan = self._owners[layer]
         if layer not in self.layers:
             self.layers[layer] = self._allocate(plan, value)
-        if plan.is_sliding:
-            return self._update_ring(self.layers[layer], key, value)
-        return self._update_global(self.layers[layer], key, value)
+        # A cache narrower than the activations (bf16 K/V beside fp32 compute) stores rounded, reads widened.
+        compute = value.dtype
+        key, value = None if key is None else key.to(self.dtype), value.to(self.dtype)
+        update = self._update_ring if plan.is_sliding else self._update_global
+        held_key, held_value = update(self.layers[layer], key, value)
+        return None if held_key is None else held_key.to(compute), held_value.to(compute)
 
     def share(self, layer: int, key: Tensor, value: Tensor) -> None:
         self._shared[layer] = key, value
