@@ -52,3 +52,20 @@ def test_ple_table_stays_on_disk(full_e2b):
     # The file holding the table is resident only for its other tensors and a few table rows.
     table_file_resident = report["resident_by_file"].get(str(table.file), 0)
     assert table_file_resident < same_file_other_bytes + 64 * 2**20, (table_file_resident, same_file_other_bytes)
+
+
+@pytest.mark.parametrize("context", [512, 2048])
+def test_measured_peak_memory_is_the_plan(full_e2b, context):
+    """Prefill and decode a full context in a fresh process: the cache holds exactly the planned
+    K/V bytes, and the peak resident memory is within 10 % of the planned total."""
+    from gemma4.planner import plan_memory
+
+    probe = Path(__file__).parent / "probes" / "memory_probe.py"
+    out = subprocess.run([sys.executable, str(probe), "--peak", str(full_e2b), str(context), "bf16"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    measured = json.loads(out.stdout)
+    plan = plan_memory(open_checkpoint(full_e2b).config, context, quant="bf16")
+    print(f"context {context}: measured peak {measured['peak_resident'] / GB:.3f} GB, planned {plan['total_resident'] / GB:.3f} GB")
+    assert measured["cached_tokens"] == context
+    assert measured["kv_cache"] == plan["kv_cache"]
+    assert abs(measured["peak_resident"] - plan["total_resident"]) <= 0.1 * plan["total_resident"]

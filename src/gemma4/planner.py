@@ -13,10 +13,13 @@ from typing import Any
 from .config import ModelConfig
 from .plan import LayerPlan, build_plan
 from .runtime.kv_cache import DEFAULT_CHUNK, global_capacity
-from .quant.packed import packed_nbytes
+from .quant.packed import DENSE_BLOCK_BYTES, packed_nbytes
 from .weights.layout import TensorSpec, checkpoint_tensors
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# Python, PyTorch and gemma4 themselves, resident before any weight: `python -c "import gemma4"` (VmRSS).
+RUNTIME_BYTES = 230_000_000
+PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -87,10 +90,14 @@ def plan_memory(
     ple_table = weights.pop("ple_table", 0)
     # The PLE table, when mapped, is resident only for the rows of tokens seen (at most one per token).
     ple_row = text.num_hidden_layers * (text.hidden_size_per_layer_input or 0) * (2 if quant else width)
-    ple_resident = min(ple_table, context * batch * ple_row) if savings.ple_on_disk else ple_table
+    # Rows are read through the page cache: a row touches the pages it spans (the loader turns read-ahead off).
+    ple_row_pages = (-(-ple_row // PAGE) + 1) * PAGE if ple_row else 0
+    ple_resident = min(ple_table, context * batch * ple_row_pages) if savings.ple_on_disk else ple_table
     kv = kv_bytes_by_type(plan, context, batch, kv_width, savings)
     activations = _prefill_peak(plan, text.hidden_size, min(prefill_chunk, context), context, batch, width)
-    resident = sum(weights.values()) + ple_resident + sum(kv.values()) + activations
+    if quant:  # prefill dequantizes one block of a packed matrix at a time for a dense fp32 matmul
+        activations += DENSE_BLOCK_BYTES
+    resident = RUNTIME_BYTES + sum(weights.values()) + ple_resident + sum(kv.values()) + activations
     return {
         "context": context,
         "batch": batch,
@@ -102,6 +109,7 @@ def plan_memory(
         "encoders_on_disk": encoders,
         "kv_cache": kv,
         "activation_peak": activations,
+        "runtime": RUNTIME_BYTES,
         "total_resident": resident,
     }
 

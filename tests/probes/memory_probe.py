@@ -47,5 +47,26 @@ def main(path: str, prompt: str, new_tokens: int) -> None:
     print(json.dumps(report))
 
 
+def peak(path: str, context: int, quant: str) -> None:
+    """Fill a context: prefill context - 8 distinct tokens, decode 8; the peak resident memory and
+    the cache's own byte count."""
+    import torch
+
+    from gemma4.runtime.generate import Batch
+
+    model = gemma4.load(path, quant=quant, context=context, progress=False)
+    prompt = [2, *torch.randperm(200_000, generator=torch.Generator().manual_seed(0))[: context - 9].add(1000).tolist()]
+    batch = Batch(model.lm, [prompt], context, model.prefill_chunk, 0)
+    token = batch.start()[0].argmax(-1)
+    for _ in range(8):
+        token = batch.feed(token, torch.zeros(1, dtype=torch.bool)).argmax(-1)
+    with open("/proc/self/status") as status:
+        hwm = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+    print(json.dumps({"peak_resident": hwm, "kv_cache": batch.cache.nbytes_by_type(), "cached_tokens": batch.cache.length}))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    if sys.argv[1] == "--peak":
+        peak(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    else:
+        main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

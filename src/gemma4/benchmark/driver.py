@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import Gemma4Error
-from .peers import LLAMA_CPP_TYPE, gguf_for, llama_cpp_installed
+from .peers import LLAMA_CPP_TYPE, gguf_for, llama_cpp_installed, quantized_for
 
 ENGINES = ("gemma4", "transformers", "llama.cpp")
 
@@ -72,7 +72,8 @@ def benchmark(checkpoint: Path, options: BenchOptions) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     for engine in options.engines:
         if engine == "gemma4":
-            job, label = {**base, "model": str(checkpoint), "quant": options.quant}, f"gemma4 {options.quant}"
+            model = checkpoint if options.quant == "bf16" else quantized_for(checkpoint, options.quant)
+            job, label = {**base, "model": str(model), "quant": "bf16" if options.quant == "bf16" else None}, f"gemma4 {options.quant}"
         elif engine == "transformers":
             if options.quant != "bf16":
                 continue  # transformers has no CPU kernel of our int8/int4 formats: compared at bf16 only

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,22 @@ def gguf_for(checkpoint: Path, type_name: str) -> Path:
     if result.returncode != 0:
         raise Gemma4Error(f"llama.cpp's converter failed on {checkpoint}: {result.stderr.strip().splitlines()[-1]}")
     partial.rename(target)
+    return target
+
+
+def quantized_for(checkpoint: Path, kind: str) -> Path:
+    """`checkpoint` saved by `gemma4 quantize` as int8/int4 (cached beside it), so a benchmark's load
+    is a load, as llama.cpp's of its pre-quantized file is."""
+    from ..weights.quantized import save_quantized
+
+    target = checkpoint / f"gemma4-{kind}"
+    if not (target / "config.json").is_file():
+        print(f"gemma4 bench: saving {checkpoint.name} as {kind} (once)...", file=sys.stderr, flush=True)
+        partial = target.with_name(target.name + ".partial")
+        if partial.exists():
+            shutil.rmtree(partial)
+        save_quantized(checkpoint, partial, kind, progress=False)
+        partial.rename(target)
     return target
 
 

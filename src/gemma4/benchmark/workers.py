@@ -118,16 +118,19 @@ def llama_cpp_engine(job: dict[str, Any]) -> dict[str, Any]:
     )
     load = timer()
 
+    def next_token() -> int:  # the last position's logits (llama-cpp-python keeps no copy without logits_all)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+
     def run(prompt: list[int], new_tokens: int) -> tuple[float, float, int]:
         llm.reset()
         started = time.perf_counter()
         llm.eval(prompt)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = next_token()
         prefill = time.perf_counter() - started
         started = time.perf_counter()
         for _ in range(new_tokens - 1):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = next_token()
         return prefill, time.perf_counter() - started, token
 
     first_token = run(job["short_prompt"], 1)[0]

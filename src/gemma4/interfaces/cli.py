@@ -69,6 +69,7 @@ def _plan(args: argparse.Namespace) -> None:
         for kind, n in p["kv_cache"].items():
             print(f"  KV cache {kind:<26}{gb(n)}")
         print(f"  prefill activation peak           {gb(p['activation_peak'])}")
+        print(f"  runtime (Python, PyTorch)         {gb(p['runtime'])}")
         print(f"  total resident                    {gb(p['total_resident'])}  (encoders stay on disk: {p['encoders_on_disk'] / 1e9:.2f} GB)")
     print(f"what each saving buys at context {plans[-1]['context']}:")
     for name, n in savings.items():

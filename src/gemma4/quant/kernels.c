@@ -89,18 +89,23 @@ static void decode_bf16(const float *x, const uint16_t *w, float *y, int64_t N, 
             split[k + 8 + i] = x[k + 2 * i + 1];
         }
     const __m256i high = _mm256_set1_epi32((int)0xFFFF0000);
+    /* Four rows at a time: each x load serves four rows' FMAs. */
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        const uint16_t *row = w + n * K;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t k = 0; k < K; k += 32) {
-            __m256i p = _mm256_loadu_si256((const __m256i *)(row + k)), q = _mm256_loadu_si256((const __m256i *)(row + k + 16));
-            a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(p, 16)), _mm256_loadu_ps(split + k), a0);
-            a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(p, high)), _mm256_loadu_ps(split + k + 8), a1);
-            a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(q, 16)), _mm256_loadu_ps(split + k + 16), a2);
-            a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(q, high)), _mm256_loadu_ps(split + k + 24), a3);
+    for (int64_t n0 = 0; n0 < N; n0 += 4) {
+        int64_t rows = N - n0 < 4 ? N - n0 : 4;
+        const uint16_t *r[4];
+        for (int i = 0; i < 4; i++) r[i] = w + (n0 + (i < rows ? i : 0)) * K;
+        __m256 even[4], odd[4];
+        for (int i = 0; i < 4; i++) even[i] = odd[i] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            __m256 xe = _mm256_loadu_ps(split + k), xo = _mm256_loadu_ps(split + k + 8);
+            for (int i = 0; i < 4; i++) {
+                __m256i p = _mm256_loadu_si256((const __m256i *)(r[i] + k));
+                even[i] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(p, 16)), xe, even[i]);
+                odd[i] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(p, high)), xo, odd[i]);
+            }
         }
-        y[n] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        for (int i = 0; i < rows; i++) y[n0 + i] = hsum(_mm256_add_ps(even[i], odd[i]));
     }
     free(split);
 }

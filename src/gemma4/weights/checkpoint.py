@@ -193,13 +193,19 @@ def load_model(
     total = sum(info.end - info.start for info in stored.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", delay=1.0, disable=not progress, leave=False) as bar:
         for name, info in stored.items():
-            tensor = checkpoint.file_of(info.name).tensor(info.name)
+            file = checkpoint.file_of(info.name)
+            tensor = file.tensor(info.name)
             if name in packed:
-                state.update(pack_state(name, tensor, *packed[name]))
+                loaded = pack_state(name, tensor, *packed[name])
             elif name.removeprefix("model.") not in TextModel.ROW_TABLES:
-                state[name] = tensor.to(dtype)
+                loaded = {name: tensor.to(dtype)}
             else:
-                state[name] = tensor
+                file.advise_random(info.name)
+                loaded = {name: tensor}
+            mapped = tensor.untyped_storage().data_ptr()
+            if all(t.untyped_storage().data_ptr() != mapped for t in loaded.values()):
+                file.release(info.name)  # converted: the file's pages need not stay resident
+            state.update(loaded)
             bar.update(info.end - info.start)
     install(model, state)
     return model.eval()

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..errors import CheckpointError
-from ..model import CausalLM
+from ..model import CausalLM, TextModel
 from ..quant.modules import SUFFIXES, Scheme, pack_modules
 from ..quant.packed import PackedTensor
 from .checkpoint import INDEX_NAME, QUANT_METHOD, Checkpoint, _checkpoint_name, install, load_model, open_checkpoint
@@ -77,6 +77,8 @@ def load_quantized(checkpoint: Checkpoint, settings: dict) -> CausalLM:
         if stored not in checkpoint.tensors:
             raise CheckpointError(f"{checkpoint.path}: missing tensor {stored!r}; the quantized checkpoint is incomplete")
         tensors = [checkpoint.file_of(n).tensor(n) if n in checkpoint.tensors else None for n in names]
+        if name.removeprefix("model.") in TextModel.ROW_TABLES:
+            checkpoint.file_of(stored).advise_random(stored)
         found = PackedTensor.of(*tensors).shape if name in packed else tuple(tensors[0].shape)
         if tuple(found) != shape:
             raise CheckpointError(f"{checkpoint.path}: tensor {stored!r} holds shape {list(found)}, but config.json implies {list(shape)}")

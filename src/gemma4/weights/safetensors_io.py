@@ -51,6 +51,7 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = path
         self.tensors, self.metadata = _read_header(path)
+        self._map: mmap.mmap | None = None
         self._bytes: torch.Tensor | None = None
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -58,12 +59,29 @@ class SafetensorsFile:
         if self._bytes is None:
             with open(self.path, "rb") as f:
                 # ACCESS_COPY: a private mapping, so nothing can ever write back to the user's file.
-                self._bytes = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         raw = self._bytes[info.start : info.end]
         dtype = DTYPES[info.dtype]
         if info.start % dtype.itemsize:
             raw = raw.clone()  # misaligned data (a non-conforming writer): copy rather than fail
         return raw.view(dtype).view(info.shape)
+
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages from this process once a converted copy replaced it (they are
+        clean and private: read again, they would come back from the file)."""
+        info = self.tensors[name]
+        if self._map is not None:
+            start = info.start - info.start % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+
+    def advise_random(self, name: str) -> None:
+        """Tell the kernel a tensor is read by scattered rows (the PLE table): no read-ahead, so only
+        the pages of rows actually read become resident."""
+        self.tensor(name)  # maps the file
+        info = self.tensors[name]
+        start = info.start - info.start % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_RANDOM, start, info.end - start)  # type: ignore[union-attr]
 
 
 def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
