@@ -10,6 +10,7 @@
  *         nibble and element j + 16 in its high one (llama.cpp's Q4 layout); w = scale * code + offset.
  * Called through ctypes; each entry point splits the N rows over `threads` OpenMP threads. */
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -219,35 +220,64 @@ void matmul_int8(const float *x, const int8_t *w, const float *scales, const flo
     }
 }
 
+#ifdef GEMMA4_AVX2
+/* x -> int8 per 32-block with one fp32 step each (as llama.cpp's Q8_0 activations): the int4 x int8
+ * dot products then run on integer multiply-adds, 32 weights per maddubs, instead of converting
+ * every weight to fp32. */
+static void quantize_blocks(const float *x, int8_t *xq, float *step, int64_t K) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b * 32 + j]));
+        step[b] = amax / 127.f;
+        float inverse = amax > 0.f ? 127.f / amax : 0.f;
+        for (int j = 0; j < 32; j++) xq[b * 32 + j] = (int8_t)lrintf(x[b * 32 + j] * inverse);
+    }
+}
+
+static void decode_int4(const float *x, const uint8_t *w, const float *scales, const float *offsets, const float *sums,
+                        float *y, int64_t N, int64_t K, int64_t group, int threads) {
+    int64_t G = K / group, blocks = group / 32;
+    int8_t *xq = (int8_t *)malloc(K);
+    float *step = (float *)malloc((K / 32) * sizeof(float));
+    quantize_blocks(x, xq, step, K);
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * (K / 2);
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; g++) {
+            float s = scales[n * G + g];
+            for (int64_t b = g * blocks; b < (g + 1) * blocks; b++) {
+                __m128i bytes = _mm_loadu_si128((const __m128i *)(row + b * 16));
+                __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
+                __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(xq + b * 32))), ones);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * step[b]), acc);
+            }
+        }
+        y[n] = hsum(acc) + (offsets ? offset_term(offsets, sums, n, 0, G) : 0.f);
+    }
+    free(xq);
+    free(step);
+}
+#endif
+
 void matmul_int4(const float *x, const uint8_t *w, const float *scales, const float *offsets, float *sums, float *y,
                  int64_t M, int64_t N, int64_t K, int64_t group, int threads) {
     int64_t G = K / group, blocks = group / 32;
     if (offsets) group_sums(x, sums, M, K, group);
+#ifdef GEMMA4_AVX2
+    if (M == 1) {
+        decode_int4(x, w, scales, offsets, sums, y, N, K, group, threads);
+        return;
+    }
+#endif
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = w + n * (K / 2);
         const float *scale = scales + n * G;
 #ifdef GEMMA4_AVX2
         const __m128i low = _mm_set1_epi8(0x0F);
-        if (M == 1) {  /* decode: accumulators in registers */
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t g = 0; g < G; g++) {
-                __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
-                for (int64_t b = 0; b < blocks; b++) {
-                    int64_t k = (g * blocks + b) * 32;
-                    __m128i bytes = _mm_loadu_si128((const __m128i *)(row + k / 2));
-                    __m256i both = _mm256_cvtepu8_epi16(bytes);  /* 16 bytes -> 16 x u16, then split nibbles */
-                    __m256i lo16 = _mm256_and_si256(both, _mm256_set1_epi16(0x0F)), hi16 = _mm256_srli_epi16(both, 4);
-                    p0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(lo16))), _mm256_loadu_ps(x + k), p0);
-                    p1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(lo16, 1))), _mm256_loadu_ps(x + k + 8), p1);
-                    p2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(hi16))), _mm256_loadu_ps(x + k + 16), p2);
-                    p3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(hi16, 1))), _mm256_loadu_ps(x + k + 24), p3);
-                }
-                acc = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3)), _mm256_set1_ps(scale[g]), acc);
-            }
-            y[n] = hsum(acc) + (offsets ? offset_term(offsets, sums, n, 0, G) : 0.f);
-            continue;
-        }
         __m256 acc[MAX_M];
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
         for (int64_t g = 0; g < G; g++) {
