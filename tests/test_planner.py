@@ -71,3 +71,15 @@ def test_planned_packed_weights_equal_the_loaded_model(checkpoints, preset, quan
     model.generate([5, 6, 7], max_new_tokens=2, temperature=0)
     assert plan["kv_cache"] == plan_memory(ModelConfig.from_dict(preset_config(preset)), 40, kv_dtype="bf16")["kv_cache"]
     assert model.lm.kv_dtype == torch.bfloat16 and plan["kv_dtype"] == "bf16"
+
+
+def test_a_saved_quantized_checkpoint_is_planned_as_saved(checkpoints, tmp_path):
+    """`gemma4 plan` on a `gemma4 quantize` folder counts its packed PLE table too, byte for byte."""
+    from gemma4.weights.quantized import save_quantized
+
+    target = save_quantized(checkpoints("tiny-e2b", torch.bfloat16), tmp_path / "int4", "int4", progress=False)
+    lm = gemma4.load(target, progress=False).lm
+    held = sum(t.nbytes for t in [*lm.parameters(), *lm.buffers()])
+    out = subprocess.run([sys.executable, "-m", "gemma4.interfaces.cli", "plan", str(target), "--context", "40", "--json"], capture_output=True, text=True, check=True)
+    plan = json.loads(out.stdout)["plans"][0]
+    assert plan["quant"] == "int4" and sum(plan["weights"].values()) + plan["ple_table"]["bytes"] == held

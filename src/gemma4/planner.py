@@ -71,11 +71,13 @@ def plan_memory(
     savings: Savings = ALL_ON,
     quant: str | None = None,
     group: int = 0,
+    pack_tables: bool = False,
 ) -> dict[str, Any]:
     """Bytes by component: weights, KV cache by layer type, prefill activation peak, total resident.
 
     quant (bf16/int8/int4): matrices and embedding tables packed as `gemma4.load(quant=...)` packs
-    them, everything else and the activations in fp32; the PLE table stays as stored (bf16)."""
+    them, everything else and the activations in fp32; the PLE table stays as stored (bf16) unless
+    pack_tables (a checkpoint saved by `gemma4 quantize`)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unsupported dtype {dtype!r}: use bf16, fp16 or fp32")
     if quant:  # packed weights compute in fp32 and keep K/V in bf16 (runtime.engine.Model)
@@ -85,11 +87,12 @@ def plan_memory(
     plan = build_plan(text)
     weights: dict[str, int] = {}
     for spec in checkpoint_tensors(config):
-        weights[spec.component] = weights.get(spec.component, 0) + _stored_bytes(spec, width, quant, group)
+        weights[spec.component] = weights.get(spec.component, 0) + _stored_bytes(spec, width, quant, group, pack_tables)
     encoders = weights.pop("vision", 0) + weights.pop("audio", 0)  # in the files, never loaded for text
     ple_table = weights.pop("ple_table", 0)
     # The PLE table, when mapped, is resident only for the rows of tokens seen (at most one per token).
-    ple_row = text.num_hidden_layers * (text.hidden_size_per_layer_input or 0) * (2 if quant else width)
+    ple_width = text.num_hidden_layers * (text.hidden_size_per_layer_input or 0)
+    ple_row = ple_width * (2 if quant else width) if not pack_tables else packed_nbytes((1, ple_width), quant, group or None)
     # Rows are read through the page cache: a row touches the pages it spans (the loader turns read-ahead off).
     ple_row_pages = (-(-ple_row // PAGE) + 1) * PAGE if ple_row else 0
     ple_resident = min(ple_table, context * batch * ple_row_pages) if savings.ple_on_disk else ple_table
@@ -114,24 +117,25 @@ def plan_memory(
     }
 
 
-def _stored_bytes(spec: TensorSpec, width: int, quant: str | None, group: int) -> int:
+def _stored_bytes(spec: TensorSpec, width: int, quant: str | None, group: int, pack_tables: bool) -> int:
     if quant is None:
         return spec.numel * width
-    if spec.component == "ple_table":
+    if spec.component == "ple_table" and not pack_tables:
         return spec.numel * 2  # left as stored, memory-mapped
     packed = len(spec.shape) >= 2 and not spec.name.endswith("router.proj.weight") and spec.component not in ("vision", "audio")
     return packed_nbytes(spec.shape, quant, group or None) if packed else spec.numel * 4
 
 
 def _prefill_peak(plan: tuple[LayerPlan, ...], hidden: int, chunk: int, context: int, batch: int, width: int) -> int:
-    """The largest transient of one prefill chunk: attention scores (fp32 softmax) over the keys a
-    layer sees, or the MLP's two intermediate activations, plus the chunk's hidden states."""
+    """The largest transient of one prefill chunk, plus the chunk's hidden states: the attention mask
+    over the keys a layer sees (bool, and the fp32 copy PyTorch's CPU flash attention makes of it;
+    the scores themselves are tiled, never whole) or the MLP's two intermediate activations."""
     worst = 0
     for p in plan:
         keys = min(p.sliding_window + chunk, context) if p.sliding_window else context
-        scores = batch * p.num_heads * chunk * keys * 4
+        mask = batch * chunk * keys * (1 + 4)
         mlp = 2 * batch * chunk * p.mlp_width * width
-        worst = max(worst, scores, mlp)
+        worst = max(worst, mask, mlp)
     return worst + 4 * batch * chunk * hidden * width
 
 

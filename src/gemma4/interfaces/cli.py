@@ -47,7 +47,10 @@ def _plan(args: argparse.Namespace) -> None:
     from ..planner import savings_table, sweep
 
     config = _model_config(args.model)
-    options = dict(dtype=args.dtype, kv_dtype=args.kv_dtype, batch=args.batch, prefill_chunk=args.prefill_chunk, quant=args.quant, group=args.group)
+    saved = config.raw.get("quantization_config") or {}  # a checkpoint `gemma4 quantize` wrote: planned as saved
+    quant, group = saved.get("kind", args.quant), saved.get("group_size", args.group)
+    options = dict(dtype=args.dtype, kv_dtype=args.kv_dtype, batch=args.batch, prefill_chunk=args.prefill_chunk,
+                   quant=quant, group=group, pack_tables=bool(saved))
     contexts = [2048, 8192, 32768, 131072, 262144] if args.sweep else [args.context]
     plans = sweep(config, contexts, **options)
     if not plans:
