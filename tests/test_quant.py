@@ -13,6 +13,7 @@ from gemma4.errors import CheckpointError
 from gemma4.quant import kernels
 from gemma4.quant.modules import PackedModule
 from gemma4.quant.packed import PackedTensor, quantize
+from gemma4.quant.quality import next_token_quality
 from gemma4.runtime.engine import _is_mapped
 from gemma4.weights import load_model
 from gemma4.weights.gguf_repack import BLOCK_BYTES, repack
@@ -149,13 +150,6 @@ def test_saving_into_a_used_folder_is_refused(checkpoints, tmp_path):
     with pytest.raises(CheckpointError, match="not empty"):
         save_quantized(checkpoints("tiny-e2b"), tmp_path, "int8", progress=False)
     assert (tmp_path / "keep.txt").read_text() == "mine"
-
-
-def next_token_quality(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[float, float]:
-    """Top-1 agreement and mean KL(reference || candidate) of next-token distributions."""
-    ref, cand = torch.log_softmax(reference.double(), -1), torch.log_softmax(candidate.double(), -1)
-    kl = (ref.exp() * (ref - cand)).sum(-1).mean().item()
-    return (reference.argmax(-1) == candidate.argmax(-1)).double().mean().item(), kl
 
 
 @pytest.fixture(scope="module")
