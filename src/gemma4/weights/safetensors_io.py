@@ -76,12 +76,16 @@ class SafetensorsFile:
             self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
 
     def advise_random(self, name: str) -> None:
-        """Tell the kernel a tensor is read by scattered rows (the PLE table): no read-ahead, so only
-        the pages of rows actually read become resident."""
+        """Tell the kernel a tensor is read by scattered rows (the PLE table): no read-ahead, and
+        none of it cached beforehand (a freshly written or copied file sits in the page cache in
+        large folios, and touching one row would map a whole folio), so only the pages of rows
+        actually read become resident."""
         self.tensor(name)  # maps the file
         info = self.tensors[name]
         start = info.start - info.start % mmap.PAGESIZE
         self._map.madvise(mmap.MADV_RANDOM, start, info.end - start)  # type: ignore[union-attr]
+        with open(self.path, "rb") as f:
+            os.posix_fadvise(f.fileno(), start, info.end - start, os.POSIX_FADV_DONTNEED)
 
 
 def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
