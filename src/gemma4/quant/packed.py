@@ -150,7 +150,7 @@ def packed_nbytes(shape: tuple[int, ...], kind: str, group: int | None = None) -
     return rows * K // (2 if kind == "int4" else 1) + scales * (2 if kind == "int4" else 1)
 
 
-def _fit_int4(w: Tensor, shrinks: tuple[float, ...] = (1.0, 0.9, 0.8)) -> tuple[Tensor, Tensor, Tensor]:
+def _fit_int4(w: Tensor, shrinks: tuple[float, ...] = (1.0, 0.94, 0.88, 0.82)) -> tuple[Tensor, Tensor, Tensor]:
     """Per group [..., G, size]: the (scale, offset, codes) with the least squared error among ranges
     clipped towards the group's mean, each refitted by least squares given its codes (16 levels make
     min/max a poor fit: outliers stretch every step)."""
