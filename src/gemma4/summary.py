@@ -31,8 +31,8 @@ def parameter_counts(specs: list[TensorSpec]) -> dict[str, int]:
     return dict(counts)
 
 
-def summarize(config: ModelConfig, dtypes: dict[str, str] | None = None) -> dict[str, Any]:
-    """A JSON-able description. `dtypes` maps tensor name -> stored dtype (from the files)."""
+def summarize(config: ModelConfig, bytes_by_dtype: dict[str, int] | None = None) -> dict[str, Any]:
+    """A JSON-able description; `bytes_by_dtype`: what the files hold, by stored dtype."""
     specs = checkpoint_tensors(config)
     text = config.text
     summary: dict[str, Any] = {
@@ -47,12 +47,8 @@ def summarize(config: ModelConfig, dtypes: dict[str, str] | None = None) -> dict
         "parameters": parameter_counts(specs),
         "total_parameters": sum(s.numel for s in specs),
     }
-    if dtypes is not None:
-        sizes = {"BF16": 2, "F16": 2, "F32": 4}
-        by_dtype: Counter[str] = Counter()
-        for spec in specs:
-            by_dtype[dtypes[spec.name]] += spec.numel * sizes.get(dtypes[spec.name], 0)
-        summary["bytes_by_dtype"] = dict(by_dtype)
+    if bytes_by_dtype is not None:
+        summary["bytes_by_dtype"] = bytes_by_dtype
     return summary
 
 

@@ -37,7 +37,10 @@ def _info(args: argparse.Namespace) -> None:
 
         checkpoint = open_checkpoint(args.model)
         validate(checkpoint)
-        summary = summarize(checkpoint.config, {n: t.dtype for n, t in checkpoint.tensors.items()})
+        on_disk: dict[str, int] = {}
+        for t in checkpoint.tensors.values():
+            on_disk[t.dtype] = on_disk.get(t.dtype, 0) + t.end - t.start
+        summary = summarize(checkpoint.config, on_disk)
     else:
         summary = summarize(_model_config(args.model))
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
