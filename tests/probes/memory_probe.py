@@ -47,7 +47,7 @@ def main(path: str, prompt: str, new_tokens: int) -> None:
     print(json.dumps(report))
 
 
-def peak(path: str, context: int, quant: str) -> None:
+def peak(path: str, context: int, quant: str | None) -> None:
     """Fill a context: prefill context - 8 distinct tokens, decode 8; the peak resident memory and
     the cache's own byte count."""
     import torch
@@ -67,6 +67,6 @@ def peak(path: str, context: int, quant: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "--peak":
-        peak(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        peak(sys.argv[2], int(sys.argv[3]), None if sys.argv[4] == "as-saved" else sys.argv[4])
     else:
         main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

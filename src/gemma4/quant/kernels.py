@@ -1,7 +1,8 @@
-"""The compiled matmul kernels (kernels.c), loaded with ctypes, and their pure-PyTorch twins.
+"""The compiled matmul kernels (kernels.c), loaded with ctypes, and the int4 layout helpers.
 
 The shared library is built by the package's install step (setup.py). Where it is missing (no
-compiler, or a source checkout never built) every function falls back to PyTorch: slower, same result."""
+compiler, or a source checkout never built), `available()` is False and PackedTensor multiplies
+by dequantizing into a PyTorch matmul instead: slower, the same weights."""
 
 from __future__ import annotations
 
