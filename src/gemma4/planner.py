@@ -13,7 +13,7 @@ from typing import Any
 from .config import ModelConfig
 from .plan import LayerPlan, build_plan
 from .runtime.kv_cache import DEFAULT_CHUNK, global_capacity
-from .quant.packed import DENSE_BLOCK_BYTES, packed_nbytes
+from .quant.packed import DENSE_BLOCK_BYTES, fit_group, packed_nbytes
 from .weights.layout import TensorSpec, checkpoint_tensors
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -92,9 +92,10 @@ def plan_memory(
     ple_table = weights.pop("ple_table", 0)
     # The PLE table, when mapped, is resident only for the rows of tokens seen (at most one per token).
     ple_width = text.num_hidden_layers * (text.hidden_size_per_layer_input or 0)
-    ple_row = ple_width * (2 if quant else width) if not pack_tables else packed_nbytes((1, ple_width), quant, group or None)
-    # Rows are read through the page cache: a row touches the pages it spans (the loader turns read-ahead off).
-    ple_row_pages = (-(-ple_row // PAGE) + 1) * PAGE if ple_row else 0
+    # Rows are read through the page cache: a row touches the pages it spans in each tensor holding
+    # it (the loader turns read-ahead off); a packed table keeps codes, scales and offsets apart.
+    row_parts = packed_row_parts(ple_width, quant, group) if pack_tables else [ple_width * (2 if quant else width)]
+    ple_row_pages = sum((-(-part // PAGE) + 1) * PAGE for part in row_parts if part)
     ple_resident = min(ple_table, context * batch * ple_row_pages) if savings.ple_on_disk else ple_table
     kv = kv_bytes_by_type(plan, context, batch, kv_width, savings)
     activations = _prefill_peak(plan, text.hidden_size, min(prefill_chunk, context), context, batch, width)
@@ -115,6 +116,15 @@ def plan_memory(
         "runtime": RUNTIME_BYTES,
         "total_resident": resident,
     }
+
+
+def packed_row_parts(width: int, quant: str, group: int) -> list[int]:
+    """Bytes of one row of a packed table in each of its tensors: codes, scales, offsets."""
+    kind, group = fit_group(width, quant, group or None)
+    if kind in ("bf16", "f16"):
+        return [2 * width]
+    groups = width // (group or width)
+    return [width // (2 if kind == "int4" else 1), 4 * groups] + ([4 * groups] if kind == "int4" else [])
 
 
 def _stored_bytes(spec: TensorSpec, width: int, quant: str | None, group: int, pack_tables: bool) -> int:

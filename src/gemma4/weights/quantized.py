@@ -77,8 +77,10 @@ def load_quantized(checkpoint: Checkpoint, settings: dict) -> CausalLM:
         if stored not in checkpoint.tensors:
             raise CheckpointError(f"{checkpoint.path}: missing tensor {stored!r}; the quantized checkpoint is incomplete")
         tensors = [checkpoint.file_of(n).tensor(n) if n in checkpoint.tensors else None for n in names]
-        if name.removeprefix("model.") in TextModel.ROW_TABLES:
-            checkpoint.file_of(stored).advise_random(stored)
+        if name.removeprefix("model.") in TextModel.ROW_TABLES:  # codes, scales and offsets are all read by row
+            for n in names:
+                if n in checkpoint.tensors:
+                    checkpoint.file_of(n).advise_random(n)
         found = PackedTensor.of(*tensors).shape if name in packed else tuple(tensors[0].shape)
         if tuple(found) != shape:
             raise CheckpointError(f"{checkpoint.path}: tensor {stored!r} holds shape {list(found)}, but config.json implies {list(shape)}")
