@@ -159,6 +159,26 @@ static float offset_term(const float *offsets, const float *sums, int64_t n, int
     return s;
 }
 
+#ifndef GEMMA4_AVX2
+/* Code k of an int8 row, or of an int4 row in its 32-block layout. */
+static inline float code_at(const void *row, int64_t k, int bits) {
+    if (bits == 8) return ((const int8_t *)row)[k];
+    uint8_t byte = ((const uint8_t *)row)[(k / 32) * 16 + k % 16];
+    return k % 32 < 16 ? (byte & 15) : (byte >> 4);
+}
+
+/* One row's dot product with x without SIMD, scales applied per group (offsets are added apart). */
+static float scalar_row(const float *x, const void *row, int bits, const float *scale, int64_t K, int64_t group) {
+    float total = 0.f;
+    for (int64_t g = 0; g < K / group; g++) {
+        float s = 0.f;
+        for (int64_t k = g * group; k < (g + 1) * group; k++) s += code_at(row, k, bits) * x[k];
+        total += s * scale[g];
+    }
+    return total;
+}
+#endif
+
 void matmul_int8(const float *x, const int8_t *w, const float *scales, const float *offsets, float *sums, float *y,
                  int64_t M, int64_t N, int64_t K, int64_t group, int threads) {
     int64_t G = K / group;
@@ -207,15 +227,8 @@ void matmul_int8(const float *x, const int8_t *w, const float *scales, const flo
         for (int64_t m = 0; m < M; m++)
             y[m * N + n] = hsum(acc[m]) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
 #else
-        for (int64_t m = 0; m < M; m++) {
-            float total = 0.f;
-            for (int64_t g = 0; g < G; g++) {
-                float s = 0.f;
-                for (int64_t k = 0; k < group; k++) s += row[g * group + k] * x[m * K + g * group + k];
-                total += s * scale[g];
-            }
-            y[m * N + n] = total + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
-        }
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = scalar_row(x + m * K, row, 8, scale, K, group) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
 #endif
     }
 }
@@ -264,7 +277,7 @@ static void decode_int4(const float *x, const uint8_t *w, const float *scales, c
 
 void matmul_int4(const float *x, const uint8_t *w, const float *scales, const float *offsets, float *sums, float *y,
                  int64_t M, int64_t N, int64_t K, int64_t group, int threads) {
-    int64_t G = K / group, blocks = group / 32;
+    int64_t G = K / group;
     if (offsets) group_sums(x, sums, M, K, group);
 #ifdef GEMMA4_AVX2
     if (M == 1) {
@@ -278,6 +291,7 @@ void matmul_int4(const float *x, const uint8_t *w, const float *scales, const fl
         const float *scale = scales + n * G;
 #ifdef GEMMA4_AVX2
         const __m128i low = _mm_set1_epi8(0x0F);
+        const int64_t blocks = group / 32;
         __m256 acc[MAX_M];
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
         for (int64_t g = 0; g < G; g++) {
@@ -305,21 +319,8 @@ void matmul_int4(const float *x, const uint8_t *w, const float *scales, const fl
         for (int64_t m = 0; m < M; m++)
             y[m * N + n] = hsum(acc[m]) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
 #else
-        for (int64_t m = 0; m < M; m++) {
-            float total = 0.f;
-            for (int64_t g = 0; g < G; g++) {
-                float s = 0.f;
-                for (int64_t b = 0; b < blocks; b++) {
-                    int64_t k = (g * blocks + b) * 32;
-                    for (int64_t j = 0; j < 16; j++) {
-                        uint8_t byte = row[k / 2 + j];
-                        s += (byte & 15) * x[m * K + k + j] + (byte >> 4) * x[m * K + k + j + 16];
-                    }
-                }
-                total += s * scale[g];
-            }
-            y[m * N + n] = total + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
-        }
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = scalar_row(x + m * K, row, 4, scale, K, group) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
 #endif
     }
 }
