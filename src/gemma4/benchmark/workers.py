@@ -27,12 +27,23 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class Timer:
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
+def measure(job: dict[str, Any], load_s: float, start: Callable[[list[int]], Any], step: Callable[[Any], Any]) -> dict[str, Any]:
+    """The same clock for every engine. start(prompt): prefill a fresh sequence, return its first
+    token; step(token): feed one token, return the next. Cold start ends at the first token of the
+    short prompt; then the long prompt is prefilled and decoded."""
 
-    def __call__(self) -> float:
-        return time.perf_counter() - self.start
+    def run(prompt: list[int], new_tokens: int) -> tuple[float, float]:
+        started = time.perf_counter()
+        token = start(prompt)
+        prefilled = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            token = step(token)
+        return prefilled - started, time.perf_counter() - prefilled
+
+    first_token = run(job["short_prompt"], 1)[0]
+    cold = time.perf_counter() - STARTED
+    prefill, decode = run(job["prompt"], job["new_tokens"])
+    return {"load_s": load_s, "cold_start_s": cold, "ttft_short_s": first_token, "prefill_s": prefill, "decode_s": decode}
 
 
 def gemma4_engine(job: dict[str, Any]) -> dict[str, Any]:
@@ -42,28 +53,20 @@ def gemma4_engine(job: dict[str, Any]) -> dict[str, Any]:
     from gemma4.runtime.generate import Batch
 
     torch.set_num_threads(job["threads"])
-    timer = Timer()
+    started = time.perf_counter()
     model = gemma4.load(job["model"], dtype=job.get("dtype"), quant=job.get("quant"), context=job["context"], progress=False)
-    load = timer()
-    lm = model.lm
+    load = time.perf_counter() - started
+    batch: list[Batch] = []  # the sequence being run
+    running = torch.zeros(1, dtype=torch.bool)
 
-    def run(prompt: list[int], new_tokens: int) -> tuple[float, float, int]:
-        batch = Batch(lm, [prompt], job["context"], model.prefill_chunk, 0)
-        started = time.perf_counter()
-        logits, _ = batch.start()
-        token = logits.argmax(-1)
-        prefill = time.perf_counter() - started
-        started = time.perf_counter()
-        done = torch.zeros(1, dtype=torch.bool)
-        for _ in range(new_tokens - 1):
-            token = batch.feed(token, done).argmax(-1)
-        return prefill, time.perf_counter() - started, int(token)
+    def start(prompt: list[int]) -> torch.Tensor:
+        batch[:] = [Batch(model.lm, [prompt], job["context"], model.prefill_chunk, 0)]
+        return batch[0].start()[0].argmax(-1)
 
-    first_token = run(job["short_prompt"], 1)[0]
-    cold = time.perf_counter() - STARTED
-    prefill, decode, _ = run(job["prompt"], job["new_tokens"])
-    return {"load_s": load, "cold_start_s": cold, "ttft_short_s": first_token, "prefill_s": prefill, "decode_s": decode,
-            "weight_bytes_per_token": decode_bytes(lm)}
+    def step(token: torch.Tensor) -> torch.Tensor:
+        return batch[0].feed(token, running).argmax(-1)
+
+    return {**measure(job, load, start, step), "weight_bytes_per_token": decode_bytes(model.lm)}
 
 
 def decode_bytes(lm) -> int:  # noqa: ANN001 - a CausalLM
@@ -82,61 +85,44 @@ def transformers_engine(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(job["threads"])
     transformers.logging.set_verbosity_error()
-    timer = Timer()
-    model = transformers.AutoModelForCausalLM.from_pretrained(job["model"], dtype=getattr(torch, job["torch_dtype"]))
-    model.eval()
-    load = timer()
+    started = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(job["model"], dtype=getattr(torch, job["torch_dtype"])).eval()
+    load = time.perf_counter() - started
+    past: list[Any] = [None]  # the running sequence's cache
 
     @torch.inference_mode()
-    def run(prompt: list[int], new_tokens: int) -> tuple[float, float, int]:
-        ids = torch.tensor([prompt])
-        started = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        prefill = time.perf_counter() - started
-        past = out.past_key_values
-        started = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        return prefill, time.perf_counter() - started, int(token)
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        out = model(input_ids=ids, past_key_values=past[0], use_cache=True)
+        past[0] = out.past_key_values
+        return out.logits[:, -1].argmax(-1, keepdim=True)
 
-    first_token = run(job["short_prompt"], 1)[0]
-    cold = time.perf_counter() - STARTED
-    prefill, decode, _ = run(job["prompt"], job["new_tokens"])
-    return {"load_s": load, "cold_start_s": cold, "ttft_short_s": first_token, "prefill_s": prefill, "decode_s": decode}
+    def start(prompt: list[int]) -> torch.Tensor:
+        past[0] = None
+        return forward(torch.tensor([prompt]))
+
+    return measure(job, load, start, forward)
 
 
 def llama_cpp_engine(job: dict[str, Any]) -> dict[str, Any]:
     import llama_cpp
     import numpy as np
 
-    timer = Timer()
+    started = time.perf_counter()
     llm = llama_cpp.Llama(
         job["model"], n_ctx=job["context"], n_threads=job["threads"], n_threads_batch=job["threads"],
         n_batch=512, n_ubatch=512, logits_all=False, verbose=False,
     )
-    load = timer()
+    load = time.perf_counter() - started
 
-    def next_token() -> int:  # the last position's logits (llama-cpp-python keeps no copy without logits_all)
+    def feed(tokens: list[int]) -> int:  # the last position's logits (llama-cpp-python keeps no copy without logits_all)
+        llm.eval(tokens)
         return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
 
-    def run(prompt: list[int], new_tokens: int) -> tuple[float, float, int]:
+    def start(prompt: list[int]) -> int:
         llm.reset()
-        started = time.perf_counter()
-        llm.eval(prompt)
-        token = next_token()
-        prefill = time.perf_counter() - started
-        started = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            llm.eval([token])
-            token = next_token()
-        return prefill, time.perf_counter() - started, token
+        return feed(prompt)
 
-    first_token = run(job["short_prompt"], 1)[0]
-    cold = time.perf_counter() - STARTED
-    prefill, decode, _ = run(job["prompt"], job["new_tokens"])
-    return {"load_s": load, "cold_start_s": cold, "ttft_short_s": first_token, "prefill_s": prefill, "decode_s": decode}
+    return measure(job, load, start, lambda token: feed([token]))
 
 
 ENGINES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
