@@ -13,7 +13,8 @@ from typing import Any
 from .config import ModelConfig
 from .plan import LayerPlan, build_plan
 from .runtime.kv_cache import DEFAULT_CHUNK, global_capacity
-from .quant.packed import DENSE_BLOCK_BYTES, fit_group, packed_nbytes
+from .quant.modules import UNPACKED
+from .quant.packed import DENSE_BLOCK_BYTES, packed_nbytes, packed_row_bytes
 from .weights.layout import TensorSpec, checkpoint_tensors
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -94,7 +95,7 @@ def plan_memory(
     ple_width = text.num_hidden_layers * (text.hidden_size_per_layer_input or 0)
     # Rows are read through the page cache: a row touches the pages it spans in each tensor holding
     # it (the loader turns read-ahead off); a packed table keeps codes, scales and offsets apart.
-    row_parts = packed_row_parts(ple_width, quant, group) if pack_tables else [ple_width * (2 if quant else width)]
+    row_parts = packed_row_bytes(ple_width, quant, group or None) if pack_tables else [ple_width * (2 if quant else width)]
     ple_row_pages = sum((-(-part // PAGE) + 1) * PAGE for part in row_parts if part)
     ple_resident = min(ple_table, context * batch * ple_row_pages) if savings.ple_on_disk else ple_table
     kv = kv_bytes_by_type(plan, context, batch, kv_width, savings)
@@ -118,21 +119,13 @@ def plan_memory(
     }
 
 
-def packed_row_parts(width: int, quant: str, group: int) -> list[int]:
-    """Bytes of one row of a packed table in each of its tensors: codes, scales, offsets."""
-    kind, group = fit_group(width, quant, group or None)
-    if kind in ("bf16", "f16"):
-        return [2 * width]
-    groups = width // (group or width)
-    return [width // (2 if kind == "int4" else 1), 4 * groups] + ([4 * groups] if kind == "int4" else [])
-
-
 def _stored_bytes(spec: TensorSpec, width: int, quant: str | None, group: int, pack_tables: bool) -> int:
     if quant is None:
         return spec.numel * width
     if spec.component == "ple_table" and not pack_tables:
         return spec.numel * 2  # left as stored, memory-mapped
-    packed = len(spec.shape) >= 2 and not spec.name.endswith("router.proj.weight") and spec.component not in ("vision", "audio")
+    module = spec.name.removesuffix(".weight")
+    packed = len(spec.shape) >= 2 and not module.endswith(UNPACKED) and spec.component not in ("vision", "audio")
     return packed_nbytes(spec.shape, quant, group or None) if packed else spec.numel * 4
 
 

@@ -107,10 +107,10 @@ def _bench(args: argparse.Namespace) -> None:
 
 def _benchmark_checkpoint(model: str) -> Path:
     """A checkpoint folder, or a preset synthesized (once) into the cache."""
-    if Path(model).is_dir() or model not in PRESETS:
-        if not Path(model).is_dir():
-            raise Gemma4Error(f"{model}: not a checkpoint folder nor a preset ({', '.join(PRESETS)})")
+    if Path(model).is_dir():
         return Path(model)
+    if model not in PRESETS:
+        raise Gemma4Error(f"{model}: not a checkpoint folder nor a preset ({', '.join(PRESETS)})")
     from ..weights import synthesize
     from ..weights.default_model import cache_dir
 
@@ -132,7 +132,11 @@ def _quantize(args: argparse.Namespace) -> None:
 
 def _add_weight_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="a plain model in this dtype (default: bf16; GGUF: the file's types)")
-    parser.add_argument("--quant", choices=list(KINDS), help="pack the weights (bf16, int8, int4) and compute on the packed kernels")
+    _add_quant_options(parser, "pack the weights (bf16, int8, int4) and compute on the packed kernels")
+
+
+def _add_quant_options(parser: argparse.ArgumentParser, help: str, default: str | None = None) -> None:
+    parser.add_argument("--quant", choices=list(KINDS), default=default, help=help)
     parser.add_argument("--group", type=int, default=0, help="columns per int8/int4 scale (default: int8 per channel, int4 64)")
 
 
@@ -274,8 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--context", type=int, default=8192)
     plan.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     plan.add_argument("--kv-dtype", choices=["bf16", "fp16", "fp32"], help="default: --dtype (fp32 with --quant)")
-    plan.add_argument("--quant", choices=list(KINDS), help="packed weights, as `run --quant` loads them")
-    plan.add_argument("--group", type=int, default=0, help="columns per int8/int4 scale (default: int8 per channel, int4 64)")
+    _add_quant_options(plan, "packed weights, as `run --quant` loads them")
     plan.add_argument("--batch", type=int, default=1)
     plan.add_argument("--prefill-chunk", type=int, default=512)
     plan.add_argument("--sweep", action="store_true", help="a table over 2K, 8K, 32K, 128K, 256K where the model allows")
@@ -292,8 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize = commands.add_parser("quantize", help="save a checkpoint with packed int8/int4/bf16 weights (reloads as is)")
     quantize.add_argument("model", metavar="MODEL", help="checkpoint folder")
     quantize.add_argument("out_dir", metavar="OUT_DIR")
-    quantize.add_argument("--quant", choices=list(KINDS), help="bf16, int8 or int4")
-    quantize.add_argument("--group", type=int, default=0, help="columns per scale (default: int8 per channel, int4 64)")
+    _add_quant_options(quantize, "bf16, int8 or int4")
     quantize.set_defaults(run=_quantize)
 
     bench = commands.add_parser("bench", help="load, prefill and decode speed and memory, beside transformers and llama.cpp")

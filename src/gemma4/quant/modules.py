@@ -82,12 +82,15 @@ class Scheme:
         return self.tables if name.endswith("embed_tokens_per_layer") else self.kind
 
 
+# The MoE router stays in full precision: it only picks experts, and picks are brittle.
+UNPACKED = "router.proj"
+
+
 def packable(name: str, module: nn.Module) -> bool:
-    """Matrices and embedding tables; the MoE router stays in full precision (it only picks experts,
-    and picks are brittle)."""
+    """Matrices and embedding tables, but for UNPACKED."""
     if isinstance(module, (ScaledEmbedding, Experts)):
         return True
-    return isinstance(module, nn.Linear) and module.bias is None and not name.endswith("router.proj")
+    return isinstance(module, nn.Linear) and module.bias is None and not name.endswith(UNPACKED)
 
 
 def packed_twin(module: nn.Module) -> PackedModule:

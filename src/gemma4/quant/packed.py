@@ -139,15 +139,19 @@ def fit_group(K: int, kind: str, group: int | None) -> tuple[str, int]:
     return kind, group
 
 
+def packed_row_bytes(K: int, kind: str, group: int | None = None) -> list[int]:
+    """Bytes one row of K columns takes in each tensor `quantize` makes: codes, scales, offsets."""
+    if kind in ("bf16", "f16"):
+        return [2 * K]
+    kind, group = fit_group(K, kind, group)
+    groups = K // (group or K)
+    return [K // (2 if kind == "int4" else 1), 4 * groups] + ([4 * groups] if kind == "int4" else [])
+
+
 def packed_nbytes(shape: tuple[int, ...], kind: str, group: int | None = None) -> int:
     """Bytes `quantize(torch.empty(shape), kind, group)` holds, without making it."""
     *lead, K = shape
-    rows = math.prod(lead)
-    if kind in ("bf16", "f16"):
-        return 2 * rows * K
-    kind, group = fit_group(K, kind, group)
-    scales = rows * (K // (group or K)) * 4
-    return rows * K // (2 if kind == "int4" else 1) + scales * (2 if kind == "int4" else 1)
+    return math.prod(lead) * sum(packed_row_bytes(K, kind, group))
 
 
 def _fit_int4(w: Tensor, shrinks: tuple[float, ...] = (1.0, 0.94, 0.88, 0.82)) -> tuple[Tensor, Tensor, Tensor]:

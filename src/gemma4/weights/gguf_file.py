@@ -263,7 +263,7 @@ def load_gguf_model(
         if t.name in DERIVED:
             continue
         key = _our_key(checkpoint, t, expected)
-        module_name, _, param = key.rpartition(".")
+        module_name = key.rpartition(".")[0]
         module = model.get_submodule(module_name)
         type_name = t.tensor_type.name
         if native and type_name != "F32" and packable(module_name, module):
@@ -276,9 +276,10 @@ def load_gguf_model(
             state.update(packed_state(key, _packed(t, expected[key])))
             continue
         values = _transform(checkpoint, key)(torch.from_numpy(dequantize(t)).reshape(expected[key]))
-        state[key] = values.to(dtype or torch.float32) if key not in packed else values
         if key in packed:
-            state.update(pack_state(key, state.pop(key), *packed[key]))
+            state.update(pack_state(key, values, *packed[key]))
+        else:
+            state[key] = values.to(dtype or torch.float32)
     install(model, state)
     return model.eval(), checkpoint
 

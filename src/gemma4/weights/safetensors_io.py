@@ -70,10 +70,8 @@ class SafetensorsFile:
     def release(self, name: str) -> None:
         """Drop a tensor's pages from this process once a converted copy replaced it (they are
         clean and private: read again, they would come back from the file)."""
-        info = self.tensors[name]
         if self._map is not None:
-            start = info.start - info.start % mmap.PAGESIZE
-            self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+            self._map.madvise(mmap.MADV_DONTNEED, *self._pages(name))
 
     def advise_random(self, name: str) -> None:
         """Tell the kernel a tensor is read by scattered rows (the PLE table): no read-ahead, and
@@ -81,11 +79,16 @@ class SafetensorsFile:
         large folios, and touching one row would map a whole folio), so only the pages of rows
         actually read become resident."""
         self.tensor(name)  # maps the file
+        start, length = self._pages(name)
+        self._map.madvise(mmap.MADV_RANDOM, start, length)  # type: ignore[union-attr]
+        with open(self.path, "rb") as f:
+            os.posix_fadvise(f.fileno(), start, length, os.POSIX_FADV_DONTNEED)
+
+    def _pages(self, name: str) -> tuple[int, int]:
+        """(start, length) of a tensor's bytes widened to the page it starts in, as madvise needs."""
         info = self.tensors[name]
         start = info.start - info.start % mmap.PAGESIZE
-        self._map.madvise(mmap.MADV_RANDOM, start, info.end - start)  # type: ignore[union-attr]
-        with open(self.path, "rb") as f:
-            os.posix_fadvise(f.fileno(), start, info.end - start, os.POSIX_FADV_DONTNEED)
+        return start, info.end - start
 
 
 def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
