@@ -181,16 +181,81 @@ static float scalar_row(const float *x, const void *row, int bits, const float *
 }
 #endif
 
+/* x -> int8 per 32-block with one fp32 step each (as llama.cpp's Q8_0 activations): one-token dot
+ * products against int8 or int4 codes then run on integer multiply-adds, 32 weights per maddubs,
+ * instead of converting every weight to fp32 (which bounds the speed by instructions, not bytes). */
+static void quantize_blocks(const float *x, int8_t *xq, float *step, int64_t K) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b * 32 + j]));
+        step[b] = amax / 127.f;
+        float inverse = amax > 0.f ? 127.f / amax : 0.f;
+        for (int j = 0; j < 32; j++) xq[b * 32 + j] = (int8_t)lrintf(x[b * 32 + j] * inverse);
+    }
+}
+
+#ifndef GEMMA4_AVX2
+/* The activations a one-token integer path computes with (x rounded as quantize_blocks rounds it),
+ * so builds without AVX2 compute what AVX2 builds compute. Caller frees. */
+static float *rounded_activations(const float *x, int64_t K) {
+    int8_t *xq = (int8_t *)malloc(K);
+    float *step = (float *)malloc((K / 32) * sizeof(float)), *rounded = (float *)malloc(K * sizeof(float));
+    quantize_blocks(x, xq, step, K);
+    for (int64_t k = 0; k < K; k++) rounded[k] = xq[k] * step[k / 32];
+    free(xq);
+    free(step);
+    return rounded;
+}
+#else
+static void decode_int8(const float *x, const int8_t *w, const float *scales, const float *offsets, const float *sums,
+                        float *y, int64_t N, int64_t K, int64_t group, int threads) {
+    int64_t G = K / group, blocks = group / 32;
+    int8_t *xq = (int8_t *)malloc(K);
+    float *step = (float *)malloc((K / 32) * sizeof(float));
+    quantize_blocks(x, xq, step, K);
+    const __m256i ones = _mm256_set1_epi16(1);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *row = w + n * K;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; g++) {
+            float s = scales[n * G + g];
+            for (int64_t b = g * blocks; b < (g + 1) * blocks; b++) {
+                PREFETCH(row + b * 32);
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(row + b * 32));
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
+                /* maddubs multiplies unsigned by signed: |w| (-128 reads as 128) times x with w's sign */
+                __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+                __m256i dot = _mm256_madd_epi16(pairs, ones);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * step[b]), acc);
+            }
+        }
+        y[n] = hsum(acc) + (offsets ? offset_term(offsets, sums, n, 0, G) : 0.f);
+    }
+    free(xq);
+    free(step);
+}
+#endif
+
 void matmul_int8(const float *x, const int8_t *w, const float *scales, const float *offsets, float *sums, float *y,
                  int64_t M, int64_t N, int64_t K, int64_t group, int threads) {
     int64_t G = K / group;
     if (offsets) group_sums(x, sums, M, K, group);
+#ifdef GEMMA4_AVX2
+    if (M == 1 && group % 32 == 0) {
+        decode_int8(x, w, scales, offsets, sums, y, N, K, group, threads);
+        return;
+    }
+#else
+    float *rounded = M == 1 && group % 32 == 0 ? rounded_activations(x, K) : NULL;
+    const float *xs = rounded ? rounded : x;
+#endif
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = w + n * K;
         const float *scale = scales + n * G;
 #ifdef GEMMA4_AVX2
-        if (M == 1) {  /* decode: accumulators in registers */
+        if (M == 1) {  /* one token, groups of 8 or 16 (GGUF Q6_K): accumulators in registers */
             __m256 acc = _mm256_setzero_ps();
             for (int64_t g = 0; g < G; g++) {
                 const float *xg = x + g * group;
@@ -231,25 +296,15 @@ void matmul_int8(const float *x, const int8_t *w, const float *scales, const flo
             y[m * N + n] = hsum(acc[m]) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
 #else
         for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = scalar_row(x + m * K, row, 8, scale, K, group) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
+            y[m * N + n] = scalar_row(xs + m * K, row, 8, scale, K, group) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
 #endif
     }
+#ifndef GEMMA4_AVX2
+    free(rounded);
+#endif
 }
 
 #ifdef GEMMA4_AVX2
-/* x -> int8 per 32-block with one fp32 step each (as llama.cpp's Q8_0 activations): the int4 x int8
- * dot products then run on integer multiply-adds, 32 weights per maddubs, instead of converting
- * every weight to fp32. */
-static void quantize_blocks(const float *x, int8_t *xq, float *step, int64_t K) {
-    for (int64_t b = 0; b < K / 32; b++) {
-        float amax = 0.f;
-        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b * 32 + j]));
-        step[b] = amax / 127.f;
-        float inverse = amax > 0.f ? 127.f / amax : 0.f;
-        for (int j = 0; j < 32; j++) xq[b * 32 + j] = (int8_t)lrintf(x[b * 32 + j] * inverse);
-    }
-}
-
 static void decode_int4(const float *x, const uint8_t *w, const float *scales, const float *offsets, const float *sums,
                         float *y, int64_t N, int64_t K, int64_t group, int threads) {
     int64_t G = K / group, blocks = group / 32;
@@ -288,6 +343,9 @@ void matmul_int4(const float *x, const uint8_t *w, const float *scales, const fl
         decode_int4(x, w, scales, offsets, sums, y, N, K, group, threads);
         return;
     }
+#else
+    float *rounded = M == 1 && group % 32 == 0 ? rounded_activations(x, K) : NULL;
+    const float *xs = rounded ? rounded : x;
 #endif
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
@@ -324,9 +382,12 @@ void matmul_int4(const float *x, const uint8_t *w, const float *scales, const fl
             y[m * N + n] = hsum(acc[m]) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
 #else
         for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = scalar_row(x + m * K, row, 4, scale, K, group) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
+            y[m * N + n] = scalar_row(xs + m * K, row, 4, scale, K, group) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
 #endif
     }
+#ifndef GEMMA4_AVX2
+    free(rounded);
+#endif
 }
 
 /* Rows [n0, n1) of an int4 weight to fp32, for prefill (which then runs a dense fp32 matmul). */
