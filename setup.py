@@ -1,4 +1,4 @@
-"""Builds the optional matmul kernels (src/gemma4/quant/kernels.c). Everything else is in pyproject.toml."""
+"""Builds the optional compiled kernels (src/gemma4/kernels/*.c). Everything else is in pyproject.toml."""
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -15,8 +15,8 @@ class OptionalBuildExt(build_ext):
 
 
 kernels = Extension(
-    "gemma4.quant._kernels",
-    sources=["src/gemma4/quant/kernels.c"],
+    "gemma4.kernels._kernels",
+    sources=["src/gemma4/kernels/matmul.c", "src/gemma4/kernels/decode.c"],
     extra_compile_args=["-O3", "-march=native", "-fopenmp"],
     extra_link_args=["-fopenmp"],
 )

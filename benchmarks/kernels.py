@@ -12,7 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gemma4.quant import kernels
+from gemma4 import kernels
 from gemma4.quant.packed import quantize
 
 SHAPES = {"mlp up (E2B)": (6144, 1536), "mlp down (E2B)": (1536, 6144), "lm head (E2B)": (262144, 1536)}

@@ -10,7 +10,7 @@ import torch
 
 import gemma4
 from gemma4.errors import CheckpointError
-from gemma4.quant import kernels
+from gemma4 import kernels
 from gemma4.quant.modules import PackedModule
 from gemma4.quant.packed import PackedTensor, quantize
 from gemma4.quant.quality import next_token_quality
@@ -24,7 +24,7 @@ from test_kv_cache import decode_all, ids_for
 
 
 def test_the_install_step_built_the_kernels():
-    assert kernels.available(), "src/gemma4/quant/_kernels*.so is missing: reinstall with a C compiler (pip install -e .)"
+    assert kernels.available(), "src/gemma4/kernels/_kernels*.so is missing: reinstall with a C compiler (pip install -e .)"
 
 
 @pytest.mark.parametrize("kind,group", [("bf16", 0), ("int8", 0), ("int8", 32), ("int8", 16), ("int4", 64), ("int4", 32), ("int4", 128)])

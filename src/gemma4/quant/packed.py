@@ -1,5 +1,5 @@
 """Packed weights: 16-bit, int8 and int4 matrices that stay in their storage format and are
-multiplied by fp32 activations, converted in registers (quant/kernels.c).
+multiplied by fp32 activations, converted in registers (kernels/matmul.c).
 
 One format per kind, with w = scale[n, g] * code + offset[n, g] over groups of `group` columns:
   bf16, f16: codes are the 16-bit weights themselves (no scale).
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import kernels
+from .. import kernels
 
 KINDS = ("bf16", "int8", "int4")  # what users pick; "f16" also exists, for GGUF F16 tensors
 DEFAULT_GROUP = {"int8": 0, "int4": 64}  # 0: one group per output channel

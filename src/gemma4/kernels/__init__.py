@@ -1,8 +1,10 @@
-"""The compiled matmul kernels (kernels.c), loaded with ctypes, and the int4 layout helpers.
+"""The compiled kernels, loaded with ctypes: matmuls over packed weights (matmul.c), the small
+fused operations of a decode step (decode.c); and the int4 layout helpers.
 
 The shared library is built by the package's install step (setup.py). Where it is missing (no
-compiler, or a source checkout never built), `available()` is False and PackedTensor multiplies
-by dequantizing into a PyTorch matmul instead: slower, the same weights."""
+compiler, or a source checkout never built), `available()` is False and callers use PyTorch
+instead: PackedTensor dequantizes into a dense matmul, the model runs its own operators. Slower,
+the same math."""
 
 from __future__ import annotations
 
@@ -59,6 +61,28 @@ def matmul_grouped(bits: int, x: Tensor, codes: Tensor, scales: Tensor, offsets:
     return y
 
 
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float) -> Tensor:
+    """x: fp32 [..., D] contiguous; weight: fp32 [D] or None."""
+    out = torch.empty_like(x)
+    D = x.shape[-1]
+    _lib.rms_norm(_ptr(x), _ptr(weight), _ptr(out), x.numel() // D, D, eps, offset)  # type: ignore[union-attr]
+    return out
+
+
+def attend_one_query(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scale: float) -> Tensor:
+    """q: fp32 [B, H, D] contiguous; key, value: fp32 [B, KV, S, D] with rows of D contiguous (a
+    cache buffer's slice will do); allowed: bool [B, S] contiguous -> [B, H, D]."""
+    B, H, D = q.shape
+    KV, S = key.shape[1], key.shape[2]
+    assert key.stride()[2:] == value.stride()[2:] == (D, 1), "attend_one_query: K/V rows must be contiguous"
+    strides = [(ctypes.c_int64 * 2)(*t.stride()[:2]) for t in (key, value)]
+    out = torch.empty_like(q)
+    _lib.attend_one_query(  # type: ignore[union-attr]
+        _ptr(q), _ptr(key), _ptr(value), _ptr(allowed), _ptr(out), B, H, KV, S, D, *strides, scale, torch.get_num_threads()
+    )
+    return out
+
+
 def dequantize_int4(codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int, rows: slice) -> Tensor:
     """Rows of an int4 weight as fp32 [rows, K]."""
     n0, n1, _ = rows.indices(codes.shape[0])
@@ -85,10 +109,12 @@ def pack_int4(values: Tensor) -> Tensor:
 
 
 if _lib is not None:
-    for _name in ("matmul_16bit", "matmul_int8", "matmul_int4", "dequantize_int4"):
+    for _name in ("matmul_16bit", "matmul_int8", "matmul_int4", "dequantize_int4", "rms_norm", "attend_one_query"):
         getattr(_lib, _name).restype = None
     _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     _lib.matmul_16bit.argtypes = [_p, _p, _p, _i64, _i64, _i64, _int, _int]
     _lib.matmul_int8.argtypes = [_p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int]
     _lib.matmul_int4.argtypes = [_p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int]
     _lib.dequantize_int4.argtypes = [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _int]
+    _lib.rms_norm.argtypes = [_p, _p, _p, _i64, _i64, ctypes.c_float, ctypes.c_float]
+    _lib.attend_one_query.argtypes = [_p, _p, _p, _p, _p, *[_i64] * 5, _p, _p, ctypes.c_float, _int]

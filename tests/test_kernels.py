@@ -1,0 +1,43 @@
+"""The fused decode-step kernels (kernels/decode.c) compute what PyTorch's operators compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gemma4 import kernels
+from gemma4.model.layers import RMSNorm, attend
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="compiled kernels not built")
+
+
+def torch_rms_norm(x, weight, eps, offset):
+    normed = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    return normed if weight is None else normed * (weight + offset)
+
+
+@pytest.mark.parametrize("with_scale,offset", [(True, 0.0), (True, 1.0), (False, 0.0)])
+def test_rms_norm_equals_the_operators(with_scale, offset):
+    torch.manual_seed(0)
+    norm = RMSNorm(256, 1e-6, with_scale=with_scale, offset=offset)
+    if with_scale:
+        norm.weight.data = torch.randn(256)
+    x = torch.randn(3, 5, 256) * 4
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), torch_rms_norm(x, norm.weight, 1e-6, offset), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,slots,dim", [(8, 1, 512, 256), (4, 2, 37, 32), (2, 2, 5, 16)])
+def test_one_query_attention_equals_sdpa(heads, kv_heads, slots, dim):
+    """Grouped queries, a masked cache slice of a larger buffer (as a global layer's), two sequences."""
+    torch.manual_seed(1)
+    buffer = torch.randn(2, 2, kv_heads, slots + 7, dim)
+    key, value = buffer[0, :, :, :slots], buffer[1, :, :, :slots]
+    q = torch.randn(2, 1, heads, dim)
+    mask = torch.rand(2, 1, 1, slots) > 0.3
+    mask[..., 0] = True
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), key, value, attn_mask=mask, scale=0.7, enable_gqa=True)
+    fused = kernels.attend_one_query(q[:, 0].contiguous(), key, value, mask[:, 0, 0].contiguous(), 0.7)
+    torch.testing.assert_close(fused, expected[:, :, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attend(q, key, value, mask, 0.7), expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
