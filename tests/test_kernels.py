@@ -41,3 +41,12 @@ def test_one_query_attention_equals_sdpa(heads, kv_heads, slots, dim):
     fused = kernels.attend_one_query(q[:, 0].contiguous(), key, value, mask[:, 0, 0].contiguous(), 0.7)
     torch.testing.assert_close(fused, expected[:, :, 0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(attend(q, key, value, mask, 0.7), expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_one_token_without_a_cache_equals_sdpa():
+    """A single-token forward pass (no cache): keys arrive as a transposed view, not cache rows."""
+    torch.manual_seed(2)
+    q, key, value = torch.randn(1, 1, 4, 32), torch.randn(1, 1, 2, 32).transpose(1, 2), torch.randn(1, 1, 2, 32).transpose(1, 2)
+    mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), key, value, attn_mask=mask, scale=1.0, enable_gqa=True)
+    torch.testing.assert_close(attend(q, key, value, mask, 1.0), expected.transpose(1, 2), atol=1e-6, rtol=1e-5)

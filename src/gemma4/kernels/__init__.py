@@ -70,11 +70,11 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float) -> Ten
 
 
 def attend_one_query(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scale: float) -> Tensor:
-    """q: fp32 [B, H, D] contiguous; key, value: fp32 [B, KV, S, D] with rows of D contiguous (a
-    cache buffer's slice will do); allowed: bool [B, S] contiguous -> [B, H, D]."""
+    """q: fp32 [B, H, D] contiguous; key, value: fp32 [B, KV, S, D] (a cache buffer's slice is read
+    in place; other layouts are copied first); allowed: bool [B, S] contiguous -> [B, H, D]."""
     B, H, D = q.shape
     KV, S = key.shape[1], key.shape[2]
-    assert key.stride()[2:] == value.stride()[2:] == (D, 1), "attend_one_query: K/V rows must be contiguous"
+    key, value = (t if t.stride()[2:] == (D, 1) else t.contiguous() for t in (key, value))
     strides = [(ctypes.c_int64 * 2)(*t.stride()[:2]) for t in (key, value)]
     out = torch.empty_like(q)
     _lib.attend_one_query(  # type: ignore[union-attr]
