@@ -8,10 +8,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define GEMMA4_AVX2 1
-#endif
+#include "simd.h"
 
 /* out[g] = q[g] . k for the `group` queries of one KV head: k is loaded once for all of them. */
 static void dots(const float *q, const float *k, float *out, int64_t group, int64_t D) {
@@ -24,23 +21,19 @@ static void dots(const float *q, const float *k, float *out, int64_t group, int6
             __m256 kv = _mm256_loadu_ps(k + d);
             for (int64_t g = 0; g < n; g++) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (g0 + g) * D + d), kv, acc[g]);
         }
-        for (int64_t g = 0; g < n; g++) {
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[g]), _mm256_extractf128_ps(acc[g], 1));
-            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            out[g0 + g] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-        }
+        for (int64_t g = 0; g < n; g++) out[g0 + g] = hsum(acc[g]);
     }
 #else
-    for (int64_t g = 0; g < group; g++) {
-        float dot = 0.f;
+    for (int64_t g = 0; g < group; g++) {  /* one long serial sum: in double, to stay within fp32 round-off */
+        double dot = 0.0;
         for (int64_t d = 0; d < D; d++) dot += q[g * D + d] * k[d];
-        out[g] = dot;
+        out[g] = (float)dot;
     }
 #endif
 }
 
-/* part[g] outputs (at offset 2 of each `width`) += sum over allowed slots s of p[s, g] * v[s]:
- * eight columns of v at a time against every query, the sums held in registers. */
+/* part[g] outputs (at offset 2 of each `width`, zeroed by the caller) = sum over allowed slots s of
+ * p[s, g] * v[s]: eight columns of v at a time against every query, the sums held in registers. */
 static void weighted_sum(const float *p, const float *v, const uint8_t *mask, int64_t s0, int64_t s1, float *part,
                          int64_t group, int64_t D, int64_t width) {
 #ifdef GEMMA4_AVX2
@@ -94,9 +87,11 @@ void attend_one_query(const float *q, const float *key, const float *value, cons
                       const int64_t *value_strides, float scale, int threads) {
     int64_t group = H / KV, pairs = B * KV, width = D + 2;  /* a partial: running max, sum, D outputs */
     float *partials = (float *)malloc(pairs * threads * group * width * sizeof(float));
+    int used = threads;  /* OpenMP may give fewer threads than asked: merge only the partials written */
 #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads();
+        if (t == 0) used = n;
         int64_t s0 = S * t / n, s1 = S * (t + 1) / n;
         float *scores = (float *)malloc((s1 - s0 + 1) * group * sizeof(float));
         for (int64_t pair = 0; pair < pairs; pair++) {
@@ -136,9 +131,9 @@ void attend_one_query(const float *q, const float *key, const float *value, cons
         for (int64_t g = 0; g < group; g++) {
             int64_t b = pair / KV, h = (pair % KV) * group + g;
             float top = -INFINITY, total = 0.f, *o = out + (b * H + h) * D;
-            for (int t = 0; t < threads; t++) top = fmaxf(top, partials[((pair * threads + t) * group + g) * width]);
+            for (int t = 0; t < used; t++) top = fmaxf(top, partials[((pair * threads + t) * group + g) * width]);
             for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-            for (int t = 0; t < threads; t++) {
+            for (int t = 0; t < used; t++) {
                 const float *part = partials + ((pair * threads + t) * group + g) * width;
                 if (part[1] == 0.f) continue;  /* a thread whose slots were all masked */
                 float w = expf(part[0] - top);

@@ -15,21 +15,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define GEMMA4_AVX2 1
-#endif
+#include "simd.h"
 
 #define MAX_M 8
 
 #ifdef GEMMA4_AVX2
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 static inline __m256 load_bf16(const uint16_t *w) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
 }
@@ -207,26 +197,38 @@ static float *rounded_activations(const float *x, int64_t K) {
     return rounded;
 }
 #else
-static void decode_int8(const float *x, const int8_t *w, const float *scales, const float *offsets, const float *sums,
-                        float *y, int64_t N, int64_t K, int64_t group, int threads) {
-    int64_t G = K / group, blocks = group / 32;
+/* One 32-block's integer dot product with the rounded activations, as 8 int32 partial sums. */
+static inline __attribute__((always_inline)) __m256i block_dot(const uint8_t *codes, const int8_t *xq, int bits) {
+    __m256i xv = _mm256_loadu_si256((const __m256i *)xq), pairs;
+    if (bits == 8) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)codes);
+        /* maddubs multiplies unsigned by signed: |w| (-128 reads as 128) times x with w's sign */
+        pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+    } else {  /* int4 codes are unsigned already: low nibbles are elements 0-15, high ones 16-31 */
+        const __m128i low = _mm_set1_epi8(0x0F);
+        __m128i bytes = _mm_loadu_si128((const __m128i *)codes);
+        pairs = _mm256_maddubs_epi16(_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low)), xv);
+    }
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+/* One token against int8 or int4 codes (`bits`), in groups of a multiple of 32. Inlined into each
+ * caller, so each gets the loop compiled for its constant `bits`. */
+static inline __attribute__((always_inline)) void decode_integer(int bits, const float *x, const uint8_t *w, const float *scales, const float *offsets,
+                           const float *sums, float *y, int64_t N, int64_t K, int64_t group, int threads) {
+    int64_t G = K / group, blocks = group / 32, block_bytes = 32 * bits / 8;
     int8_t *xq = (int8_t *)malloc(K);
     float *step = (float *)malloc((K / 32) * sizeof(float));
     quantize_blocks(x, xq, step, K);
-    const __m256i ones = _mm256_set1_epi16(1);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
-        const int8_t *row = w + n * K;
+        const uint8_t *row = w + n * (K / 32) * block_bytes;
         __m256 acc = _mm256_setzero_ps();
         for (int64_t g = 0; g < G; g++) {
             float s = scales[n * G + g];
             for (int64_t b = g * blocks; b < (g + 1) * blocks; b++) {
-                PREFETCH(row + b * 32);
-                __m256i wv = _mm256_loadu_si256((const __m256i *)(row + b * 32));
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
-                /* maddubs multiplies unsigned by signed: |w| (-128 reads as 128) times x with w's sign */
-                __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-                __m256i dot = _mm256_madd_epi16(pairs, ones);
+                PREFETCH(row + b * block_bytes);
+                __m256i dot = block_dot(row + b * block_bytes, xq + b * 32, bits);
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * step[b]), acc);
             }
         }
@@ -243,7 +245,7 @@ void matmul_int8(const float *x, const int8_t *w, const float *scales, const flo
     if (offsets) group_sums(x, sums, M, K, group);
 #ifdef GEMMA4_AVX2
     if (M == 1 && group % 32 == 0) {
-        decode_int8(x, w, scales, offsets, sums, y, N, K, group, threads);
+        decode_integer(8, x, (const uint8_t *)w, scales, offsets, sums, y, N, K, group, threads);
         return;
     }
 #else
@@ -304,43 +306,13 @@ void matmul_int8(const float *x, const int8_t *w, const float *scales, const flo
 #endif
 }
 
-#ifdef GEMMA4_AVX2
-static void decode_int4(const float *x, const uint8_t *w, const float *scales, const float *offsets, const float *sums,
-                        float *y, int64_t N, int64_t K, int64_t group, int threads) {
-    int64_t G = K / group, blocks = group / 32;
-    int8_t *xq = (int8_t *)malloc(K);
-    float *step = (float *)malloc((K / 32) * sizeof(float));
-    quantize_blocks(x, xq, step, K);
-    const __m128i low = _mm_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = w + n * (K / 2);
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t g = 0; g < G; g++) {
-            float s = scales[n * G + g];
-            for (int64_t b = g * blocks; b < (g + 1) * blocks; b++) {
-                PREFETCH(row + b * 16);
-                __m128i bytes = _mm_loadu_si128((const __m128i *)(row + b * 16));
-                __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
-                __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(xq + b * 32))), ones);
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * step[b]), acc);
-            }
-        }
-        y[n] = hsum(acc) + (offsets ? offset_term(offsets, sums, n, 0, G) : 0.f);
-    }
-    free(xq);
-    free(step);
-}
-#endif
-
 void matmul_int4(const float *x, const uint8_t *w, const float *scales, const float *offsets, float *sums, float *y,
                  int64_t M, int64_t N, int64_t K, int64_t group, int threads) {
     int64_t G = K / group;
     if (offsets) group_sums(x, sums, M, K, group);
 #ifdef GEMMA4_AVX2
     if (M == 1) {
-        decode_int4(x, w, scales, offsets, sums, y, N, K, group, threads);
+        decode_integer(4, x, w, scales, offsets, sums, y, N, K, group, threads);
         return;
     }
 #else
