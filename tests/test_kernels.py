@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from gemma4 import kernels
-from gemma4.model.layers import RMSNorm, attend
+from gemma4.model.layers import RMSNorm, attend, normed_rotated
+from gemma4.model.rope import apply_rotary
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="compiled kernels not built")
 
@@ -41,6 +42,28 @@ def test_one_query_attention_equals_sdpa(heads, kv_heads, slots, dim):
     fused = kernels.attend_one_query(q[:, 0].contiguous(), key, value, mask[:, 0, 0].contiguous(), 0.7)
     torch.testing.assert_close(fused, expected[:, :, 0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(attend(q, key, value, mask, 0.7), expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_one_query_attention_reads_a_bf16_cache_as_its_widened_values():
+    torch.manual_seed(3)
+    key, value = torch.randn(2, 2, 2, 40, 32).bfloat16().unbind(0)
+    q = torch.randn(2, 1, 8, 32)
+    mask = torch.rand(2, 1, 1, 40) > 0.2
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), key.float(), value.float(), attn_mask=mask, scale=0.5, enable_gqa=True)
+    torch.testing.assert_close(attend(q, key, value, mask, 0.5), expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_norm_then_rotary_equals_the_operators(with_scale):
+    """Per-token tables shared by all heads of the token, pairs (i, i + D/2), as apply_rotary."""
+    torch.manual_seed(4)
+    norm = RMSNorm(64, 1e-6, with_scale=with_scale)
+    if with_scale:
+        norm.weight.data = torch.randn(64)
+    x, cos, sin = torch.randn(2, 3, 4, 64) * 3, torch.randn(2, 3, 64), torch.randn(2, 3, 64)
+    with torch.no_grad():
+        expected = apply_rotary(torch_rms_norm(x, norm.weight, 1e-6, 0.0), cos, sin)
+        torch.testing.assert_close(normed_rotated(norm, x, cos, sin), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_one_token_without_a_cache_equals_sdpa():

@@ -11,6 +11,7 @@ import torch
 import gemma4
 from gemma4.errors import CheckpointError
 from gemma4 import kernels
+from gemma4.quant import int4
 from gemma4.quant.modules import PackedModule
 from gemma4.quant.packed import PackedTensor, quantize
 from gemma4.quant.quality import next_token_quality
@@ -31,26 +32,28 @@ def test_the_install_step_built_the_kernels():
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_streaming_kernels_equal_the_dequantized_matmul(kind, group, rows):
     torch.manual_seed(0)
-    packed = quantize(torch.randn(300, 512), kind, group)
+    packed = quantize(torch.randn(296, 512), kind, group).as_tiles()
     x = torch.randn(rows, 512)
-    assert packed._streamable()
+    assert packed._streamable() and packed.tiled == (kind == "int4")
     torch.testing.assert_close(packed.matmul(x), expected_matmul(packed, x), atol=1e-4, rtol=1e-5)
 
 
 def expected_matmul(packed: PackedTensor, x: torch.Tensor) -> torch.Tensor:
-    """What the kernels compute, in plain PyTorch. For one token, int4 and int8 (in groups of 32 or
-    more) round the activations to int8 per 32 (llama.cpp's Q8_0) for their integer dot products;
-    the offsets see the exact sums."""
+    """What the kernels compute, in plain PyTorch. int4 tiles, and int8 for one token (in groups of
+    32 or more), round the activations to int8 per 32 (llama.cpp's Q8_0) for their integer dot
+    products; the offsets see the exact sums."""
+    w = packed.dequantize().double()
     if not rounds_activations(packed, x.shape[0]):
-        return x @ packed.dequantize().T
+        return (x.double() @ w.T).float()
+    rounded = quantize_activations(x).double()
     if packed.offsets is None:
-        return quantize_activations(x) @ packed.dequantize().T
-    offsets = packed.offsets.repeat_interleave(packed.group_size, dim=1)
-    return quantize_activations(x) @ (packed.dequantize() - offsets).T + x @ offsets.T
+        return (rounded @ w.T).float()
+    scaled = PackedTensor(packed.kind, packed.codes, packed.scales, None, packed.group, packed.tiled).dequantize().double()
+    return (rounded @ scaled.T + x.double() @ (w - scaled).T).float()
 
 
 def rounds_activations(packed: PackedTensor, rows: int) -> bool:
-    return rows == 1 and packed.kind in ("int8", "int4") and packed.group_size % 32 == 0
+    return packed.tiled or (rows == 1 and packed.kind == "int8" and packed.group_size % 32 == 0)
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
@@ -63,11 +66,24 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_kernels_apply_offsets(kind):
     torch.manual_seed(1)
-    base = quantize(torch.randn(64, 256), kind, 32)
-    packed = PackedTensor(kind, base.codes, base.scales, torch.randn_like(base.scales), 32)
+    base = quantize(torch.randn(64, 256), kind, 32).as_tiles()
+    packed = PackedTensor(kind, base.codes, base.scales, torch.randn_like(base.scales), 32, base.tiled)
     for rows in (1, 2):
         x = torch.randn(rows, 256)
         torch.testing.assert_close(packed.matmul(x), expected_matmul(packed, x), atol=1e-4, rtol=1e-5)
+
+
+def test_int4_tiles_hold_the_rows_they_were_made_from():
+    torch.manual_seed(2)
+    rows = quantize(torch.randn(3, 24, 128), "int4", 64)  # a stack, as experts are held
+    tiles = rows.as_tiles()
+    assert tiles.tiled and tiles.shape == rows.shape == (3, 24, 128) and tiles.scales.dtype == torch.float16
+    codes, per_group = int4.untile(tiles.codes, [tiles.scales, tiles.offsets])
+    assert torch.equal(codes, rows.codes) and all(torch.equal(a, b) for a, b in zip(per_group, (rows.scales, rows.offsets)))
+    assert torch.equal(tiles[1].dequantize(), rows[1].dequantize())
+    ids = torch.tensor([[23, 0], [9, 9]])
+    assert torch.equal(tiles[2].rows(ids), rows[2].dequantize()[ids])
+    assert quantize(torch.randn(12, 64), "int4").as_tiles().tiled is False  # 12 rows: no whole tile
 
 
 def test_int8_error_is_half_a_step():
@@ -93,7 +109,7 @@ def test_gguf_blocks_repack_without_loss(type_name):
     qtype = gguf.GGMLQuantizationType[type_name]
     block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(0)
-    N, K = 6, 512
+    N, K = 8, 512
     raw = rng.integers(0, 256, size=(N, K // block * nbytes), dtype=np.uint8)
     blocks = raw.reshape(-1, nbytes)
     scale_fields = [208] if type_name == "Q6_K" else [0, 2] if type_name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else [0]
@@ -102,8 +118,10 @@ def test_gguf_blocks_repack_without_loss(type_name):
     expected = gguf.quants.dequantize(raw, qtype).reshape(N, K)
     packed = repack(raw, type_name, (N, K))
     assert np.array_equal(packed.dequantize().numpy(), expected)
+    tiled = packed.as_tiles()  # as a matrix is held (int4 types)
+    assert np.array_equal(tiled.dequantize().numpy(), expected)
     x = torch.randn(1, K)
-    torch.testing.assert_close(packed.matmul(x), expected_matmul(packed, x), atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(tiled.matmul(x), expected_matmul(tiled, x), atol=2e-3, rtol=1e-4)
 
 
 def same_rounding_model(path, packed_lm):
@@ -115,7 +133,7 @@ def same_rounding_model(path, packed_lm):
             if isinstance(module, PackedModule):
                 for param in module.packed_names:
                     p = module.packed(param)
-                    weight = torch.stack([p[e].dequantize() for e in range(p.codes.shape[0])]) if p.codes.dim() == 3 else p.dequantize()
+                    weight = torch.stack([p[e].dequantize() for e in range(p.shape[0])]) if len(p.shape) == 3 else p.dequantize()
                     state[f"{name}.{param}"] = weight.reshape(state[f"{name}.{param}"].shape)
     lm.load_state_dict(state, assign=True)
     return lm
@@ -150,6 +168,21 @@ def test_saved_quantized_checkpoint_reloads_without_requantizing(checkpoints, tm
     layer = reloaded.lm.model.layers[0].mlp.down_proj
     assert _is_mapped(layer.weight) and layer.packed("weight").kind == "int4"
     assert reloaded.generate("Hello", max_new_tokens=4, temperature=0) == fresh.generate("Hello", max_new_tokens=4, temperature=0)
+
+
+def test_int4_saved_in_the_old_row_layout_is_refused(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    target = save_quantized(checkpoints("tiny-e2b", torch.bfloat16), tmp_path / "int4", "int4", progress=False)
+    for shard in target.glob("*.safetensors"):
+        state = load_file(shard)
+        name = next((n for n in state if n.endswith("layers.0.mlp.down_proj.weight")), None)
+        if name is not None:
+            codes, per_group = int4.untile(state[name], [state[name + "_scale"], state[name + "_offset"]])
+            state.update({name: codes, name + "_scale": per_group[0], name + "_offset": per_group[1]})
+            save_file(state, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="older layout.*gemma4 quantize"):
+        gemma4.load(target, progress=False)
 
 
 def test_saving_into_a_used_folder_is_refused(checkpoints, tmp_path):

@@ -1,5 +1,5 @@
-"""The compiled kernels, loaded with ctypes: matmuls over packed weights (matmul.c), the small
-fused operations of a decode step (decode.c); and the int4 layout helpers.
+"""The compiled kernels, loaded with ctypes: matmuls over packed weights (matmul.c, int4.c), the
+small fused operations of a decode step (decode.c).
 
 The shared library is built by the package's install step (setup.py). Where it is missing (no
 compiler, or a source checkout never built), `available()` is False and callers use PyTorch
@@ -50,14 +50,24 @@ def matmul_16bit(x: Tensor, codes: Tensor) -> Tensor:
     return y
 
 
-def matmul_grouped(bits: int, x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int) -> Tensor:
-    """x: fp32 [M, K]; int8 codes [N, K] or int4 codes [N, K/2]; scales/offsets fp32 [N, K/group] -> fp32 [M, N]."""
+def matmul_int8(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int) -> Tensor:
+    """x: fp32 [M, K]; codes: int8 [N, K]; scales/offsets fp32 [N, K/group] -> fp32 [M, N]."""
     M, K = x.shape
     N = codes.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
     sums = torch.empty(M, K // group, dtype=torch.float32) if offsets is not None else None
-    fn = _lib.matmul_int8 if bits == 8 else _lib.matmul_int4  # type: ignore[union-attr]
-    fn(_ptr(x), _ptr(codes), _ptr(scales), _ptr(offsets), _ptr(sums), _ptr(y), M, N, K, group, torch.get_num_threads())
+    _lib.matmul_int8(_ptr(x), _ptr(codes), _ptr(scales), _ptr(offsets), _ptr(sums), _ptr(y), M, N, K, group, torch.get_num_threads())  # type: ignore[union-attr]
+    return y
+
+
+def matmul_int4(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int) -> Tensor:
+    """x: fp32 [M, K], M <= 8; int4 tiles (quant/int4.py): codes [N/8, K/32, 128], scales/offsets fp16
+    or fp32 [N/8, K/group, 8] -> fp32 [M, N]."""
+    M, K = x.shape
+    N = codes.shape[0] * 8
+    y = torch.empty(M, N, dtype=torch.float32)
+    f16 = int(scales.dtype == torch.float16)
+    _lib.matmul_int4(_ptr(x), _ptr(codes), _ptr(scales), _ptr(offsets), f16, _ptr(y), M, N, K, group, torch.get_num_threads())  # type: ignore[union-attr]
     return y
 
 
@@ -69,52 +79,48 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float) -> Ten
     return out
 
 
+def rms_norm_rotary(x: Tensor, weight: Tensor | None, eps: float, offset: float, cos: Tensor, sin: Tensor) -> Tensor:
+    """RMSNorm then rotary embedding: x fp32 [B, T, H, D] contiguous; cos, sin fp32 [B, T, D] contiguous."""
+    out = torch.empty_like(x)
+    B, T, H, D = x.shape
+    _lib.rms_norm_rotary(_ptr(x), _ptr(weight), _ptr(cos), _ptr(sin), _ptr(out), B * T, H, D, eps, offset)  # type: ignore[union-attr]
+    return out
+
+
 def attend_one_query(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scale: float) -> Tensor:
-    """q: fp32 [B, H, D] contiguous; key, value: fp32 [B, KV, S, D] (a cache buffer's slice is read
-    in place; other layouts are copied first); allowed: bool [B, S] contiguous -> [B, H, D]."""
+    """q: fp32 [B, H, D] contiguous; key, value: fp32 or bf16 (both the same) [B, KV, S, D] (a cache
+    buffer's slice is read in place; other layouts are copied first); allowed: bool [B, S] contiguous
+    -> fp32 [B, H, D]."""
     B, H, D = q.shape
     KV, S = key.shape[1], key.shape[2]
     key, value = (t if t.stride()[2:] == (D, 1) else t.contiguous() for t in (key, value))
     strides = [(ctypes.c_int64 * 2)(*t.stride()[:2]) for t in (key, value)]
     out = torch.empty_like(q)
     _lib.attend_one_query(  # type: ignore[union-attr]
-        _ptr(q), _ptr(key), _ptr(value), _ptr(allowed), _ptr(out), B, H, KV, S, D, *strides, scale, torch.get_num_threads()
+        _ptr(q), _ptr(key), _ptr(value), int(key.dtype == torch.bfloat16), _ptr(allowed), _ptr(out), B, H, KV, S, D, *strides, scale,
+        torch.get_num_threads(),
     )
     return out
 
 
 def dequantize_int4(codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int, rows: slice) -> Tensor:
-    """Rows of an int4 weight as fp32 [rows, K]."""
-    n0, n1, _ = rows.indices(codes.shape[0])
-    K = codes.shape[1] * 2
+    """Rows of an int4 tiled weight as fp32 [rows, K]."""
+    n0, n1, _ = rows.indices(codes.shape[0] * 8)
+    K = codes.shape[1] * 32
     out = torch.empty(n1 - n0, K, dtype=torch.float32)
-    if _lib is None:
-        return unpack_int4(codes[n0:n1]).float().view(n1 - n0, -1, group).mul(scales[n0:n1, :, None]).add(
-            0 if offsets is None else offsets[n0:n1, :, None]
-        ).view(n1 - n0, K)
-    _lib.dequantize_int4(_ptr(codes), _ptr(scales), _ptr(offsets), _ptr(out), n0, n1, K, group, torch.get_num_threads())
+    f16 = int(scales.dtype == torch.float16)
+    _lib.dequantize_int4(_ptr(codes), _ptr(scales), _ptr(offsets), f16, _ptr(out), n0, n1, K, group, torch.get_num_threads())  # type: ignore[union-attr]
     return out
 
 
-def unpack_int4(codes: Tensor) -> Tensor:
-    """uint8 [..., K/2] in 32-element blocks (low nibbles: first 16, high: last 16) -> uint8 codes [..., K]."""
-    blocks = codes.view(*codes.shape[:-1], -1, 16)
-    return torch.cat((blocks & 15, blocks >> 4), dim=-1).flatten(-2)
-
-
-def pack_int4(values: Tensor) -> Tensor:
-    """uint8 codes 0..15 [..., K] (K a multiple of 32) -> the packed layout unpack_int4 reads."""
-    blocks = values.view(*values.shape[:-1], -1, 32)
-    return (blocks[..., :16] | (blocks[..., 16:] << 4)).flatten(-2).contiguous()
-
-
 if _lib is not None:
-    for _name in ("matmul_16bit", "matmul_int8", "matmul_int4", "dequantize_int4", "rms_norm", "attend_one_query"):
+    for _name in ("matmul_16bit", "matmul_int8", "matmul_int4", "dequantize_int4", "rms_norm", "rms_norm_rotary", "attend_one_query"):
         getattr(_lib, _name).restype = None
     _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     _lib.matmul_16bit.argtypes = [_p, _p, _p, _i64, _i64, _i64, _int, _int]
     _lib.matmul_int8.argtypes = [_p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int]
-    _lib.matmul_int4.argtypes = [_p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int]
-    _lib.dequantize_int4.argtypes = [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _int]
+    _lib.matmul_int4.argtypes = [_p, _p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int]
+    _lib.dequantize_int4.argtypes = [_p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int]
     _lib.rms_norm.argtypes = [_p, _p, _p, _i64, _i64, ctypes.c_float, ctypes.c_float]
-    _lib.attend_one_query.argtypes = [_p, _p, _p, _p, _p, *[_i64] * 5, _p, _p, ctypes.c_float, _int]
+    _lib.rms_norm_rotary.argtypes = [_p, _p, _p, _p, _p, _i64, _i64, _i64, ctypes.c_float, ctypes.c_float]
+    _lib.attend_one_query.argtypes = [_p, _p, _p, _int, _p, _p, *[_i64] * 5, _p, _p, ctypes.c_float, _int]

@@ -1,24 +1,43 @@
 /* The small operations of one decode step, fused: at one token each is a few microseconds of work
- * that PyTorch spends as several operators (an RMSNorm is eight), and a step has hundreds of them.
- * fp32 in and out. Their sums run in another order than PyTorch's, which changes only round-off.
+ * that PyTorch spends as several operators (an RMSNorm is eight, a rotation eight more), and a step
+ * has hundreds of them. fp32 in and out; cached keys and values are read as stored (fp32 or bf16).
+ * Their sums run in another order than PyTorch's, which changes only round-off.
  * Called through ctypes (kernels/__init__.py). */
 
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "simd.h"
 
-/* out[g] = q[g] . k for the `group` queries of one KV head: k is loaded once for all of them. */
-static void dots(const float *q, const float *k, float *out, int64_t group, int64_t D) {
+/* Element `at` of a K/V buffer of fp32 (bf16 = 0) or bf16 values, as fp32. */
+static inline float kv_at(const void *kv, int64_t at, int bf16) {
+    if (!bf16) return ((const float *)kv)[at];
+    uint32_t bits = (uint32_t)((const uint16_t *)kv)[at] << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#ifdef GEMMA4_AVX2
+static inline __m256 kv_load8(const void *kv, int64_t at, int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)kv + at);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)kv + at));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
+/* out[g] = q[g] . k for the `group` queries of one KV head: k (element k0 on) is loaded once for all of them. */
+static void dots(const float *q, const void *k, int64_t k0, int bf16, float *out, int64_t group, int64_t D) {
 #ifdef GEMMA4_AVX2
     for (int64_t g0 = 0; g0 < group; g0 += 8) {
         int64_t n = group - g0 < 8 ? group - g0 : 8;
         __m256 acc[8];
         for (int64_t g = 0; g < n; g++) acc[g] = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) {  /* D % 8 == 0 (the caller checks) */
-            __m256 kv = _mm256_loadu_ps(k + d);
+            __m256 kv = kv_load8(k, k0 + d, bf16);
             for (int64_t g = 0; g < n; g++) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (g0 + g) * D + d), kv, acc[g]);
         }
         for (int64_t g = 0; g < n; g++) out[g0 + g] = hsum(acc[g]);
@@ -26,16 +45,17 @@ static void dots(const float *q, const float *k, float *out, int64_t group, int6
 #else
     for (int64_t g = 0; g < group; g++) {  /* one long serial sum: in double, to stay within fp32 round-off */
         double dot = 0.0;
-        for (int64_t d = 0; d < D; d++) dot += q[g * D + d] * k[d];
+        for (int64_t d = 0; d < D; d++) dot += q[g * D + d] * kv_at(k, k0 + d, bf16);
         out[g] = (float)dot;
     }
 #endif
 }
 
 /* part[g] outputs (at offset 2 of each `width`, zeroed by the caller) = sum over allowed slots s of
- * p[s, g] * v[s]: eight columns of v at a time against every query, the sums held in registers. */
-static void weighted_sum(const float *p, const float *v, const uint8_t *mask, int64_t s0, int64_t s1, float *part,
-                         int64_t group, int64_t D, int64_t width) {
+ * p[s, g] * v[s] (v's slot s at element v0 + s D): eight columns of v at a time against every query,
+ * the sums held in registers. */
+static void weighted_sum(const float *p, const void *v, int64_t v0, int bf16, const uint8_t *mask, int64_t s0, int64_t s1,
+                         float *part, int64_t group, int64_t D, int64_t width) {
 #ifdef GEMMA4_AVX2
     for (int64_t g0 = 0; g0 < group; g0 += 8) {
         int64_t n = group - g0 < 8 ? group - g0 : 8;
@@ -44,7 +64,7 @@ static void weighted_sum(const float *p, const float *v, const uint8_t *mask, in
             for (int64_t g = 0; g < n; g++) acc[g] = _mm256_setzero_ps();
             for (int64_t s = s0; s < s1; s++) {
                 if (!mask[s]) continue;
-                __m256 vv = _mm256_loadu_ps(v + s * D + d);
+                __m256 vv = kv_load8(v, v0 + s * D + d, bf16);
                 const float *ps = p + (s - s0) * group + g0;
                 for (int64_t g = 0; g < n; g++) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(ps[g]), vv, acc[g]);
             }
@@ -55,34 +75,54 @@ static void weighted_sum(const float *p, const float *v, const uint8_t *mask, in
     for (int64_t s = s0; s < s1; s++) {
         if (!mask[s]) continue;
         for (int64_t g = 0; g < group; g++)
-            for (int64_t d = 0; d < D; d++) part[g * width + 2 + d] += p[(s - s0) * group + g] * v[s * D + d];
+            for (int64_t d = 0; d < D; d++) part[g * width + 2 + d] += p[(s - s0) * group + g] * kv_at(v, v0 + s * D + d, bf16);
     }
 #endif
 }
 
+static void norm_row(const float *x, const float *weight, float *out, int64_t dim, float eps, float offset) {
+    float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < dim; i++) squares += x[i] * x[i];
+    float inverse = 1.f / sqrtf(squares / dim + eps);
+    if (weight)
+        for (int64_t i = 0; i < dim; i++) out[i] = x[i] * inverse * (weight[i] + offset);
+    else
+        for (int64_t i = 0; i < dim; i++) out[i] = x[i] * inverse;
+}
+
 /* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * (weight + offset), or without a weight. */
 void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int64_t dim, float eps, float offset) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * dim;
-        float *o = out + r * dim;
-        float squares = 0.f;
-#pragma omp simd reduction(+ : squares)
-        for (int64_t i = 0; i < dim; i++) squares += xr[i] * xr[i];
-        float inverse = 1.f / sqrtf(squares / dim + eps);
-        if (weight)
-            for (int64_t i = 0; i < dim; i++) o[i] = xr[i] * inverse * (weight[i] + offset);
-        else
-            for (int64_t i = 0; i < dim; i++) o[i] = xr[i] * inverse;
-    }
+    for (int64_t r = 0; r < rows; r++) norm_row(x + r * dim, weight, out + r * dim, dim, eps, offset);
+}
+
+/* RMSNorm then rotary embedding of every head of `tokens` tokens: x, out [tokens, heads, dim];
+ * cos, sin [tokens, dim] (one table row per token for all its heads). Pairs are (i, i + dim/2):
+ * out[i] = n[i] cos[i] - n[i + dim/2] sin[i], out[i + dim/2] = n[i + dim/2] cos[i + dim/2] + n[i] sin[i + dim/2]. */
+void rms_norm_rotary(const float *x, const float *weight, const float *cos, const float *sin, float *out, int64_t tokens,
+                     int64_t heads, int64_t dim, float eps, float offset) {
+    float *normed = (float *)malloc(dim * sizeof(float));
+    int64_t half = dim / 2;
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t h = 0; h < heads; h++) {
+            const float *c = cos + t * dim, *s = sin + t * dim;
+            float *o = out + (t * heads + h) * dim;
+            norm_row(x + (t * heads + h) * dim, weight, normed, dim, eps, offset);
+            for (int64_t i = 0; i < half; i++) {
+                o[i] = normed[i] * c[i] - normed[i + half] * s[i];
+                o[i + half] = normed[i + half] * c[i + half] + normed[i] * s[i + half];
+            }
+        }
+    free(normed);
 }
 
 /* One query per head against its KV head's cached keys and values (GQA: `group` = H / KV queries
- * share one KV head). q, out: [B, H, D]; key, value: [B, KV, S, D] with rows of D contiguous, their
- * batch and KV-head strides given (a cache's buffer may hold more slots than S); allowed: [B, S]
- * (nonzero where the query may attend). The slots are split between threads, each reading its
+ * share one KV head). q, out: [B, H, D]; key, value: [B, KV, S, D] fp32 or bf16 (kv_bf16) with rows
+ * of D contiguous, their batch and KV-head strides given (a cache's buffer may hold more slots than
+ * S); allowed: [B, S] (nonzero where the query may attend). The slots are split between threads, each reading its
  * share of K and V once for all queries of the group (as flash decoding does); the partial softmaxes
  * are then merged. */
-void attend_one_query(const float *q, const float *key, const float *value, const uint8_t *allowed, float *out,
+void attend_one_query(const float *q, const void *key, const void *value, int kv_bf16, const uint8_t *allowed, float *out,
                       int64_t B, int64_t H, int64_t KV, int64_t S, int64_t D, const int64_t *key_strides,
                       const int64_t *value_strides, float scale, int threads) {
     int64_t group = H / KV, pairs = B * KV, width = D + 2;  /* a partial: running max, sum, D outputs */
@@ -96,8 +136,7 @@ void attend_one_query(const float *q, const float *key, const float *value, cons
         float *scores = (float *)malloc((s1 - s0 + 1) * group * sizeof(float));
         for (int64_t pair = 0; pair < pairs; pair++) {
             int64_t b = pair / KV, kv = pair % KV;
-            const float *k = key + b * key_strides[0] + kv * key_strides[1];
-            const float *v = value + b * value_strides[0] + kv * value_strides[1];
+            int64_t k0 = b * key_strides[0] + kv * key_strides[1], v0 = b * value_strides[0] + kv * value_strides[1];
             const float *qg = q + (b * H + kv * group) * D;
             const uint8_t *mask = allowed + b * S;
             float *part = partials + (pair * threads + t) * group * width;
@@ -109,7 +148,7 @@ void attend_one_query(const float *q, const float *key, const float *value, cons
             for (int64_t s = s0; s < s1; s++) {
                 if (!mask[s]) continue;
                 float *row = scores + (s - s0) * group;
-                dots(qg, k + s * D, row, group, D);
+                dots(qg, key, k0 + s * D, kv_bf16, row, group, D);
                 for (int64_t g = 0; g < group; g++) {
                     row[g] *= scale;
                     part[g * width] = fmaxf(part[g * width], row[g]);
@@ -123,7 +162,7 @@ void attend_one_query(const float *q, const float *key, const float *value, cons
                     part[g * width + 1] += row[g];
                 }
             }
-            weighted_sum(scores, v, mask, s0, s1, part, group, D, width);
+            weighted_sum(scores, value, v0, kv_bf16, mask, s0, s1, part, group, D, width);
         }
         free(scores);
     }

@@ -1,13 +1,12 @@
-/* Decode-shaped matmuls over packed weights: y[M, N] = x[M, K] . W[N, K]^T for small M, with fp32
- * activations and accumulation, the weights converted in registers as they stream from memory.
+/* Decode-shaped matmuls over 16-bit and int8 weights: y[M, N] = x[M, K] . W[N, K]^T for small M, with
+ * fp32 activations and accumulation, the weights converted in registers as they stream from memory
+ * (int4 tiles: int4.c).
  * Stock PyTorch kernels either compute in bf16 (slow without native bf16) or reach a fraction of
  * the memory bandwidth on int4/int8; a matvec should be bound by the weight bytes it reads.
  *
  * Weight formats (see quant/packed.py):
  *   bf16, f16: uint16 [N, K].
  *   int8: int8 codes [N, K]; w = scale[n, g] * code (+ offset[n, g]), groups of `group` along K.
- *   int4: uint8 [N, K/2], blocks of 32 along K of 16 bytes each: byte j holds element j in its low
- *         nibble and element j + 16 in its high one (llama.cpp's Q4 layout); w = scale * code + offset.
  * Called through ctypes; each entry point splits the N rows over `threads` OpenMP threads. */
 
 #include <math.h>
@@ -38,21 +37,6 @@ static inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
-static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023, bits;
-    if (exp == 31) bits = sign | 0x7F800000 | (man << 13);
-    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
-    else if (!man) bits = sign;
-    else {  /* subnormal: normalise */
-        exp = 113;
-        while (!(man & 1024)) { man <<= 1; exp--; }
-        bits = sign | (exp << 23) | ((man & 1023) << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 /* Sum of x over each group, so offsets cost one multiply per group: sum_k (s q_k + o) x_k = s sum q_k x_k + o sum x_k. */
 static void group_sums(const float *x, float *sums, int64_t M, int64_t K, int64_t group) {
     int64_t G = K / group;
@@ -68,11 +52,6 @@ static void group_sums(const float *x, float *sums, int64_t M, int64_t K, int64_
 
 /* 16-bit weights: bf16 (is_f16 = 0) or IEEE half (is_f16 = 1). */
 #ifdef GEMMA4_AVX2
-/* Weight bytes ahead of the load to ask for: measured on this kind of machine, one sequential
- * stream per thread with a software prefetch reads ~20 % faster than the hardware prefetcher alone. */
-#define PREFETCH_BYTES 1024
-#define PREFETCH(p) _mm_prefetch((const char *)(p) + PREFETCH_BYTES, _MM_HINT_T0)
-
 /* One token against bf16 weights with no shuffles: a 32-bit lane holding bf16 pair (w[2i], w[2i+1])
  * gives w[2i] as a float by shifting left 16, and w[2i+1] by masking the low half. So x is split
  * once per call into its even and odd elements per 16-block, and each 16 weights cost one load,
@@ -152,40 +131,18 @@ static float offset_term(const float *offsets, const float *sums, int64_t n, int
 }
 
 #ifndef GEMMA4_AVX2
-/* Code k of an int8 row, or of an int4 row in its 32-block layout. */
-static inline float code_at(const void *row, int64_t k, int bits) {
-    if (bits == 8) return ((const int8_t *)row)[k];
-    uint8_t byte = ((const uint8_t *)row)[(k / 32) * 16 + k % 16];
-    return k % 32 < 16 ? (byte & 15) : (byte >> 4);
-}
-
 /* One row's dot product with x without SIMD, scales applied per group (offsets are added apart). */
-static float scalar_row(const float *x, const void *row, int bits, const float *scale, int64_t K, int64_t group) {
+static float scalar_row(const float *x, const int8_t *row, const float *scale, int64_t K, int64_t group) {
     float total = 0.f;
     for (int64_t g = 0; g < K / group; g++) {
         float s = 0.f;
-        for (int64_t k = g * group; k < (g + 1) * group; k++) s += code_at(row, k, bits) * x[k];
+        for (int64_t k = g * group; k < (g + 1) * group; k++) s += row[k] * x[k];
         total += s * scale[g];
     }
     return total;
 }
-#endif
 
-/* x -> int8 per 32-block with one fp32 step each (as llama.cpp's Q8_0 activations): one-token dot
- * products against int8 or int4 codes then run on integer multiply-adds, 32 weights per maddubs,
- * instead of converting every weight to fp32 (which bounds the speed by instructions, not bytes). */
-static void quantize_blocks(const float *x, int8_t *xq, float *step, int64_t K) {
-    for (int64_t b = 0; b < K / 32; b++) {
-        float amax = 0.f;
-        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b * 32 + j]));
-        step[b] = amax / 127.f;
-        float inverse = amax > 0.f ? 127.f / amax : 0.f;
-        for (int j = 0; j < 32; j++) xq[b * 32 + j] = (int8_t)lrintf(x[b * 32 + j] * inverse);
-    }
-}
-
-#ifndef GEMMA4_AVX2
-/* The activations a one-token integer path computes with (x rounded as quantize_blocks rounds it),
+/* The activations the one-token integer path computes with (x rounded as quantize_blocks rounds it),
  * so builds without AVX2 compute what AVX2 builds compute. Caller frees. */
 static float *rounded_activations(const float *x, int64_t K) {
     int8_t *xq = (int8_t *)malloc(K);
@@ -197,38 +154,26 @@ static float *rounded_activations(const float *x, int64_t K) {
     return rounded;
 }
 #else
-/* One 32-block's integer dot product with the rounded activations, as 8 int32 partial sums. */
-static inline __attribute__((always_inline)) __m256i block_dot(const uint8_t *codes, const int8_t *xq, int bits) {
-    __m256i xv = _mm256_loadu_si256((const __m256i *)xq), pairs;
-    if (bits == 8) {
-        __m256i wv = _mm256_loadu_si256((const __m256i *)codes);
-        /* maddubs multiplies unsigned by signed: |w| (-128 reads as 128) times x with w's sign */
-        pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-    } else {  /* int4 codes are unsigned already: low nibbles are elements 0-15, high ones 16-31 */
-        const __m128i low = _mm_set1_epi8(0x0F);
-        __m128i bytes = _mm_loadu_si128((const __m128i *)codes);
-        pairs = _mm256_maddubs_epi16(_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low)), xv);
-    }
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-}
-
-/* One token against int8 or int4 codes (`bits`), in groups of a multiple of 32. Inlined into each
- * caller, so each gets the loop compiled for its constant `bits`. */
-static inline __attribute__((always_inline)) void decode_integer(int bits, const float *x, const uint8_t *w, const float *scales, const float *offsets,
-                           const float *sums, float *y, int64_t N, int64_t K, int64_t group, int threads) {
-    int64_t G = K / group, blocks = group / 32, block_bytes = 32 * bits / 8;
+/* One token against int8 codes in groups of a multiple of 32, on integer multiply-adds: 32 weights
+ * per maddubs instead of converting each to fp32 (which bounds the speed by instructions, not bytes). */
+static void decode_int8(const float *x, const int8_t *w, const float *scales, const float *offsets, const float *sums, float *y,
+                        int64_t N, int64_t K, int64_t group, int threads) {
+    int64_t G = K / group, blocks = group / 32;
     int8_t *xq = (int8_t *)malloc(K);
     float *step = (float *)malloc((K / 32) * sizeof(float));
     quantize_blocks(x, xq, step, K);
+    const __m256i ones = _mm256_set1_epi16(1);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = w + n * (K / 32) * block_bytes;
+        const int8_t *row = w + n * K;
         __m256 acc = _mm256_setzero_ps();
         for (int64_t g = 0; g < G; g++) {
             float s = scales[n * G + g];
             for (int64_t b = g * blocks; b < (g + 1) * blocks; b++) {
-                PREFETCH(row + b * block_bytes);
-                __m256i dot = block_dot(row + b * block_bytes, xq + b * 32, bits);
+                PREFETCH(row + b * 32);
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(row + b * 32)), xv = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
+                /* maddubs multiplies unsigned by signed: |w| (-128 reads as 128) times x with w's sign */
+                __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones);
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * step[b]), acc);
             }
         }
@@ -245,7 +190,7 @@ void matmul_int8(const float *x, const int8_t *w, const float *scales, const flo
     if (offsets) group_sums(x, sums, M, K, group);
 #ifdef GEMMA4_AVX2
     if (M == 1 && group % 32 == 0) {
-        decode_integer(8, x, (const uint8_t *)w, scales, offsets, sums, y, N, K, group, threads);
+        decode_int8(x, w, scales, offsets, sums, y, N, K, group, threads);
         return;
     }
 #else
@@ -298,84 +243,10 @@ void matmul_int8(const float *x, const int8_t *w, const float *scales, const flo
             y[m * N + n] = hsum(acc[m]) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
 #else
         for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = scalar_row(xs + m * K, row, 8, scale, K, group) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
+            y[m * N + n] = scalar_row(xs + m * K, row, scale, K, group) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
 #endif
     }
 #ifndef GEMMA4_AVX2
     free(rounded);
 #endif
-}
-
-void matmul_int4(const float *x, const uint8_t *w, const float *scales, const float *offsets, float *sums, float *y,
-                 int64_t M, int64_t N, int64_t K, int64_t group, int threads) {
-    int64_t G = K / group;
-    if (offsets) group_sums(x, sums, M, K, group);
-#ifdef GEMMA4_AVX2
-    if (M == 1) {
-        decode_integer(4, x, w, scales, offsets, sums, y, N, K, group, threads);
-        return;
-    }
-#else
-    float *rounded = M == 1 && group % 32 == 0 ? rounded_activations(x, K) : NULL;
-    const float *xs = rounded ? rounded : x;
-#endif
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = w + n * (K / 2);
-        const float *scale = scales + n * G;
-#ifdef GEMMA4_AVX2
-        const __m128i low = _mm_set1_epi8(0x0F);
-        const int64_t blocks = group / 32;
-        __m256 acc[MAX_M];
-        for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
-        for (int64_t g = 0; g < G; g++) {
-            __m256 p[MAX_M][2];
-            for (int64_t m = 0; m < M; m++) p[m][0] = p[m][1] = _mm256_setzero_ps();
-            for (int64_t b = 0; b < blocks; b++) {
-                int64_t k = (g * blocks + b) * 32;
-                __m128i bytes = _mm_loadu_si128((const __m128i *)(row + k / 2));
-                __m128i lo = _mm_and_si128(bytes, low), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
-                __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-                __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-                __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-                __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-                for (int64_t m = 0; m < M; m++) {
-                    const float *xb = x + m * K + k;
-                    p[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), p[m][0]);
-                    p[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), p[m][1]);
-                    p[m][0] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), p[m][0]);
-                    p[m][1] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), p[m][1]);
-                }
-            }
-            __m256 s = _mm256_set1_ps(scale[g]);
-            for (int64_t m = 0; m < M; m++) acc[m] = _mm256_fmadd_ps(_mm256_add_ps(p[m][0], p[m][1]), s, acc[m]);
-        }
-        for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = hsum(acc[m]) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
-#else
-        for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = scalar_row(xs + m * K, row, 4, scale, K, group) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
-#endif
-    }
-#ifndef GEMMA4_AVX2
-    free(rounded);
-#endif
-}
-
-/* Rows [n0, n1) of an int4 weight to fp32, for prefill (which then runs a dense fp32 matmul). */
-void dequantize_int4(const uint8_t *w, const float *scales, const float *offsets, float *out, int64_t n0, int64_t n1,
-                     int64_t K, int64_t group, int threads) {
-    int64_t G = K / group;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *row = w + n * (K / 2);
-        float *o = out + (n - n0) * K;
-        for (int64_t k = 0; k < K; k += 32)
-            for (int64_t j = 0; j < 16; j++) {
-                int64_t g = k / group;
-                float s = scales[n * G + g], z = offsets ? offsets[n * G + g] : 0.f;
-                o[k + j] = s * (row[k / 2 + j] & 15) + z;
-                o[k + j + 16] = s * (row[k / 2 + j] >> 4) + z;
-            }
-    }
 }

@@ -40,6 +40,13 @@ class RMSNorm(nn.Module):
         return normed.type_as(x)
 
 
+def normed_rotated(norm: RMSNorm, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """apply_rotary(norm(x), cos, sin) for x [B, T, H, D]: one fused kernel for fp32 where built."""
+    if x.dtype == cos.dtype == torch.float32 and kernels.available() and (norm.weight is None or norm.weight.dtype == torch.float32):
+        return kernels.rms_norm_rotary(x.contiguous(), norm.weight, norm.eps, norm.offset, cos.contiguous(), sin.contiguous())
+    return apply_rotary(norm(x), cos, sin)
+
+
 def gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -61,10 +68,13 @@ class AttentionInputs:
 
 def attend(q: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float) -> Tensor:
     """q [B, T, H, D] against key, value [B, K, S, D] under mask [B, 1, T, S] -> [B, T, H, D].
-    One fp32 query per head (a decode step) takes a fused kernel where it is built: at E2B's
-    decode shapes PyTorch's attention takes twice as long."""
-    if q.shape[1] == 1 and q.shape[-1] % 8 == 0 and q.dtype == key.dtype == value.dtype == torch.float32 and kernels.available():
+    K/V may be narrower than q (a bf16 cache): read widened. One fp32 query per head (a decode
+    step) takes a fused kernel where it is built, which reads a bf16 cache as it is: at E2B's
+    decode shapes PyTorch's attention takes twice as long, plus the widening copies."""
+    fused_kv = key.dtype == value.dtype and key.dtype in (torch.float32, torch.bfloat16)
+    if q.shape[1] == 1 and q.shape[-1] % 8 == 0 and q.dtype == torch.float32 and fused_kv and kernels.available():
         return kernels.attend_one_query(q[:, 0].contiguous(), key, value, mask[:, 0, 0].contiguous(), scale)[:, None]
+    key, value = key.to(q.dtype), value.to(q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), key, value, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)
 
@@ -79,7 +89,8 @@ class KVStore(Protocol):
         ...
 
     def update(self, layer: int, key: Tensor | None, value: Tensor) -> tuple[Tensor | None, Tensor]:
-        """Add the new tokens' K/V [B, K, T, D] (key None for K=V layers); return all of them [B, K, S, D]."""
+        """Add the new tokens' K/V [B, K, T, D] (key None for K=V layers); return all of them
+        [B, K, S, D], in the store's dtype (`attend` widens)."""
         ...
 
     def share(self, layer: int, key: Tensor, value: Tensor) -> None: ...
@@ -106,7 +117,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, inputs: AttentionInputs, kv: KVStore) -> Tensor:
         B, T, _ = x.shape
         D = self.plan.head_dim
-        q = apply_rotary(self.q_norm(self.q_proj(x).view(B, T, -1, D)), inputs.cos, inputs.sin)
+        q = normed_rotated(self.q_norm, self.q_proj(x).view(B, T, -1, D), inputs.cos, inputs.sin)
         if self.plan.owns_kv:
             key, value = self._update_kv(x, inputs, kv)
             kv.share(self.plan.index, key, value)
@@ -122,10 +133,11 @@ class Attention(nn.Module):
             # K=V: the value is v_norm(k_proj(x)) and the key k_norm of the same projection, i.e. the
             # value times k_norm's weight, then rotated. One tensor is stored; keys are rebuilt on read.
             _, value = kv.update(self.plan.index, None, self.v_norm(raw).transpose(1, 2))
+            value = value.to(x.dtype)
             key = (value.float() * self.k_norm.weight.float()).type_as(value)
             cos, sin = inputs.key_cos.unsqueeze(1), inputs.key_sin.unsqueeze(1)  # type: ignore[union-attr]
             return apply_rotary(key, cos, sin, head_axis=None), value
-        key = apply_rotary(self.k_norm(raw), inputs.cos, inputs.sin).transpose(1, 2)  # [B, K, T, D]
+        key = normed_rotated(self.k_norm, raw, inputs.cos, inputs.sin).transpose(1, 2)  # [B, K, T, D]
         value = self.v_norm(self.v_proj(x).view(B, T, -1, self.plan.head_dim)).transpose(1, 2)
         key, value = kv.update(self.plan.index, key, value)
         return key, value  # type: ignore[return-value]

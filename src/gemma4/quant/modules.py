@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model.layers import Experts
-from ..model.transformer import ScaledEmbedding
+from ..model.transformer import ScaledEmbedding, TextModel
 from .packed import DEFAULT_GROUP, PackedTensor, quantize
 
 SUFFIXES = ("", "_scale", "_offset")
@@ -21,15 +21,23 @@ SUFFIXES = ("", "_scale", "_offset")
 class PackedModule(nn.Module):
     """Holds packed parameters by name; `packed(name)` views them as a PackedTensor."""
 
+    dims = 2  # of each packed weight
+
     def __init__(self, names: tuple[str, ...]):
         super().__init__()
         self.packed_names = names
         for name in names:
             for suffix in SUFFIXES:
                 self.register_buffer(name + suffix, None)
+        self._views: dict[str, PackedTensor] = {}
 
     def packed(self, name: str) -> PackedTensor:
-        return PackedTensor.of(getattr(self, name), getattr(self, name + "_scale"), getattr(self, name + "_offset"))
+        # Made once per set of buffers: a decode step calls this ~300 times.
+        buffers = [self._buffers[name + suffix] for suffix in SUFFIXES]
+        view = self._views.get(name)
+        if view is None or any(held is not given for held, given in zip((view.codes, view.scales, view.offsets), buffers)):
+            view = self._views[name] = PackedTensor.of(*buffers, dims=self.dims)  # type: ignore[misc]
+        return view
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: {self.packed(n).kind}" for n in self.packed_names if getattr(self, n) is not None)
@@ -45,6 +53,7 @@ class PackedLinear(PackedModule):
 
 class PackedExperts(PackedModule):
     forward = Experts.forward
+    dims = 3
 
     def __init__(self) -> None:
         super().__init__(("gate_up_proj", "down_proj"))
@@ -121,8 +130,14 @@ def pack_modules(model: nn.Module, scheme: Scheme) -> dict[str, tuple[str, int]]
 
 
 def packed_state(name: str, p: PackedTensor) -> dict[str, Tensor]:
-    """The buffers that hold packed parameter `name`."""
+    """The buffers that hold packed parameter `name`: int4 in tiles, but for row-read tables."""
+    if not is_row_table(name):
+        p = p.as_tiles()
     return {name + s: t for s, t in zip(SUFFIXES, (p.codes, p.scales, p.offsets)) if t is not None}
+
+
+def is_row_table(name: str) -> bool:
+    return name.removeprefix("model.") in TextModel.ROW_TABLES
 
 
 def pack_state(name: str, weight: Tensor, kind: str, group: int) -> dict[str, Tensor]:

@@ -3,8 +3,10 @@ multiplied by fp32 activations, converted in registers (kernels/matmul.c).
 
 One format per kind, with w = scale[n, g] * code + offset[n, g] over groups of `group` columns:
   bf16, f16: codes are the 16-bit weights themselves (no scale).
-  int8: int8 codes [N, K]; group K = per output channel (ours), 32 or 16 (from GGUF Q8_0/Q5/Q6_K).
-  int4: uint8 [N, K/2], 32-element blocks with low nibbles = first 16, high = last 16 (as llama.cpp's Q4).
+  int8: int8 codes [N, K], fp32 scales; group K = per output channel (ours), 32 or 16 (from GGUF
+        Q8_0/Q5/Q6_K).
+  int4: 4-bit codes in 32-column blocks, scales and offsets in fp16 (ours, GGUF Q4_0/Q4_1) or fp32
+        (GGUF Q4_K); in tiles of 8 rows for matmuls, in rows for row-read tables (quant/int4.py).
 Offsets are optional (symmetric int8 has none). Leading dimensions stack experts."""
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import kernels
+from . import int4
 
 KINDS = ("bf16", "int8", "int4")  # what users pick; "f16" also exists, for GGUF F16 tensors
 DEFAULT_GROUP = {"int8": 0, "int4": 64}  # 0: one group per output channel
@@ -28,16 +31,21 @@ DENSE_BLOCK_BYTES = 64 << 20  # fp32 rows dequantized at once on the dense path
 class PackedTensor:
     kind: str
     codes: Tensor
-    scales: Tensor | None = None  # fp32 [..., N, K/group]
+    scales: Tensor | None = None  # [..., N, K/group]; int4 tiles: [..., N/8, K/group, 8]
     offsets: Tensor | None = None
     group: int = 0  # 0: one group per row
+    tiled: bool = False  # int4 only
 
     @classmethod
-    def of(cls, codes: Tensor, scales: Tensor | None = None, offsets: Tensor | None = None) -> PackedTensor:
-        """The format is in the tensors: the codes' dtype names the kind, the scales' width the group."""
+    def of(cls, codes: Tensor, scales: Tensor | None = None, offsets: Tensor | None = None, dims: int = 2) -> PackedTensor:
+        """The format is in the tensors: the codes' dtype names the kind, int4 codes with one more
+        dimension than the weight's `dims` are tiles, the number of scales per row gives the group."""
         kind = {torch.bfloat16: "bf16", torch.float16: "f16", torch.int8: "int8", torch.uint8: "int4"}[codes.dtype]
-        K = codes.shape[-1] * (2 if kind == "int4" else 1)
-        return cls(kind, codes, scales, offsets, 0 if scales is None else K // scales.shape[-1])
+        packed = cls(kind, codes, scales, offsets, tiled=kind == "int4" and codes.dim() == dims + 1)
+        if scales is None:
+            return packed
+        groups = scales.shape[-2] if packed.tiled else scales.shape[-1]
+        return cls(kind, codes, scales, offsets, packed.shape[-1] // groups, packed.tiled)
 
     @property
     def group_size(self) -> int:
@@ -45,6 +53,9 @@ class PackedTensor:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        if self.tiled:
+            *lead, tiles, blocks, _ = self.codes.shape
+            return (*lead, tiles * int4.TILE_ROWS, blocks * 32)
         *lead, n, k = self.codes.shape
         return (*lead, n, k * 2 if self.kind == "int4" else k)
 
@@ -55,26 +66,41 @@ class PackedTensor:
     def __getitem__(self, index: int) -> PackedTensor:
         """One matrix of a stack (an expert)."""
         pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return PackedTensor(self.kind, self.codes[index], pick(self.scales), pick(self.offsets), self.group)
+        return PackedTensor(self.kind, self.codes[index], pick(self.scales), pick(self.offsets), self.group, self.tiled)
+
+    def as_tiles(self) -> PackedTensor:
+        """int4 in the tile layout the matmul kernel reads; anything else (or a row count that is no
+        multiple of 8) as it is."""
+        if self.kind != "int4" or self.tiled or not int4.tileable(self.shape[-2]):
+            return self
+        codes, (scales, offsets) = int4.tile(self.codes, [self.scales, self.offsets])
+        return PackedTensor("int4", codes, scales, offsets, self.group, tiled=True)
 
     def dequantize(self, rows: slice = slice(None)) -> Tensor:
         """fp32 [rows, K] of a 2-D weight."""
         if self.kind in ("bf16", "f16"):
             return self.codes[rows].float()
-        if self.kind == "int4":
-            return kernels.dequantize_int4(self.codes, self.scales, self.offsets, self.group_size, rows)  # type: ignore[arg-type]
-        n = self.codes[rows].shape[0]
-        w = self.codes[rows].float().view(n, -1, self.group_size) * self.scales[rows, :, None]  # type: ignore[index]
+        if self.tiled:
+            if kernels.available():
+                return kernels.dequantize_int4(self.codes, self.scales, self.offsets, self.group_size, rows)  # type: ignore[arg-type]
+            codes, (scales, offsets) = int4.untile(self.codes, [self.scales, self.offsets])
+            return PackedTensor("int4", codes, scales, offsets, self.group).dequantize(rows)
+        codes = self.codes[rows]
+        n = codes.shape[0]
+        values = int4.unpack(codes) if self.kind == "int4" else codes
+        w = values.float().view(n, -1, self.group_size) * self.scales[rows, :, None].float()  # type: ignore[index]
         if self.offsets is not None:
-            w += self.offsets[rows, :, None]
+            w += self.offsets[rows, :, None].float()
         return w.view(n, -1)
 
     def rows(self, ids: Tensor) -> Tensor:
         """Embedding rows for token ids, fp32 [*ids.shape, K]; only those rows are read."""
         flat = ids.reshape(-1)
-        pick = lambda t: None if t is None else t[flat].contiguous()  # noqa: E731
-        picked = PackedTensor(self.kind, self.codes[flat].contiguous(), pick(self.scales), pick(self.offsets), self.group)
-        return picked.dequantize().view(*ids.shape, -1)
+        if self.tiled:
+            codes, (scales, offsets) = int4.tile_rows(self.codes, [self.scales, self.offsets], flat)
+        else:
+            codes, scales, offsets = (None if t is None else t[flat].contiguous() for t in (self.codes, self.scales, self.offsets))
+        return PackedTensor(self.kind, codes, scales, offsets, self.group).dequantize().view(*ids.shape, -1)  # type: ignore[arg-type]
 
     def matmul(self, x: Tensor) -> Tensor:
         """x [..., K] @ W.T -> [..., N] in x's dtype, computed in fp32."""
@@ -84,14 +110,16 @@ class PackedTensor:
             if self.kind in ("bf16", "f16"):
                 y = kernels.matmul_16bit(flat, self.codes)
             else:
-                y = kernels.matmul_grouped(8 if self.kind == "int8" else 4, flat, self.codes, self.scales, self.offsets, self.group_size)  # type: ignore[arg-type]
+                matmul = kernels.matmul_int8 if self.kind == "int8" else kernels.matmul_int4
+                y = matmul(flat, self.codes, self.scales, self.offsets, self.group_size)  # type: ignore[arg-type]
         else:
             y = self._dense_matmul(flat)
         return y.view(*lead, -1).to(x.dtype)
 
     def _streamable(self) -> bool:
-        K = self.shape[-1]
-        return self.codes.is_contiguous() and (K % 32 == 0 if self.kind in ("bf16", "f16") else self.group_size % (32 if self.kind == "int4" else 8) == 0)
+        if self.kind == "int4":
+            return self.tiled and self.codes.is_contiguous()
+        return self.codes.is_contiguous() and (self.shape[-1] % 32 == 0 if self.kind in ("bf16", "f16") else self.group_size % 8 == 0)
 
     def _dense_matmul(self, x: Tensor) -> Tensor:
         N, K = self.shape
@@ -103,7 +131,8 @@ class PackedTensor:
 
 def quantize(weight: Tensor, kind: str, group: int | None = None) -> PackedTensor:
     """Pack a float weight [..., N, K]: bf16 by rounding; int8 symmetric (per channel by default);
-    int4 asymmetric min/max over groups of `group` (default 64) columns. group 0: one per row."""
+    int4 asymmetric over groups of `group` (default 64) columns, in rows (see `as_tiles`).
+    group 0: one per row."""
     if kind not in KINDS:
         raise ValueError(f"unknown quantization {kind!r}: use one of {', '.join(KINDS)}")
     if kind == "bf16":
@@ -125,7 +154,7 @@ def quantize(weight: Tensor, kind: str, group: int | None = None) -> PackedTenso
         codes = torch.round(w / scales[..., None]).clamp(-127, 127).to(torch.int8)
         return PackedTensor("int8", codes.flatten(-2).contiguous(), scales.contiguous(), None, group)
     scales, offsets, codes = _fit_int4(w)
-    return PackedTensor("int4", kernels.pack_int4(codes.flatten(-2)), scales.contiguous(), offsets.contiguous(), group)
+    return PackedTensor("int4", int4.pack(codes.flatten(-2)), scales.contiguous(), offsets.contiguous(), group)
 
 
 def fit_group(K: int, kind: str, group: int | None) -> tuple[str, int]:
@@ -145,7 +174,7 @@ def packed_row_bytes(K: int, kind: str, group: int | None = None) -> list[int]:
         return [2 * K]
     kind, group = fit_group(K, kind, group)
     groups = K // (group or K)
-    return [K // (2 if kind == "int4" else 1), 4 * groups] + ([4 * groups] if kind == "int4" else [])
+    return [K, 4 * groups] if kind == "int8" else [K // 2, 2 * groups, 2 * groups]
 
 
 def packed_nbytes(shape: tuple[int, ...], kind: str, group: int | None = None) -> int:
@@ -173,9 +202,12 @@ def _fit_int4(w: Tensor, shrinks: tuple[float, ...] = (1.0, 0.94, 0.88, 0.82)) -
         else:
             better = error < best[0]
             best = [torch.where(better, new, old) for new, old in zip((error, scale, low, codes), best)]
-    _, scale, low, codes = best  # type: ignore[misc]
+    _, scale, low, _ = best  # type: ignore[misc]
+    # stored in fp16 (4.5 bits per weight at group 64, as Q4_0's), unless out of its range
+    if torch.isfinite(scale.half()).all() and torch.isfinite(low.half()).all():
+        scale, low = scale.half(), low.half()
+    codes = torch.where(scale > 0, torch.round((w - low.float()) / scale.float()), 0).clamp(0, 15)  # for the stored values
     return scale[..., 0], low[..., 0], codes.to(torch.uint8)
-
 
 def _least_squares(w: Tensor, codes: Tensor, scale: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
     """The scale and offset minimising |codes * scale + offset - w|^2 per group (kept where degenerate)."""

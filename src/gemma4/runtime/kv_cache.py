@@ -99,12 +99,10 @@ class ModelCache:
         plan = self._owners[layer]
         if layer not in self.layers:
             self.layers[layer] = self._allocate(plan, value)
-        # A cache narrower than the activations (bf16 K/V beside fp32 compute) stores rounded, reads widened.
-        compute = value.dtype
+        # A cache narrower than the activations (bf16 K/V beside fp32 compute) stores rounded; `attend` reads it widened.
         key, value = None if key is None else key.to(self.dtype), value.to(self.dtype)
         update = self._update_ring if plan.is_sliding else self._update_global
-        held_key, held_value = update(self.layers[layer], key, value)
-        return None if held_key is None else held_key.to(compute), held_value.to(compute)
+        return update(self.layers[layer], key, value)
 
     def share(self, layer: int, key: Tensor, value: Tensor) -> None:
         self._shared[layer] = key, value

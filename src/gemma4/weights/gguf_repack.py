@@ -1,6 +1,7 @@
 """GGUF quantized blocks -> our packed formats, losslessly and without a float copy: every
 llama.cpp type here is w = scale * code + offset over small groups, so the codes move into our
-int4 (4-bit types) or int8 (5- and 6-bit types) layouts and each group's scale and offset into fp32.
+int4 (4-bit types) or int8 (5- and 6-bit types) layouts and each group's scale and offset into fp16
+where that is exact (Q4_0, Q4_1), fp32 otherwise.
 
 Block layouts follow ggml-quants.c; tests check each against gguf.quants.dequantize."""
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..kernels import pack_int4
+from ..quant import int4
 from ..quant.packed import PackedTensor
 
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
@@ -91,7 +92,7 @@ def repack(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> PackedTe
         codes = _k_codes(b[:, -128:], high_bits)
         scales, offsets, group = d * sc, -dmin * mn, 32
         if type_name == "Q4_K":
-            codes = pack_int4(torch.from_numpy(np.ascontiguousarray(codes))).numpy()
+            codes = int4.pack(torch.from_numpy(np.ascontiguousarray(codes))).numpy()
     elif type_name == "Q6_K":
         (codes, scales), group = _q6_k(b), 16
     else:
@@ -100,7 +101,9 @@ def repack(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> PackedTe
     to_torch = lambda a, width: torch.from_numpy(np.ascontiguousarray(a).reshape(*rows, width))  # noqa: E731
     codes_t = to_torch(codes.astype(np.uint8 if type_name in ("Q4_0", "Q4_1", "Q4_K") else np.int8), -1)
     G = K // group
-    return PackedTensor.of(codes_t, to_torch(scales.astype(np.float32), G), None if offsets is None else to_torch(offsets.astype(np.float32), G))
+    exact_in_f16 = type_name in ("Q4_0", "Q4_1") and all(np.isfinite(a.astype(np.float16)).all() for a in (scales, offsets))
+    dtype = np.float16 if exact_in_f16 else np.float32  # (Q4_0's offset -8 d overflows fp16 only past |d| 8188)
+    return PackedTensor.of(codes_t, to_torch(scales.astype(dtype), G), None if offsets is None else to_torch(offsets.astype(dtype), G))
 
 
 class BlockRows(nn.Module):

@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..errors import CheckpointError
-from ..model import CausalLM, TextModel
-from ..quant.modules import SUFFIXES, Scheme, pack_modules
+from ..model import CausalLM
+from ..quant.modules import SUFFIXES, Scheme, is_row_table, pack_modules
 from ..quant.packed import PackedTensor
 from .checkpoint import INDEX_NAME, QUANT_METHOD, Checkpoint, _checkpoint_name, install, load_model, open_checkpoint
 from .layout import decoder_prefix
@@ -77,13 +77,15 @@ def load_quantized(checkpoint: Checkpoint, settings: dict) -> CausalLM:
         if stored not in checkpoint.tensors:
             raise CheckpointError(f"{checkpoint.path}: missing tensor {stored!r}; the quantized checkpoint is incomplete")
         tensors = [checkpoint.file_of(n).tensor(n) if n in checkpoint.tensors else None for n in names]
-        if name.removeprefix("model.") in TextModel.ROW_TABLES:  # codes, scales and offsets are all read by row
+        if is_row_table(name):  # codes, scales and offsets are all read by row
             for n in names:
                 if n in checkpoint.tensors:
                     checkpoint.file_of(n).advise_random(n)
-        found = PackedTensor.of(*tensors).shape if name in packed else tuple(tensors[0].shape)
-        if tuple(found) != shape:
-            raise CheckpointError(f"{checkpoint.path}: tensor {stored!r} holds shape {list(found)}, but config.json implies {list(shape)}")
+        held = PackedTensor.of(*tensors, dims=len(shape)) if name in packed else tensors[0]
+        if tuple(held.shape) != shape:
+            raise CheckpointError(f"{checkpoint.path}: tensor {stored!r} holds shape {list(held.shape)}, but config.json implies {list(shape)}")
+        if isinstance(held, PackedTensor) and not is_row_table(name) and held.as_tiles() is not held:
+            raise CheckpointError(f"{checkpoint.path}: int4 weights in an older layout; quantize the source checkpoint again (gemma4 quantize)")
         for our, t in zip([name + s for s in SUFFIXES], tensors):
             if t is not None:
                 state[our] = t if name in packed else t.float()

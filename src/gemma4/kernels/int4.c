@@ -1,0 +1,146 @@
+/* Matmuls over int4 tiles (quant/int4.py): 8 rows x 32 columns in 128 bytes, chunk c of 32 bytes
+ * holding row c's 16 bytes then row c + 4's, each in the Q4 nibble order (byte j: column j in the
+ * low nibble, j + 16 in the high one); w = scale * code + offset per group of `group` columns, the
+ * scales and offsets [N/8, G, 8] in fp16 or fp32.
+ *
+ * For one token the activations are rounded to int8 per 32 (quantize_blocks), so a block of 8 rows
+ * costs 4 loads, 8 unsigned x signed byte multiply-adds and a horizontal add tree whose result is
+ * the 8 rows' dot products in order; the 8 scales then apply as one vector. Row-major weights spend
+ * about twice the instructions per weight on the per-row scalar work, and run out of instructions
+ * before they run out of memory bandwidth. Up to 8 tokens (a batch, a short prefill chunk) run one
+ * after another on each tile while it sits in L1; more run a dense matmul over dequantize_int4. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "simd.h"
+
+#define TILE_BYTES 128 /* one 32-column block of 8 rows */
+
+/* What the integer dot products of M tokens need: x rounded to int8 per 32 with its steps, and the
+ * exact per-group sums that the offsets multiply (sum_k (s q_k + o) x_k = s sum q_k x_k + o sum x_k). */
+typedef struct {
+    int8_t *xq;
+    float *step, *sums;
+} Activations;
+
+static Activations prepare(const float *x, int64_t M, int64_t K, int64_t group) {
+    int64_t G = K / group;
+    Activations a = {malloc(M * K), malloc(M * (K / 32) * sizeof(float)), malloc(M * G * sizeof(float))};
+    for (int64_t m = 0; m < M; m++) {
+        quantize_blocks(x + m * K, a.xq + m * K, a.step + m * (K / 32), K);
+        for (int64_t g = 0; g < G; g++) {
+            float s = 0.f;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) s += x[m * K + k];
+            a.sums[m * G + g] = s;
+        }
+    }
+    return a;
+}
+
+static inline float group_value(const void *values, int64_t at, int f16) {
+    return f16 ? half_to_float(((const uint16_t *)values)[at]) : ((const float *)values)[at];
+}
+
+#ifdef GEMMA4_AVX2
+static inline __m256 load_group_values(const void *values, int64_t at, int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)values + at))) : _mm256_loadu_ps((const float *)values + at);
+}
+
+/* One tile row (8 weight rows, all K columns) against one token: the 8 dot products in order. */
+static inline __m256 tile_dot(const uint8_t *tile, const int8_t *xq, const float *step, const float *sums, const void *scales,
+                              const void *offsets, int f16, int64_t G, int64_t blocks) {
+    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps(), offset_acc = acc;
+    for (int64_t g = 0; g < G; g++) {
+        __m256 group_acc = _mm256_setzero_ps();
+        for (int64_t b = g * blocks; b < (g + 1) * blocks; b++, tile += TILE_BYTES) {
+            PREFETCH(tile);
+            PREFETCH(tile + 64);
+            __m256i x_low = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + b * 32)));
+            __m256i x_high = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + b * 32 + 16)));
+            __m256i rows[4];  /* chunk c: lane 0 row c's 4 partial sums, lane 1 row c + 4's */
+            for (int c = 0; c < 4; c++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(tile + 32 * c));
+                /* at most 2 * 2 * 15 * 127 per 16-bit lane: no overflow */
+                __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, nibble), x_low),
+                                                 _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), x_high));
+                rows[c] = _mm256_madd_epi16(pairs, ones);
+            }
+            __m256i dots = _mm256_hadd_epi32(_mm256_hadd_epi32(rows[0], rows[1]), _mm256_hadd_epi32(rows[2], rows[3]));
+            group_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(step[b]), group_acc);
+        }
+        acc = _mm256_fmadd_ps(group_acc, load_group_values(scales, g * 8, f16), acc);
+        if (offsets) offset_acc = _mm256_fmadd_ps(load_group_values(offsets, g * 8, f16), _mm256_set1_ps(sums[g]), offset_acc);
+    }
+    return _mm256_add_ps(acc, offset_acc);
+}
+#else
+/* The same sums without SIMD, over the activations as rounded (xq * step). */
+static void tile_dot(const uint8_t *tile, const int8_t *xq, const float *step, const float *sums, const void *scales,
+                     const void *offsets, int f16, int64_t G, int64_t blocks, float *out) {
+    for (int row = 0; row < 8; row++) {
+        const uint8_t *piece = tile + (row % 4) * 32 + (row / 4) * 16;
+        float total = 0.f;
+        for (int64_t g = 0; g < G; g++) {
+            float s = 0.f;
+            for (int64_t b = g * blocks; b < (g + 1) * blocks; b++) {
+                int32_t dot = 0;
+                for (int j = 0; j < 16; j++) {
+                    uint8_t byte = piece[b * TILE_BYTES + j];
+                    dot += (byte & 15) * xq[b * 32 + j] + (byte >> 4) * xq[b * 32 + 16 + j];
+                }
+                s += dot * step[b];
+            }
+            total += s * group_value(scales, g * 8 + row, f16);
+            if (offsets) total += group_value(offsets, g * 8 + row, f16) * sums[g];
+        }
+        out[row] = total;
+    }
+}
+#endif
+
+void matmul_int4(const float *x, const uint8_t *codes, const void *scales, const void *offsets, int f16, float *y, int64_t M,
+                 int64_t N, int64_t K, int64_t group, int threads) {
+    int64_t G = K / group, blocks = group / 32, tile_stride = (K / 32) * TILE_BYTES;
+    Activations a = prepare(x, M, K, group);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < N / 8; t++) {
+        const void *s = (const char *)scales + t * G * 8 * (f16 ? 2 : 4);
+        const void *o = offsets ? (const char *)offsets + t * G * 8 * (f16 ? 2 : 4) : NULL;
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *xq = a.xq + m * K;
+            const float *step = a.step + m * (K / 32), *sums = a.sums + m * G;
+#ifdef GEMMA4_AVX2
+            _mm256_storeu_ps(y + m * N + t * 8, tile_dot(codes + t * tile_stride, xq, step, sums, s, o, f16, G, blocks));
+#else
+            tile_dot(codes + t * tile_stride, xq, step, sums, s, o, f16, G, blocks, y + m * N + t * 8);
+#endif
+        }
+    }
+    free(a.xq);
+    free(a.step);
+    free(a.sums);
+}
+
+/* Rows [n0, n1) of an int4 tiled weight to fp32, for prefill (which then runs a dense fp32 matmul). */
+void dequantize_int4(const uint8_t *codes, const void *scales, const void *offsets, int f16, float *out, int64_t n0, int64_t n1,
+                     int64_t K, int64_t group, int threads) {
+    int64_t G = K / group, tile_stride = (K / 32) * TILE_BYTES;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = n0; n < n1; n++) {
+        int64_t t = n / 8, row = n % 8;
+        const uint8_t *piece = codes + t * tile_stride + (row % 4) * 32 + (row / 4) * 16;
+        float *o = out + (n - n0) * K;
+        for (int64_t b = 0; b < K / 32; b++) {
+            int64_t at = (t * G + b * 32 / group) * 8 + row;
+            float s = group_value(scales, at, f16), z = offsets ? group_value(offsets, at, f16) : 0.f;
+            for (int j = 0; j < 16; j++) {
+                uint8_t byte = piece[b * TILE_BYTES + j];
+                o[b * 32 + j] = s * (byte & 15) + z;
+                o[b * 32 + 16 + j] = s * (byte >> 4) + z;
+            }
+        }
+    }
+}
