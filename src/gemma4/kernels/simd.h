@@ -19,8 +19,9 @@ static inline float hsum(__m256 v) {
 }
 
 /* Weight bytes ahead of the load to ask for: measured on this kind of machine, one sequential
- * stream per thread with a software prefetch reads ~20 % faster than the hardware prefetcher alone. */
-#define PREFETCH_BYTES 1024
+ * stream per thread with a software prefetch reads ~20 % faster than the hardware prefetcher alone,
+ * and 4 KB ahead 3-8 % faster again than 1 KB (all of full-size E2B's matrices, bf16 and int4). */
+#define PREFETCH_BYTES 4096
 #define PREFETCH(p) _mm_prefetch((const char *)(p) + PREFETCH_BYTES, _MM_HINT_T0)
 #endif
 
@@ -43,11 +44,31 @@ static inline float half_to_float(uint16_t h) {
  * products against int8 or int4 codes then run on integer multiply-adds. */
 static inline void quantize_blocks(const float *x, int8_t *xq, float *step, int64_t K) {
     for (int64_t b = 0; b < K / 32; b++) {
+        const float *xb = x + b * 32;
+#ifdef GEMMA4_AVX2  /* the same values: max is exact, and cvtps rounds to nearest even as lrintf does */
+        const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+        __m256 top = _mm256_and_ps(_mm256_loadu_ps(xb), magnitude);
+        for (int j = 8; j < 32; j += 8) top = _mm256_max_ps(top, _mm256_and_ps(_mm256_loadu_ps(xb + j), magnitude));
+        __m128 half = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+        half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+        float amax = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+#else
         float amax = 0.f;
-        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b * 32 + j]));
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+#endif
         step[b] = amax / 127.f;
         float inverse = amax > 0.f ? 127.f / amax : 0.f;
-        for (int j = 0; j < 32; j++) xq[b * 32 + j] = (int8_t)lrintf(x[b * 32 + j] * inverse);
+#ifdef GEMMA4_AVX2
+        __m256 scale = _mm256_set1_ps(inverse);
+        __m256i q[4];
+        for (int j = 0; j < 4; j++) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * j), scale));
+        /* pack 32 int32 -> 32 int8 (in range: |q| <= 127), undoing the packs' lane interleave */
+        __m256i words = _mm256_packs_epi32(q[0], q[1]), words2 = _mm256_packs_epi32(q[2], q[3]);
+        __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words, words2), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(xq + b * 32), bytes);
+#else
+        for (int j = 0; j < 32; j++) xq[b * 32 + j] = (int8_t)lrintf(xb[j] * inverse);
+#endif
     }
 }
 
