@@ -91,14 +91,13 @@ def plan_memory(
         weights[spec.component] = weights.get(spec.component, 0) + _stored_bytes(spec, width, quant, group, pack_tables)
     encoders = weights.pop("vision", 0) + weights.pop("audio", 0)  # in the files, never loaded for text
     ple_table = weights.pop("ple_table", 0)
-    # The PLE table, when mapped, is resident only for the rows one step reads (a prefill chunk's, or
-    # one per sequence when decoding): each lookup unmaps its rows again (weights/file_pages.py).
+    # The PLE table, when mapped, is resident only for the rows of tokens seen (at most one per token).
     ple_width = text.num_hidden_layers * (text.hidden_size_per_layer_input or 0)
     # Rows are read through the page cache: a row touches the pages it spans in each tensor holding
     # it (the loader turns read-ahead off); a packed table keeps codes, scales and offsets apart.
     row_parts = packed_row_bytes(ple_width, quant, group or None) if pack_tables else [ple_width * (2 if quant else width)]
     ple_row_pages = sum((-(-part // PAGE) + 1) * PAGE for part in row_parts if part)
-    ple_resident = min(ple_table, min(prefill_chunk, context) * batch * ple_row_pages) if savings.ple_on_disk else ple_table
+    ple_resident = min(ple_table, context * batch * ple_row_pages) if savings.ple_on_disk else ple_table
     kv = kv_bytes_by_type(plan, context, batch, kv_width, savings)
     activations = _prefill_peak(plan, text.hidden_size, min(prefill_chunk, context), context, batch, width)
     if quant:  # prefill dequantizes one block of a packed matrix at a time for a dense fp32 matmul

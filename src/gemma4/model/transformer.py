@@ -3,8 +3,6 @@ and soft-capped logits. Pure tensor math: weights arrive from a loader, caches f
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -81,8 +79,6 @@ class TextModel(nn.Module):
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.embed_tokens = ScaledEmbedding(config.vocab_size, hidden, hidden**0.5)
         self.ple_dim = config.hidden_size_per_layer_input or 0
-        # Set by the loader when the PLE table stays in its file: unmaps the rows a lookup read.
-        self.release_table_pages: Callable[[], None] | None = None
         if self.ple_dim:
             n = config.num_hidden_layers
             self.embed_tokens_per_layer = ScaledEmbedding(config.vocab_size_per_layer_input, n * self.ple_dim, self.ple_dim**0.5)
@@ -104,8 +100,6 @@ class TextModel(nn.Module):
         B, T = ids.shape
         n = self.config.num_hidden_layers
         table_rows = self.embed_tokens_per_layer(ids, embeds.dtype).reshape(B, T, n, self.ple_dim)
-        if self.release_table_pages is not None:
-            self.release_table_pages()
         context = self.per_layer_model_projection(embeds) * self.config.hidden_size**-0.5
         context = self.per_layer_projection_norm(context.reshape(B, T, n, self.ple_dim))
         return (context + table_rows) * 2.0**-0.5

@@ -15,7 +15,6 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import CausalLM, TextModel
 from ..quant.modules import PackedModule, Scheme, pack_modules, pack_state
-from .file_pages import mapped_pages
 from ..quant.packed import KINDS
 from .layout import TensorSpec, checkpoint_tensors, decoder_prefix
 from .safetensors_io import SafetensorsFile, TensorInfo
@@ -191,7 +190,6 @@ def load_model(
     stored = {name: checkpoint.tensors[_checkpoint_name(name, prefix)] for name in model.state_dict()}
     packed = pack_modules(model, Scheme(quant, group, tables=quant if pack_tables else None)) if quant else {}
     state = {}
-    table_pages = None
     total = sum(info.end - info.start for info in stored.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", delay=1.0, disable=not progress, leave=False) as bar:
         for name, info in stored.items():
@@ -204,14 +202,12 @@ def load_model(
             else:
                 file.advise_random(info.name)
                 loaded = {name: tensor}
-                table_pages = mapped_pages(tensor)
             mapped = tensor.untyped_storage().data_ptr()
             if all(t.untyped_storage().data_ptr() != mapped for t in loaded.values()):
                 file.release(info.name)  # converted: the file's pages need not stay resident
             state.update(loaded)
             bar.update(info.end - info.start)
     install(model, state)
-    model.model.release_table_pages = table_pages.release if table_pages else None
     return model.eval()
 
 

@@ -22,7 +22,6 @@ from ..quant.modules import PackedModule, Scheme, pack_modules, pack_state, pack
 from ..quant.packed import PackedTensor
 from ..runtime.tokenizer import SPECIAL_TOKENS, Tokenizer
 from .checkpoint import install
-from .file_pages import mapped_pages
 from .gguf_header import GGUFTensor, read_gguf
 from .gguf_repack import BLOCK_BYTES, BlockRows, repack
 
@@ -260,7 +259,6 @@ def load_gguf_model(
     native = dtype is None and quant is None
     packed = pack_modules(model, Scheme(quant, group)) if quant else {}
     state: dict[str, torch.Tensor] = {}
-    table_pages = None
     for t in tqdm(checkpoint.tensors, desc="loading", unit="tensor", delay=1.0, disable=not progress, leave=False):
         if t.name in DERIVED:
             continue
@@ -271,7 +269,6 @@ def load_gguf_model(
         if native and type_name != "F32" and packable(module_name, module):
             if key.removeprefix("model.") in TextModel.ROW_TABLES and type_name in BLOCK_BYTES:
                 replace_module(model, module_name, BlockRows(t.data, type_name, expected[key][-1], module.scale))
-                table_pages = mapped_pages(t.data)
                 continue
             if not isinstance(module, PackedModule):
                 module = packed_twin(module)
@@ -284,7 +281,6 @@ def load_gguf_model(
         else:
             state[key] = values.to(dtype or torch.float32)
     install(model, state)
-    model.model.release_table_pages = table_pages.release if table_pages else None
     return model.eval(), checkpoint
 
 

@@ -20,7 +20,6 @@ from ..model import CausalLM
 from ..quant.modules import SUFFIXES, Scheme, is_row_table, pack_modules
 from ..quant.packed import PackedTensor
 from .checkpoint import INDEX_NAME, QUANT_METHOD, Checkpoint, _checkpoint_name, install, load_model, open_checkpoint
-from .file_pages import mapped_pages
 from .layout import decoder_prefix
 
 SHARD_BYTES = 2 << 30
@@ -72,7 +71,6 @@ def load_quantized(checkpoint: Checkpoint, settings: dict) -> CausalLM:
     packed = pack_modules(model, Scheme(settings["kind"], settings.get("group_size", 0), tables=settings["kind"]))
     prefix = decoder_prefix(checkpoint.config)
     state = {}
-    table_pages = None
     for name, shape in shapes.items():
         stored = _checkpoint_name(name, prefix)
         names = [stored + s for s in SUFFIXES] if name in packed else [stored]
@@ -83,7 +81,6 @@ def load_quantized(checkpoint: Checkpoint, settings: dict) -> CausalLM:
             for n in names:
                 if n in checkpoint.tensors:
                     checkpoint.file_of(n).advise_random(n)
-            table_pages = mapped_pages(*tensors)
         held = PackedTensor.of(*tensors, dims=len(shape)) if name in packed else tensors[0]
         if tuple(held.shape) != shape:
             raise CheckpointError(f"{checkpoint.path}: tensor {stored!r} holds shape {list(held.shape)}, but config.json implies {list(shape)}")
@@ -93,5 +90,4 @@ def load_quantized(checkpoint: Checkpoint, settings: dict) -> CausalLM:
             if t is not None:
                 state[our] = t if name in packed else t.float()
     install(model, state)
-    model.model.release_table_pages = table_pages.release if table_pages else None
     return model.eval()
