@@ -99,8 +99,10 @@ void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int
 /* RMSNorm then rotary embedding of every head of `tokens` tokens: x, out [tokens, heads, dim];
  * cos, sin [tokens, dim] (one table row per token for all its heads). Pairs are (i, i + dim/2):
  * out[i] = n[i] cos[i] - n[i + dim/2] sin[i], out[i + dim/2] = n[i + dim/2] cos[i + dim/2] + n[i] sin[i + dim/2]. */
-void rms_norm_rotary(const float *x, const float *weight, const float *cos, const float *sin, float *out, int64_t tokens,
-                     int64_t heads, int64_t dim, float eps, float offset) {
+/* Rounded as PyTorch rounds x * cos + rotate_half(x) * sin: each product, then the sum (no FMA). */
+__attribute__((optimize("fp-contract=off"))) void rms_norm_rotary(const float *x, const float *weight, const float *cos,
+                                                                  const float *sin, float *out, int64_t tokens, int64_t heads,
+                                                                  int64_t dim, float eps, float offset) {
     float *normed = (float *)malloc(dim * sizeof(float));
     int64_t half = dim / 2;
     for (int64_t t = 0; t < tokens; t++)
