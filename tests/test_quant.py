@@ -32,7 +32,7 @@ def test_the_install_step_built_the_kernels():
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_streaming_kernels_equal_the_dequantized_matmul(kind, group, rows):
     torch.manual_seed(0)
-    packed = quantize(torch.randn(296, 512), kind, group).as_tiles()
+    packed = quantize(torch.randn(296, 512), kind, group)
     x = torch.randn(rows, 512)
     assert packed._streamable() and packed.tiled == (kind == "int4")
     torch.testing.assert_close(packed.matmul(x), expected_matmul(packed, x), atol=1e-4, rtol=1e-5)
@@ -66,7 +66,7 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_kernels_apply_offsets(kind):
     torch.manual_seed(1)
-    base = quantize(torch.randn(64, 256), kind, 32).as_tiles()
+    base = quantize(torch.randn(64, 256), kind, 32)
     packed = PackedTensor(kind, base.codes, base.scales, torch.randn_like(base.scales), 32, base.tiled)
     for rows in (1, 2):
         x = torch.randn(rows, 256)
@@ -75,7 +75,7 @@ def test_kernels_apply_offsets(kind):
 
 def test_int4_tiles_hold_the_rows_they_were_made_from():
     torch.manual_seed(2)
-    rows = quantize(torch.randn(3, 24, 128), "int4", 64)  # a stack, as experts are held
+    rows = quantize(torch.randn(3, 24, 128), "int4", 64, rows=True)  # a stack, as experts are held
     tiles = rows.as_tiles()
     assert tiles.tiled and tiles.shape == rows.shape == (3, 24, 128) and tiles.scales.dtype == torch.float16
     codes, per_group = int4.untile(tiles.codes, [tiles.scales, tiles.offsets])
@@ -83,7 +83,7 @@ def test_int4_tiles_hold_the_rows_they_were_made_from():
     assert torch.equal(tiles[1].dequantize(), rows[1].dequantize())
     ids = torch.tensor([[23, 0], [9, 9]])
     assert torch.equal(tiles[2].rows(ids), rows[2].dequantize()[ids])
-    assert quantize(torch.randn(12, 64), "int4").as_tiles().tiled is False  # 12 rows: no whole tile
+    assert quantize(torch.randn(12, 64), "int4").tiled is False  # 12 rows: no whole tile
 
 
 def test_int8_error_is_half_a_step():

@@ -129,24 +129,29 @@ class PackedTensor:
         return torch.cat([F.linear(x, self.dequantize(slice(n, n + step))) for n in range(0, N, step)], dim=-1)
 
 
-def quantize(weight: Tensor, kind: str, group: int | None = None) -> PackedTensor:
+def quantize(weight: Tensor, kind: str, group: int | None = None, rows: bool = False) -> PackedTensor:
     """Pack a float weight [..., N, K]: bf16 by rounding; int8 symmetric (per channel by default);
-    int4 asymmetric over groups of `group` (default 64) columns, in rows (see `as_tiles`).
-    group 0: one per row."""
+    int4 asymmetric over groups of `group` (default 64) columns, in tiles for matmuls, or in rows
+    for a table read by row (`rows`; quant/int4.py). group 0: one per row."""
+    packed = _quantize_rows(weight, kind, group)
+    return packed if rows else packed.as_tiles()
+
+
+def _quantize_rows(weight: Tensor, kind: str, group: int | None) -> PackedTensor:
     if kind not in KINDS:
         raise ValueError(f"unknown quantization {kind!r}: use one of {', '.join(KINDS)}")
     if kind == "bf16":
         return PackedTensor("bf16", weight.to(torch.bfloat16).contiguous())
     rows_per_block = max(1, DENSE_BLOCK_BYTES // (4 * weight.shape[-1]))
     if weight.dim() == 2 and weight.shape[0] > rows_per_block:  # big tables: bound the fp32 working copy
-        parts = [quantize(weight[n : n + rows_per_block], kind, group) for n in range(0, weight.shape[0], rows_per_block)]
+        parts = [_quantize_rows(weight[n : n + rows_per_block], kind, group) for n in range(0, weight.shape[0], rows_per_block)]
         cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
         first = parts[0]
         return PackedTensor(first.kind, cat([p.codes for p in parts]), cat([p.scales for p in parts]), cat([p.offsets for p in parts]), first.group)
     K = weight.shape[-1]
     fitted_kind, group = fit_group(K, kind, group)
     if fitted_kind != kind:
-        return quantize(weight, fitted_kind, group)
+        return _quantize_rows(weight, fitted_kind, group)
     size = group or K
     w = weight.float().reshape(*weight.shape[:-1], K // size, size)
     if kind == "int8":
