@@ -16,7 +16,7 @@ from ..errors import CheckpointError
 from ..model import CausalLM, TextModel
 from ..quant.modules import PackedModule, Scheme, pack_modules, pack_state
 from ..quant.packed import KINDS
-from .layout import TensorSpec, checkpoint_tensors, decoder_prefix
+from .layout import TensorSpec, checkpoint_tensors, decoder_prefix, empty_model
 from .safetensors_io import SafetensorsFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -184,8 +184,7 @@ def load_model(
         return load_quantized(checkpoint, settings)
     dtype = torch.float32 if quant else resolve_dtype(dtype)
     validate(checkpoint)
-    with torch.device("meta"):
-        model = CausalLM(checkpoint.config.text)
+    model = empty_model(checkpoint.config.text)
     prefix = decoder_prefix(checkpoint.config)
     stored = {name: checkpoint.tensors[_checkpoint_name(name, prefix)] for name in model.state_dict()}
     packed = pack_modules(model, Scheme(quant, group, tables=quant if pack_tables else None)) if quant else {}

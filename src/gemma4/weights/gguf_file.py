@@ -24,6 +24,7 @@ from ..runtime.tokenizer import SPECIAL_TOKENS, Tokenizer
 from .checkpoint import install
 from .gguf_header import GGUFTensor, read_gguf
 from .gguf_repack import BLOCK_BYTES, BlockRows, repack
+from .layout import empty_model
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
@@ -253,8 +254,7 @@ def load_gguf_model(
     kernels (no float copy), a quantized PLE table stays in the file, the rest is fp32. With `dtype`,
     every tensor is dequantized into it; with `quant`, dequantized and packed anew (bf16/int8/int4)."""
     checkpoint = open_gguf(path)
-    with torch.device("meta"):
-        model = CausalLM(checkpoint.config.text)
+    model = empty_model(checkpoint.config.text)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     native = dtype is None and quant is None
     packed = pack_modules(model, Scheme(quant, group)) if quant else {}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..config import ModelConfig, TextConfig
 from ..model import CausalLM
@@ -58,9 +59,27 @@ def text_component(name: str) -> str:
     return "norms"
 
 
+# Initializers a model's modules run as they are built (nn.Linear, nn.Embedding).
+_INITIALIZERS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+def empty_model(text: TextConfig) -> CausalLM:
+    """The decoder's modules over meta tensors (shapes, no data), initializers skipped: loading
+    replaces every weight, and their first run on the meta device costs ~1 s of PyTorch's lazy
+    setup, half of a cold start."""
+    saved = {name: getattr(nn.init, name) for name in _INITIALIZERS}
+    try:
+        for name in saved:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            return CausalLM(text)
+    finally:
+        for name, initializer in saved.items():
+            setattr(nn.init, name, initializer)
+
+
 def text_tensors(text: TextConfig, prefix: str) -> list[TensorSpec]:
-    with torch.device("meta"):
-        model = CausalLM(text)
+    model = empty_model(text)
     specs = []
     for name, tensor in model.state_dict().items():
         relative = name.removeprefix("model.")

@@ -20,7 +20,7 @@ from ..model import CausalLM
 from ..quant.modules import SUFFIXES, Scheme, is_row_table, pack_modules
 from ..quant.packed import PackedTensor
 from .checkpoint import INDEX_NAME, QUANT_METHOD, Checkpoint, _checkpoint_name, install, load_model, open_checkpoint
-from .layout import decoder_prefix
+from .layout import decoder_prefix, empty_model
 
 SHARD_BYTES = 2 << 30
 
@@ -65,8 +65,7 @@ def _shards(state: dict[str, torch.Tensor]) -> list[list[str]]:
 
 def load_quantized(checkpoint: Checkpoint, settings: dict) -> CausalLM:
     """A checkpoint saved by save_quantized: packed tensors are memory-mapped as they are."""
-    with torch.device("meta"):
-        model = CausalLM(checkpoint.config.text)
+    model = empty_model(checkpoint.config.text)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     packed = pack_modules(model, Scheme(settings["kind"], settings.get("group_size", 0), tables=settings["kind"]))
     prefix = decoder_prefix(checkpoint.config)
