@@ -1,5 +1,5 @@
 """Packed weights: 16-bit, int8 and int4 matrices that stay in their storage format and are
-multiplied by fp32 activations, converted in registers (kernels/matmul.c).
+multiplied by fp32 activations, converted in registers (kernels/matmul.c, kernels/int4.c).
 
 One format per kind, with w = scale[n, g] * code + offset[n, g] over groups of `group` columns:
   bf16, f16: codes are the 16-bit weights themselves (no scale).
