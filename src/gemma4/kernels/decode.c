@@ -8,24 +8,17 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "simd.h"
 
 /* Element `at` of a K/V buffer of fp32 (bf16 = 0) or bf16 values, as fp32. */
 static inline float kv_at(const void *kv, int64_t at, int bf16) {
-    if (!bf16) return ((const float *)kv)[at];
-    uint32_t bits = (uint32_t)((const uint16_t *)kv)[at] << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
+    return bf16 ? bf16_to_float(((const uint16_t *)kv)[at]) : ((const float *)kv)[at];
 }
 
 #ifdef GEMMA4_AVX2
 static inline __m256 kv_load8(const void *kv, int64_t at, int bf16) {
-    if (!bf16) return _mm256_loadu_ps((const float *)kv + at);
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)kv + at));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return bf16 ? load_bf16((const uint16_t *)kv + at) : _mm256_loadu_ps((const float *)kv + at);
 }
 #endif
 

@@ -28,14 +28,8 @@ typedef struct {
 static Activations prepare(const float *x, int64_t M, int64_t K, int64_t group) {
     int64_t G = K / group;
     Activations a = {malloc(M * K), malloc(M * (K / 32) * sizeof(float)), malloc(M * G * sizeof(float))};
-    for (int64_t m = 0; m < M; m++) {
-        quantize_blocks(x + m * K, a.xq + m * K, a.step + m * (K / 32), K);
-        for (int64_t g = 0; g < G; g++) {
-            float s = 0.f;
-            for (int64_t k = g * group; k < (g + 1) * group; k++) s += x[m * K + k];
-            a.sums[m * G + g] = s;
-        }
-    }
+    for (int64_t m = 0; m < M; m++) quantize_blocks(x + m * K, a.xq + m * K, a.step + m * (K / 32), K);
+    group_sums(x, a.sums, M, K, group);
     return a;
 }
 

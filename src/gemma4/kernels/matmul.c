@@ -12,41 +12,18 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "simd.h"
 
 #define MAX_M 8
 
 #ifdef GEMMA4_AVX2
-static inline __m256 load_bf16(const uint16_t *w) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
-}
-
 static inline __m256 load_f16(const uint16_t *w) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)); }
 
 static inline __m256 load_i8(const int8_t *w) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
 }
 #endif
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-/* Sum of x over each group, so offsets cost one multiply per group: sum_k (s q_k + o) x_k = s sum q_k x_k + o sum x_k. */
-static void group_sums(const float *x, float *sums, int64_t M, int64_t K, int64_t group) {
-    int64_t G = K / group;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < G; g++) {
-            float s = 0.f;
-            for (int64_t k = 0; k < group; k++) s += x[m * K + g * group + k];
-            sums[m * G + g] = s;
-        }
-}
 
 #define LOAD16(p) (is_f16 ? load_f16(p) : load_bf16(p))
 

@@ -1,5 +1,6 @@
 /* What the kernels share: whether this build has AVX2 + FMA, the horizontal sum of a register, the
- * weight prefetch distance, fp16 -> fp32, and the int8 rounding of one token's activations. */
+ * weight prefetch distance, bf16/fp16 -> fp32, per-group sums and the int8 rounding of one token's
+ * activations. */
 #ifndef GEMMA4_SIMD_H
 #define GEMMA4_SIMD_H
 
@@ -23,7 +24,19 @@ static inline float hsum(__m256 v) {
  * and 4 KB ahead 3-8 % faster again than 1 KB (all of full-size E2B's matrices, bf16 and int4). */
 #define PREFETCH_BYTES 4096
 #define PREFETCH(p) _mm_prefetch((const char *)(p) + PREFETCH_BYTES, _MM_HINT_T0)
+
+/* 8 bf16 values as fp32: a bf16 is the high half of the fp32 it rounds. */
+static inline __m256 load_bf16(const uint16_t *w) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
+}
 #endif
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
 
 static inline float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023, bits;
@@ -38,6 +51,18 @@ static inline float half_to_float(uint16_t h) {
     float f;
     memcpy(&f, &bits, 4);
     return f;
+}
+
+/* Sum of x [M, K] over each group, so offsets cost one multiply per group:
+ * sum_k (s q_k + o) x_k = s sum q_k x_k + o sum x_k. */
+static inline void group_sums(const float *x, float *sums, int64_t M, int64_t K, int64_t group) {
+    int64_t G = K / group;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            float s = 0.f;
+            for (int64_t k = 0; k < group; k++) s += x[m * K + g * group + k];
+            sums[m * G + g] = s;
+        }
 }
 
 /* x -> int8 per 32-block with one fp32 step each (as llama.cpp's Q8_0 activations): one-token dot

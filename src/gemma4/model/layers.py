@@ -29,8 +29,12 @@ class RMSNorm(nn.Module):
         self.offset = offset
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
+    def fuses(self, x: Tensor) -> bool:
+        """Whether the compiled kernels take this norm of x (fp32 activations and weight)."""
+        return x.dtype == torch.float32 and kernels.available() and (self.weight is None or self.weight.dtype == torch.float32)
+
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and kernels.available() and (self.weight is None or self.weight.dtype == torch.float32):
+        if self.fuses(x):
             return kernels.rms_norm(x.contiguous(), self.weight, self.eps, self.offset)
         x32 = x.float()
         # pow(-0.5), as the reference writes it, rather than rsqrt: keeps the round-off identical.
@@ -42,7 +46,7 @@ class RMSNorm(nn.Module):
 
 def normed_rotated(norm: RMSNorm, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """apply_rotary(norm(x), cos, sin) for x [B, T, H, D]: one fused kernel for fp32 where built."""
-    if x.dtype == cos.dtype == torch.float32 and kernels.available() and (norm.weight is None or norm.weight.dtype == torch.float32):
+    if cos.dtype == torch.float32 and norm.fuses(x):
         return kernels.rms_norm_rotary(x.contiguous(), norm.weight, norm.eps, norm.offset, cos.contiguous(), sin.contiguous())
     return apply_rotary(norm(x), cos, sin)
 

@@ -8,7 +8,7 @@ Tiles, for matrices that are multiplied: 8 rows x 32 columns in 128 bytes, codes
 [..., N/8, K/32, 128], scales and offsets [..., N/8, G, 8]. Chunk c (32 bytes) of a tile holds
 row c's block, then row c + 4's. So a one-token matmul reads a single stream, 8 rows per 32-byte
 vector pair, and its integer dot products come out as one vector of 8 rows in order, ready for
-the 8 rows' scales loaded as one vector (kernels/matmul.c)."""
+the 8 rows' scales loaded as one vector (kernels/int4.c)."""
 
 from __future__ import annotations
 

@@ -142,4 +142,4 @@ def is_row_table(name: str) -> bool:
 
 def pack_state(name: str, weight: Tensor, kind: str, group: int) -> dict[str, Tensor]:
     """The buffers a packed parameter `name` loads from a float weight."""
-    return packed_state(name, quantize(weight, kind, group, rows=is_row_table(name)))
+    return packed_state(name, quantize(weight, kind, group, rows=True))

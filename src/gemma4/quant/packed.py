@@ -68,10 +68,14 @@ class PackedTensor:
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return PackedTensor(self.kind, self.codes[index], pick(self.scales), pick(self.offsets), self.group, self.tiled)
 
+    @property
+    def tileable(self) -> bool:
+        """int4 in rows that tiles could hold (a row count that is a multiple of 8)."""
+        return self.kind == "int4" and not self.tiled and int4.tileable(self.shape[-2])
+
     def as_tiles(self) -> PackedTensor:
-        """int4 in the tile layout the matmul kernel reads; anything else (or a row count that is no
-        multiple of 8) as it is."""
-        if self.kind != "int4" or self.tiled or not int4.tileable(self.shape[-2]):
+        """int4 in the tile layout the matmul kernel reads; anything else as it is."""
+        if not self.tileable:
             return self
         codes, (scales, offsets) = int4.tile(self.codes, [self.scales, self.offsets])
         return PackedTensor("int4", codes, scales, offsets, self.group, tiled=True)

@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from ..model import CausalLM, TextModel
-from ..quant.modules import PackedModule, Scheme, pack_modules, pack_state
+from ..model import CausalLM
+from ..quant.modules import PackedModule, Scheme, is_row_table, pack_modules, pack_state
 from ..quant.packed import KINDS
 from .layout import TensorSpec, checkpoint_tensors, decoder_prefix, empty_model
 from .safetensors_io import SafetensorsFile, TensorInfo
@@ -196,7 +196,7 @@ def load_model(
             tensor = file.tensor(info.name)
             if name in packed:
                 loaded = pack_state(name, tensor, *packed[name])
-            elif name.removeprefix("model.") not in TextModel.ROW_TABLES:
+            elif not is_row_table(name):
                 loaded = {name: tensor.to(dtype)}
             else:
                 file.advise_random(info.name)

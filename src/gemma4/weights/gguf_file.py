@@ -17,8 +17,18 @@ from tqdm import tqdm
 
 from ..config import FULL, SLIDING, ModelConfig
 from ..errors import CheckpointError
-from ..model import CausalLM, TextModel
-from ..quant.modules import PackedModule, Scheme, pack_modules, pack_state, packable, packed_state, packed_twin, replace_module
+from ..model import CausalLM
+from ..quant.modules import (
+    PackedModule,
+    Scheme,
+    is_row_table,
+    pack_modules,
+    pack_state,
+    packable,
+    packed_state,
+    packed_twin,
+    replace_module,
+)
 from ..quant.packed import PackedTensor
 from ..runtime.tokenizer import SPECIAL_TOKENS, Tokenizer
 from .checkpoint import install
@@ -267,7 +277,7 @@ def load_gguf_model(
         module = model.get_submodule(module_name)
         type_name = t.tensor_type.name
         if native and type_name != "F32" and packable(module_name, module):
-            if key.removeprefix("model.") in TextModel.ROW_TABLES and type_name in BLOCK_BYTES:
+            if is_row_table(key) and type_name in BLOCK_BYTES:
                 replace_module(model, module_name, BlockRows(t.data, type_name, expected[key][-1], module.scale))
                 continue
             if not isinstance(module, PackedModule):

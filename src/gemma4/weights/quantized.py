@@ -83,7 +83,7 @@ def load_quantized(checkpoint: Checkpoint, settings: dict) -> CausalLM:
         held = PackedTensor.of(*tensors, dims=len(shape)) if name in packed else tensors[0]
         if tuple(held.shape) != shape:
             raise CheckpointError(f"{checkpoint.path}: tensor {stored!r} holds shape {list(held.shape)}, but config.json implies {list(shape)}")
-        if isinstance(held, PackedTensor) and not is_row_table(name) and held.as_tiles() is not held:
+        if isinstance(held, PackedTensor) and held.tileable and not is_row_table(name):
             raise CheckpointError(f"{checkpoint.path}: int4 weights in an older layout; quantize the source checkpoint again (gemma4 quantize)")
         for our, t in zip([name + s for s in SUFFIXES], tensors):
             if t is not None:
