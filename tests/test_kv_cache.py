@@ -47,12 +47,16 @@ def test_incremental_decoding_equals_full_forward(checkpoints, preset):
 
 @pytest.mark.parametrize("chunk", [1, 3, 8, 17])
 def test_chunked_prefill_equals_one_shot(checkpoints, chunk):
+    """Both within fp32 round-off of the same model in fp64 (an absolute bound sat at the edge of
+    this round-off on some CPUs: 1.0e-4 against 1e-4)."""
     lm = gemma4.load(checkpoints("tiny-e2b"), dtype=torch.float32, progress=False).lm
+    truth = gemma4.load(checkpoints("tiny-e2b"), dtype=torch.float32, progress=False).lm.to(torch.float64)(ids_for(37))[:, -1]
     ids = ids_for(37)
-    one_shot = lm(ids)[:, -1]
+    one_shot_error = (lm(ids)[:, -1].double() - truth).abs().max().item()
     cache = ModelCache(lm.plan, 2, 4096, torch.float32)
     chunked = prefill(lm, cache, ids, arange_positions(ids), chunk)
-    assert (chunked - one_shot).abs().max() < 1e-4
+    error = (chunked.double() - truth).abs().max().item()
+    assert error <= 3 * one_shot_error, f"chunks of {chunk}: {error:.2e} vs one-shot {one_shot_error:.2e}"
     assert cache.length == 37
 
 

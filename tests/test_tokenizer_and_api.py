@@ -71,7 +71,7 @@ def test_sampling_defaults_come_from_the_checkpoint(model):
     params = model.sampling()
     assert (params.temperature, params.top_k, params.top_p) == (1.0, 64, 0.95)
     assert model.sampling(temperature=0).temperature == 0
-    assert model._banned() == {SPECIAL_TOKENS[t] for t in MEDIA_TOKENS}
+    assert model.banned_ids == {SPECIAL_TOKENS[t] for t in MEDIA_TOKENS}
     seeded = dict(max_new_tokens=6, seed=3)
     assert model.generate("Hi", **seeded) == model.generate("Hi", **seeded)
 

@@ -4,6 +4,7 @@ K KV heads, D head_dim, E experts."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -56,18 +57,28 @@ def gelu_tanh(x: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
+class KeyInputs:
+    """The keys one store holds for this step: which each query may see, and (K=V layers) their rotation."""
+
+    mask: Tensor  # [b, 1, T, S] bool, True where attention is allowed
+    key_cos: Tensor | None  # [b, S, D] at the key positions: K=V layers rotate keys on read
+    key_sin: Tensor | None
+
+    def last(self, n: int) -> KeyInputs:
+        return replace(self, mask=self.mask[:, :, -n:])
+
+
+@dataclass(frozen=True)
 class AttentionInputs:
     """What every layer of one attention type needs for one step, built once per type."""
 
     cos: Tensor  # [B, T, D] at the query positions (new keys rotate with the same table)
     sin: Tensor
-    mask: Tensor  # [B, 1, T, S] bool, True where attention is allowed
-    key_cos: Tensor | None  # [B, S, D] at the key positions: K=V layers rotate keys on read
-    key_sin: Tensor | None
+    keys: tuple[KeyInputs, ...]  # one per store: the whole batch's, or one per row
 
     def last(self, n: int) -> AttentionInputs:
         """The same inputs for the last n queries only."""
-        return replace(self, cos=self.cos[:, -n:], sin=self.sin[:, -n:], mask=self.mask[:, :, -n:])
+        return AttentionInputs(self.cos[:, -n:], self.sin[:, -n:], tuple(k.last(n) for k in self.keys))
 
 
 def attend(q: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float) -> Tensor:
@@ -86,7 +97,9 @@ def attend(q: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float) ->
 class KVStore(Protocol):
     """Where layers that own K/V keep them, and where KV-shared layers find them.
 
-    The engine calls `begin` once per step, before any layer, and `end` once after."""
+    The engine calls `begin` once per step, before any layer, and `end` once after. A batch
+    has one store, or one per row (rows that are separate sequences with caches of their own,
+    as a server batches them): projections then run over the whole batch, attention row by row."""
 
     def begin(self, positions: Tensor) -> dict[str, Tensor]:
         """positions: [B, T] of the new tokens (-1 for padding) -> key positions [B, S] per attention type."""
@@ -118,33 +131,42 @@ class Attention(nn.Module):
             self.v_norm = RMSNorm(plan.head_dim, eps, with_scale=False) if plan.v_norm else nn.Identity()
         self.o_proj = nn.Linear(q_width, hidden, bias=bias)
 
-    def forward(self, x: Tensor, inputs: AttentionInputs, kv: KVStore) -> Tensor:
+    def forward(self, x: Tensor, inputs: AttentionInputs, stores: Sequence[KVStore]) -> Tensor:
         B, T, _ = x.shape
         D = self.plan.head_dim
         q = normed_rotated(self.q_norm, self.q_proj(x).view(B, T, -1, D), inputs.cos, inputs.sin)
-        if self.plan.owns_kv:
-            key, value = self._update_kv(x, inputs, kv)
-            kv.share(self.plan.index, key, value)
-        else:
-            key, value = kv.read(self.plan.kv_source)
-        # Gemma 4 scales by 1.0: q_norm and k_norm take the place of 1/sqrt(D).
-        return self.o_proj(attend(q, key, value, inputs.mask, self.plan.attention_scale).reshape(B, T, -1))
+        new_key, new_value = self._project_kv(x, inputs) if self.plan.owns_kv else (None, None)
+        rows = [slice(None)] if len(stores) == 1 else [slice(b, b + 1) for b in range(B)]
+        out = [
+            self._attend_store(q[r], None if new_key is None else new_key[r], None if new_value is None else new_value[r], keys, store)
+            for r, keys, store in zip(rows, inputs.keys, stores)
+        ]
+        return self.o_proj((out[0] if len(out) == 1 else torch.cat(out)).reshape(B, T, -1))
 
-    def _update_kv(self, x: Tensor, inputs: AttentionInputs, kv: KVStore) -> tuple[Tensor, Tensor]:
+    def _project_kv(self, x: Tensor, inputs: AttentionInputs) -> tuple[Tensor | None, Tensor]:
+        """The new tokens' keys (None on K=V layers) and values, [B, K, T, D]."""
         B, T, _ = x.shape
         raw = self.k_proj(x).view(B, T, -1, self.plan.head_dim)
         if self.v_proj is None:
-            # K=V: the value is v_norm(k_proj(x)) and the key k_norm of the same projection, i.e. the
-            # value times k_norm's weight, then rotated. One tensor is stored; keys are rebuilt on read.
-            _, value = kv.update(self.plan.index, None, self.v_norm(raw).transpose(1, 2))
-            value = value.to(x.dtype)
-            key = (value.float() * self.k_norm.weight.float()).type_as(value)
-            cos, sin = inputs.key_cos.unsqueeze(1), inputs.key_sin.unsqueeze(1)  # type: ignore[union-attr]
-            return apply_rotary(key, cos, sin, head_axis=None), value
-        key = normed_rotated(self.k_norm, raw, inputs.cos, inputs.sin).transpose(1, 2)  # [B, K, T, D]
+            return None, self.v_norm(raw).transpose(1, 2)  # K=V: the value is v_norm(k_proj(x))
+        key = normed_rotated(self.k_norm, raw, inputs.cos, inputs.sin).transpose(1, 2)
         value = self.v_norm(self.v_proj(x).view(B, T, -1, self.plan.head_dim)).transpose(1, 2)
-        key, value = kv.update(self.plan.index, key, value)
-        return key, value  # type: ignore[return-value]
+        return key, value
+
+    def _attend_store(self, q: Tensor, new_key: Tensor | None, new_value: Tensor | None, keys: KeyInputs, kv: KVStore) -> Tensor:
+        if self.plan.owns_kv:
+            key, value = kv.update(self.plan.index, new_key, new_value)  # type: ignore[arg-type]
+            if new_key is None:
+                # K=V: the key is k_norm of the same projection, i.e. the value times k_norm's weight,
+                # then rotated. One tensor is stored; keys are rebuilt on read.
+                value = value.to(q.dtype)
+                key = (value.float() * self.k_norm.weight.float()).type_as(value)
+                key = apply_rotary(key, keys.key_cos.unsqueeze(1), keys.key_sin.unsqueeze(1), head_axis=None)  # type: ignore[union-attr]
+            kv.share(self.plan.index, key, value)  # type: ignore[arg-type]
+        else:
+            key, value = kv.read(self.plan.kv_source)
+        # Gemma 4 scales by 1.0: q_norm and k_norm take the place of 1/sqrt(D).
+        return attend(q, key, value, keys.mask, self.plan.attention_scale)  # type: ignore[arg-type]
 
 
 class MLP(nn.Module):
@@ -224,8 +246,8 @@ class DecoderLayer(nn.Module):
             self.per_layer_projection = nn.Linear(plan.ple_dim, hidden, bias=False)
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
 
-    def forward(self, x: Tensor, per_layer_input: Tensor | None, inputs: AttentionInputs, kv: KVStore) -> Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), inputs, kv))
+    def forward(self, x: Tensor, per_layer_input: Tensor | None, inputs: AttentionInputs, stores: Sequence[KVStore]) -> Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), inputs, stores))
 
         residual = x
         h = self.mlp(self.pre_feedforward_layernorm(x))

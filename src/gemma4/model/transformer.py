@@ -3,13 +3,15 @@ and soft-capped logits. Pure tensor math: weights arrive from a loader, caches f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import FULL, SLIDING, TextConfig
 from ..plan import LayerPlan, build_plan
-from .layers import AttentionInputs, DecoderLayer, KVStore, RMSNorm
+from .layers import AttentionInputs, DecoderLayer, KeyInputs, KVStore, RMSNorm
 from .rope import rotary_tables
 
 
@@ -104,40 +106,51 @@ class TextModel(nn.Module):
         context = self.per_layer_projection_norm(context.reshape(B, T, n, self.ple_dim))
         return (context + table_rows) * 2.0**-0.5
 
-    def attention_inputs(self, positions: Tensor, key_positions: dict[str, Tensor], dtype: torch.dtype) -> dict[str, AttentionInputs]:
-        """RoPE tables and masks once per attention type per step, shared by all its layers."""
+    def attention_inputs(self, positions: Tensor, key_positions: list[dict[str, Tensor]], dtype: torch.dtype) -> dict[str, AttentionInputs]:
+        """RoPE tables and masks once per attention type per step, shared by all its layers.
+        key_positions: per store, its key positions per attention type (stores split the rows evenly)."""
         inputs = {}
+        queries = positions.chunk(len(key_positions))
         for p in self.plan:
             if p.attention_type in inputs:
                 continue
-            keys = key_positions[p.attention_type]
             cos, sin = rotary_tables(p.rope, positions, dtype)
-            key_cos, key_sin = rotary_tables(p.rope, keys, dtype) if self.rotates_keys_on_read[p.attention_type] else (None, None)
-            inputs[p.attention_type] = AttentionInputs(cos, sin, attention_mask(positions, keys, p.sliding_window), key_cos, key_sin)
+            keys = []
+            for rows, held in zip(queries, key_positions):
+                held = held[p.attention_type]
+                key_cos, key_sin = rotary_tables(p.rope, held, dtype) if self.rotates_keys_on_read[p.attention_type] else (None, None)
+                keys.append(KeyInputs(attention_mask(rows, held, p.sliding_window), key_cos, key_sin))
+            inputs[p.attention_type] = AttentionInputs(cos, sin, tuple(keys))
         return inputs
 
-    def forward(self, ids: Tensor, positions: Tensor | None = None, kv: KVStore | None = None, keep: int | None = None) -> Tensor | None:
+    def forward(
+        self, ids: Tensor, positions: Tensor | None = None, kv: KVStore | Sequence[KVStore] | None = None, keep: int | None = None
+    ) -> Tensor | None:
         """ids: [B, T] -> final hidden states [B, keep or T, hidden].
 
         positions: [B, T] (default 0..T-1 in every row; -1 marks left padding).
-        kv: a cache to read and extend (default: none, attend within `ids`).
+        kv: a cache to read and extend, or one per row (default: none, attend within `ids`).
         keep: how many trailing positions need outputs. KV-shared layers store nothing, so they
         run on those positions only; with keep=0 they are skipped and None is returned."""
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
-        kv = DictKV() if kv is None else kv
+        stores = (DictKV(),) if kv is None else tuple(kv) if isinstance(kv, Sequence) else (kv,)
+        if len(stores) not in (1, B):
+            raise ValueError(f"{len(stores)} caches for a batch of {B}: give one, or one per row")
         x = self.embed_tokens(ids, self.dtype)
         ple = self.per_layer_inputs(ids, x) if self.ple_dim else None
-        inputs = self.attention_inputs(positions, kv.begin(positions), x.dtype)
+        key_positions = [store.begin(rows) for store, rows in zip(stores, positions.chunk(len(stores)))]
+        inputs = self.attention_inputs(positions, key_positions, x.dtype)
         for p, layer in zip(self.plan, self.layers):
             if p.index == self.first_shared and keep is not None:
                 if keep == 0:
                     break
                 x, inputs = x[:, -keep:], {t: i.last(keep) for t, i in inputs.items()}
                 ple = ple[:, -keep:] if ple is not None else None
-            x = layer(x, ple[:, :, p.index] if ple is not None else None, inputs[p.attention_type], kv)
-        kv.end()
+            x = layer(x, ple[:, :, p.index] if ple is not None else None, inputs[p.attention_type], stores)
+        for store in stores:
+            store.end()
         if keep == 0:
             return None
         if keep is not None:
@@ -175,7 +188,7 @@ class CausalLM(nn.Module):
         return self.logits(self.model(input_ids))  # type: ignore[arg-type]
 
     @torch.inference_mode()
-    def step(self, ids: Tensor, positions: Tensor, kv: KVStore, keep: int) -> Tensor | None:
-        """One prefill chunk or decode step against a cache -> logits [B, keep, vocab] (None if keep=0)."""
+    def step(self, ids: Tensor, positions: Tensor, kv: KVStore | Sequence[KVStore], keep: int) -> Tensor | None:
+        """One prefill chunk or decode step against a cache (or one cache per row) -> logits [B, keep, vocab] (None if keep=0)."""
         hidden = self.model(ids, positions, kv, keep)
         return None if hidden is None else self.logits(hidden)

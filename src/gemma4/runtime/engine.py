@@ -16,8 +16,9 @@ from ..errors import Gemma4Error
 from ..model import CausalLM
 from .chat_format import render_chat
 from .chat_parser import ChatResult, Event, OutputParser
-from .generate import DEFAULT_PREFILL_CHUNK, Batch, Session, sample_loop
+from .generate import DEFAULT_PREFILL_CHUNK, Batch, Session, sample_loop, turn_marks
 from .sampling import SamplingParams
+from .stop_strings import StopStrings
 from .tokenizer import MEDIA_TOKENS, StreamDecoder, Tokenizer
 
 
@@ -142,8 +143,15 @@ class Model:
             raise Gemma4Error("this checkpoint has no tokenizer.json or tokenizer.model: pass token ids instead of text")
         return self.tokenizer
 
-    def _banned(self) -> set[int]:
+    @property
+    def banned_ids(self) -> set[int]:
+        """Tokens never sampled for text: media placeholders and brackets."""
         return self.tokenizer.ids_of(MEDIA_TOKENS) if self.tokenizer else set()
+
+    @property
+    def chat_stop_ids(self) -> set[int]:
+        """A chat answer also ends where the model opens the tool response it waits for."""
+        return self.stop_ids | (self.tokenizer.ids_of(["<|tool_response>"]) if self.tokenizer else set())
 
     def _one_bos(self, ids: Sequence[int]) -> list[int]:
         bos = self.tokenizer.bos_id if self.tokenizer else self.config.bos_token_id
@@ -204,16 +212,15 @@ class Model:
         """Time prefill and decode around `sample_loop`."""
         started = time.perf_counter()
         if isinstance(feeder, Session):
-            # A re-rendered history first differs inside the model's last turn: snapshot where that turn opens.
-            turn = self._require_tokenizer().token_id("<|turn>")
-            opens = [i for i, t in enumerate(prompt or []) if t == turn]
-            logits, history = feeder.start_prompt(prompt, snapshot_at=opens[-1] if opens else None)  # type: ignore[arg-type]
+            marks = turn_marks(prompt, self._require_tokenizer().token_id("<|turn>"))  # type: ignore[arg-type]
+            logits, history = feeder.start_prompt(prompt, marks)  # type: ignore[arg-type]
         else:
             logits, history = feeder.start()
         self.stats = Stats(prompt_tokens=history.shape[1], reused_tokens=getattr(feeder, "reused", 0))
         self.stats.prefill_seconds = time.perf_counter() - started
         first = time.perf_counter()
-        for token in sample_loop(feeder, logits, history, max_new_tokens, params, self.stop_ids, self._banned()):
+        stops = self.chat_stop_ids if isinstance(feeder, Session) else self.stop_ids
+        for token in sample_loop(feeder, logits, history, max_new_tokens, params, stops, self.banned_ids):
             self.stats.generated_tokens += 1
             self.stats.decode_seconds = time.perf_counter() - first
             yield token
@@ -232,14 +239,7 @@ class Model:
         """Answer OpenAI-style messages. Returns a ChatResult (content, reasoning, tool_calls), or
         with stream=True an iterator of Events. The conversation's cache is kept: calling again
         with the history extended prefills only the new tokens."""
-        tokenizer = self._require_tokenizer()
-        if self.chat_format is None and self.chat_template is None:
-            raise Gemma4Error("this model has no chat template: use generate() (or `gemma4 run --raw`) to continue text")
-        try:
-            text = render_chat(messages, tools, thinking, self.chat_template)
-        except ValueError as e:
-            raise Gemma4Error(f"bad messages: {e}") from None
-        prompt = tokenizer.prompt_ids(text)
+        prompt = self.chat_prompt(messages, tools, thinking)
         if self._session is None:
             self._session = Session(self.lm, self.context, self.prefill_chunk)
         events = self._chat_events(self._run(self._session, max_new_tokens, self.sampling(**sampling), prompt))
@@ -249,6 +249,17 @@ class Model:
         for event in events:
             result.add(event)
         return result
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None, thinking: bool = False) -> list[int]:
+        """OpenAI-style messages -> the prompt's token ids, in the Gemma 4 format or the checkpoint's template."""
+        tokenizer = self._require_tokenizer()
+        if self.chat_format is None and self.chat_template is None:
+            raise Gemma4Error("this model has no chat template: use generate() (or `gemma4 run --raw`) to continue text")
+        try:
+            text = render_chat(messages, tools, thinking, self.chat_template)
+        except ValueError as e:
+            raise Gemma4Error(f"bad messages: {e}") from None
+        return tokenizer.prompt_ids(text)
 
     def _chat_events(self, tokens: Iterator[Tensor]) -> Iterator[Event]:
         parser = OutputParser(self._require_tokenizer())
@@ -305,23 +316,16 @@ def _table_placement(table: torch.nn.Module) -> str:
 def _text_stream(tokens: Iterator[int], tokenizer: Tokenizer | None, stop_ids: set[int], stop: Sequence[str]) -> Iterator[str]:
     """Token ids -> text deltas, ending at a stop id or a stop string (held back until decided)."""
     decoder = StreamDecoder(tokenizer, skip_special=True)  # type: ignore[arg-type]
-    pending = ""
+    stops = StopStrings(stop)
     for token in tokens:
         if token in stop_ids:
             break
-        pending += decoder.push(token)
-        hits = [pending.find(s) for s in stop if s in pending]
-        if hits:
-            yield pending[: min(hits)]
+        if text := stops.push(decoder.push(token)):
+            yield text
+        if stops.hit:
             return
-        hold = max((n for s in stop for n in range(len(s) - 1, 0, -1) if pending.endswith(s[:n])), default=0)
-        if len(pending) > hold:
-            yield pending[: len(pending) - hold]
-            pending = pending[len(pending) - hold :]
-    pending += decoder.flush()
-    hits = [pending.find(s) for s in stop if s in pending]
-    if pending[: min(hits) if hits else None]:
-        yield pending[: min(hits) if hits else None]
+    if text := stops.push(decoder.flush()) + stops.flush():
+        yield text
 
 
 def _id_stream(tokens: Iterator[int], stop_ids: set[int]) -> Iterator[int]:

@@ -6,7 +6,7 @@ what is new). Text, chat formatting, stop strings and timing sit one layer above
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -75,11 +75,12 @@ class Batch:
 
 
 class Session:
-    """One conversation. Its cache outlives each call: a prompt that extends what is cached
-    prefills only the new tokens. When a re-rendered history departs from the cached tokens
-    (a chat template drops earlier thoughts, text re-tokenises differently), the sliding layers'
-    ring buffers cannot rewind by themselves, so a snapshot taken at the end of each prompt lets
-    the cache roll back there and re-feed only what follows."""
+    """One sequence whose cache outlives each call: a prompt that extends what is cached prefills
+    only the new tokens. When a later prompt departs from the cached tokens (a chat template drops
+    earlier thoughts, a user edits a message, an agent resends the same system prompt with a new
+    question), the sliding layers' ring buffers cannot rewind by themselves: snapshots of them,
+    taken at the marks a prompt names (chat: where turns open), let the cache roll back to the
+    latest one at or before the departure and re-feed only what follows."""
 
     def __init__(self, lm: CausalLM, context: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.lm, self.context, self.chunk = lm, context, prefill_chunk
@@ -88,61 +89,99 @@ class Session:
     def reset(self) -> None:
         self.cache = ModelCache(self.lm.plan, 1, self.context, self.lm.kv_dtype or self.lm.dtype)
         self.tokens: list[int] = []  # the tokens whose K/V the cache holds, in order
-        self.snapshot: CacheSnapshot | None = None
-        self.reused = 0  # prompt tokens the last call did not have to feed (or re-feed)
-        self.fed = 0
+        self.snapshots: dict[int, CacheSnapshot] = {}  # by length
+        self.reused = 0  # prompt tokens the last prompt did not have to feed (or re-feed)
 
-    def _rewind(self, keep: int) -> None:
-        """Make the cache hold exactly self.tokens[:keep]."""
-        if keep == len(self.tokens):
-            return
-        if self.snapshot is not None and self.snapshot.length <= keep:
-            self.cache.restore(self.snapshot)
-            refeed = self.tokens[self.snapshot.length : keep]
-            self.tokens = self.tokens[: self.snapshot.length]
-            self._feed(refeed, logits=False)
-        else:
-            tokens = self.tokens[:keep]
-            self.reset()
-            self._feed(tokens, logits=False)
-
-    def _feed(self, tokens: list[int], logits: bool) -> Tensor | None:
-        if not tokens:
-            return None
-        start = len(self.tokens)
-        self.fed += len(tokens)
-        ids = torch.tensor([tokens])
-        positions = torch.arange(start, start + len(tokens))[None]
-        self.tokens += tokens
-        return prefill(self.lm, self.cache, ids, positions, self.chunk, logits)
-
-    def start_prompt(self, prompt: list[int], snapshot_at: int | None = None) -> tuple[Tensor, Tensor]:
-        """Make the cache hold `prompt` and return the logits after it. `snapshot_at` is where a
-        later history may first differ (chat: the start of the last turn); the rollback
-        snapshot is taken there. `reused` counts the prompt tokens that were not fed again."""
-        check_fits(len(prompt), self.context)
+    def reusable(self, prompt: Sequence[int]) -> int:
+        """How many leading tokens of `prompt` this cache can keep (the last one is always fed)."""
         common = 0
         for cached, new in zip(self.tokens, prompt):
             if cached != new:
                 break
             common += 1
-        common = min(common, len(prompt) - 1)  # the last prompt token is always fed: its logits start the answer
-        self.fed = 0
-        self._rewind(common)
-        mark = len(prompt) if snapshot_at is None else min(max(snapshot_at, 0), len(prompt) - 1)
-        if common <= mark:
-            self._feed(prompt[common:mark], logits=False)
-            self.snapshot = self.cache.snapshot()
-        logits = self._feed(prompt[max(common, mark) :], logits=True)
-        self.reused = len(prompt) - self.fed
-        return logits, torch.tensor([prompt])  # type: ignore[return-value]
+        common = min(common, len(prompt) - 1)
+        if common == len(self.tokens) or self.cache.can_truncate(common):
+            return common
+        return max((n for n in self.snapshots if n <= common), default=0)
+
+    def _rewind(self, keep: int) -> None:
+        """Make the cache hold exactly self.tokens[:keep] (keep from `reusable`)."""
+        if keep == len(self.tokens):
+            return
+        if self.cache.can_truncate(keep):
+            self.cache.truncate(keep)
+        elif keep in self.snapshots:
+            self.cache.restore(self.snapshots[keep])
+        else:
+            assert keep == 0, "rewind to a point with no snapshot"
+            self.cache = ModelCache(self.lm.plan, 1, self.context, self.cache.dtype)
+        self.tokens = self.tokens[:keep]
+        self.snapshots = {n: snap for n, snap in self.snapshots.items() if n <= keep}
+
+    def _feed(self, tokens: list[int], logits: bool) -> Tensor | None:
+        start = len(self.tokens)
+        ids = torch.tensor([tokens])
+        positions = torch.arange(start, start + len(tokens))[None]
+        self.tokens += tokens
+        return prefill(self.lm, self.cache, ids, positions, self.chunk, logits)
+
+    def prefill_steps(self, prompt: Sequence[int], marks: Collection[int] = ()) -> Iterator[Tensor | None]:
+        """Make the cache hold `prompt`, one chunk per step (so a server can decode other
+        sequences in between); the last step yields the logits after the prompt, the others None.
+        `marks` are where a later prompt may first differ: the ring buffers are snapshotted there.
+        `reused` counts the prompt tokens kept from before."""
+        check_fits(len(prompt), self.context)
+        prompt = list(prompt)
+        keep = self.reusable(prompt)
+        self._rewind(keep)
+        self.reused = keep
+        marks = sorted(m for m in set(marks) if 0 < m < len(prompt))
+        # Only this prompt's marks keep snapshots (memory is planned per mark).
+        self.snapshots = {n: snap for n, snap in self.snapshots.items() if n in marks}
+        at = keep
+        while at < len(prompt):
+            if at in marks and at not in self.snapshots:
+                self.snapshots[at] = self.cache.snapshot()
+            end = min([at + self.chunk, len(prompt), *(m for m in marks if m > at)])
+            last = end == len(prompt)
+            logits = self._feed(prompt[at:end], logits=last)
+            at = end
+            yield logits if last else None
+
+    def start_prompt(self, prompt: Sequence[int], marks: Collection[int] = ()) -> tuple[Tensor, Tensor]:
+        """All of `prefill_steps` at once -> (logits after the prompt [1, vocab], the prompt [1, L])."""
+        *_, logits = self.prefill_steps(prompt, marks)
+        return logits, torch.tensor([list(prompt)])  # type: ignore[return-value]
 
     @property
     def room(self) -> int:
         return self.context - len(self.tokens)
 
+    def nbytes(self) -> int:
+        """K/V bytes held: the cache and its snapshots."""
+        return sum(self.cache.nbytes_by_type().values()) + sum(s.nbytes() for s in self.snapshots.values())
+
     def feed(self, tokens: Tensor, finished: Tensor) -> Tensor:
-        return self._feed([int(tokens[0])], logits=True)  # type: ignore[return-value]
+        return decode_step(self.lm, [self], [int(tokens[0])])
+
+
+def decode_step(lm: CausalLM, sessions: Sequence[Session], tokens: Sequence[int]) -> Tensor:
+    """One new token for each session, as one batch (projections read the weights once for all;
+    each attends over its own cache) -> logits [B, vocab]."""
+    ids = torch.tensor([[t] for t in tokens])
+    positions = torch.tensor([[len(s.tokens)] for s in sessions])
+    logits = lm.step(ids, positions, [s.cache for s in sessions], keep=1)[:, -1]  # type: ignore[index]
+    for session, token in zip(sessions, tokens):
+        session.tokens.append(token)
+    return logits
+
+
+def turn_marks(prompt: Sequence[int], turn_id: int | None) -> list[int]:
+    """Where a chat prompt's turns open, as far as a later prompt is likely to reuse: the first
+    turn after the system turn (the same system prompt and tools, a new conversation), and the
+    last three (the same history with a new or edited question, or the answer re-rendered)."""
+    opens = [i for i, t in enumerate(prompt) if t == turn_id]
+    return sorted(set(opens[1:2] + opens[-3:]))
 
 
 def sample_loop(

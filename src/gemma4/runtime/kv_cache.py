@@ -44,6 +44,9 @@ class CacheSnapshot:
     rings: dict[int, _LayerKV]
     ring_positions: Tensor | None
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for kv in self.rings.values() for t in (kv.key, kv.value) if t is not None)
+
 
 class ModelCache:
     """The cache of one model for one batch of sequences. Implements `model.layers.KVStore`."""
@@ -184,6 +187,18 @@ class ModelCache:
         if FULL in self.types:
             self.slot_positions[FULL][:, snapshot.length :] = -1
         self.length = snapshot.length
+
+    def can_truncate(self, keep: int) -> bool:
+        """Whether `truncate(keep)` is exact: no ring slot has been overwritten yet."""
+        return keep <= self.length and (SLIDING not in self.types or self.length <= self.window)
+
+    def truncate(self, keep: int) -> None:
+        """Forget every position from `keep` on (while no ring has wrapped, slots are positions)."""
+        assert self.can_truncate(keep), "a wrapped ring cannot be truncated: restore a snapshot"
+        for positions in self.slot_positions.values():
+            positions[:, keep:] = -1
+        self.length = keep
+
     def nbytes_by_type(self) -> dict[str, int]:
         """Bytes of K/V tensors held, per attention type (positions bookkeeping excluded)."""
         held: dict[str, int] = defaultdict(int)

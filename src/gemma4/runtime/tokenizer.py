@@ -80,6 +80,10 @@ class Tokenizer:
 
         return cls(backend, kind, vocab, special("bos_token", "<bos>"), special("eos_token", "<eos>"), special("pad_token", "<pad>"))
 
+    def to_json(self) -> str | None:
+        """The tokenizer as tokenizer.json text (what grammar engines read); None for sentencepiece."""
+        return self._backend.to_str() if self.kind == "tokenizers" else None  # type: ignore[attr-defined]
+
     def token_id(self, token: str) -> int | None:
         return self.vocab.get(token)
 
