@@ -62,5 +62,9 @@ CASES = {
         enable_thinking=True,
     ),
     "content parts": dict(messages=[{"role": "user", "content": [{"type": "text", "text": " Look: "}, {"type": "image"}, {"type": "text", "text": "and"}, {"type": "audio"}]}]),
+    "untyped enum parameter": dict(
+        messages=[{"role": "user", "content": "Alarm"}],
+        tools=[{"type": "function", "function": {"name": "pick", "parameters": {"type": "object", "properties": {"tone": {"enum": ["beep", "chime"]}}}}}],
+    ),
     "no generation prompt": dict(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], add_generation_prompt=False),
 }

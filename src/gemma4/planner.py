@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .config import ModelConfig
+from .config import SLIDING, ModelConfig
 from .plan import LayerPlan, build_plan
 from .runtime.kv_cache import DEFAULT_CHUNK, global_capacity
 from .quant.modules import UNPACKED
@@ -62,6 +62,15 @@ def kv_bytes_by_type(
     return held
 
 
+def serving_kv_bytes(plan: tuple[LayerPlan, ...], context: int, slots: int, kv_bytes: int, snapshots: int) -> dict[str, int]:
+    """K/V bytes of `slots` sequences of up to `context` tokens, each keeping `snapshots` copies
+    of its ring buffers (a server's prefix cache rolls back to them)."""
+    held = kv_bytes_by_type(plan, context, slots, kv_bytes)
+    if snapshots and SLIDING in held:
+        held["ring_snapshots"] = snapshots * held[SLIDING]
+    return held
+
+
 def plan_memory(
     config: ModelConfig,
     context: int,
@@ -73,12 +82,14 @@ def plan_memory(
     quant: str | None = None,
     group: int = 0,
     pack_tables: bool = False,
+    snapshots: int = 0,
 ) -> dict[str, Any]:
     """Bytes by component: weights, KV cache by layer type, prefill activation peak, total resident.
 
     quant (bf16/int8/int4): matrices and embedding tables packed as `gemma4.load(quant=...)` packs
     them, everything else and the activations in fp32; the PLE table stays as stored (bf16) unless
-    pack_tables (a checkpoint saved by `gemma4 quantize`)."""
+    pack_tables (a checkpoint saved by `gemma4 quantize`). snapshots: ring-buffer copies each
+    sequence keeps (`gemma4 serve` keeps runtime.generate.MAX_MARKS for its prefix cache)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unsupported dtype {dtype!r}: use bf16, fp16 or fp32")
     if quant:  # packed weights compute in fp32 and keep K/V in bf16 (runtime.engine.Model)
@@ -98,7 +109,7 @@ def plan_memory(
     row_parts = packed_row_bytes(ple_width, quant, group or None) if pack_tables else [ple_width * (2 if quant else width)]
     ple_row_pages = sum((-(-part // PAGE) + 1) * PAGE for part in row_parts if part)
     ple_resident = min(ple_table, context * batch * ple_row_pages) if savings.ple_on_disk else ple_table
-    kv = kv_bytes_by_type(plan, context, batch, kv_width, savings)
+    kv = kv_bytes_by_type(plan, context, batch, kv_width, savings) if not snapshots else serving_kv_bytes(plan, context, batch, kv_width, snapshots)
     activations = _prefill_peak(plan, text.hidden_size, min(prefill_chunk, context), context, batch, width)
     if quant:  # prefill dequantizes one block of a packed matrix at a time for a dense fp32 matmul
         activations += DENSE_BLOCK_BYTES

@@ -264,6 +264,27 @@ def _collect(model, events):  # noqa: ANN001, ANN202
     return result
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from .server import serve, served_name
+    from ..weights.default_model import default_model_path
+
+    api_key = args.api_key
+    if args.api_key_file:
+        try:
+            api_key = Path(args.api_key_file).read_text().strip()
+        except OSError as e:
+            raise Gemma4Error(f"--api-key-file {args.api_key_file}: {e.strerror}") from None
+        if not api_key:
+            raise Gemma4Error(f"--api-key-file {args.api_key_file} is empty")
+    if args.model is None:
+        args.model = default_model_path()
+    elif not Path(args.model).exists():
+        raise Gemma4Error(f"{args.model}: no such checkpoint folder or .gguf file")
+    if args.parallel is not None and args.parallel < 1:
+        raise Gemma4Error("--parallel must be at least 1")
+    serve(lambda: _load(args), served_name(args.model), args.host, args.port, api_key, args.parallel, args.max_queue, args.metrics)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma4", description="Run Google's Gemma 4 models locally.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -317,6 +338,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--raw", action="store_true", help="continue the text as is, without the chat format")
     run.add_argument("--stop", action="append", metavar="TEXT", help="end the answer at this text (--raw; repeatable)")
     run.set_defaults(run=_run)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (default model: Gemma 3 270M)")
+    serve.add_argument("model", metavar="MODEL", nargs="?", help="checkpoint folder or .gguf file (default: Gemma 3 270M)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    keys = serve.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")
+    keys.add_argument("--api-key-file", metavar="FILE", help="the same, with the key read from FILE (kept out of the process list)")
+    serve.add_argument("--parallel", type=int, help="sequences decoded together (default: what fits in memory, at most 4)")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before new ones get 503 (default 64)")
+    serve.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")
+    _add_weight_options(serve)
+    serve.add_argument("--context", type=int, help="longest sequence a slot holds, in tokens (default: the model's)")
+    serve.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per step between decode steps (default 256)")
+    serve.set_defaults(run=_serve)
 
     chat = commands.add_parser("chat", help="an interactive chat; " + CHAT_HELP)
     chat.add_argument("model", metavar="MODEL", nargs="?", help="checkpoint folder or .gguf file")

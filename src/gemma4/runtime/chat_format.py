@@ -94,8 +94,9 @@ def format_value(value: Any, quote_keys: bool = True) -> str:
 
 # --- tool declarations ----------------------------------------------------------------------
 def _type_of(schema: Mapping[str, Any]) -> str:
+    """The declared type, upper-cased; "" for a schema without one (an enum alone, say)."""
     kind = schema.get("type")
-    return str(kind if isinstance(kind, str) else kind[0]).upper()
+    return str(kind if isinstance(kind, str) else kind[0]).upper() if kind else ""
 
 
 def _quoted_list(items: Sequence[str]) -> str:
@@ -125,7 +126,7 @@ def _format_parameters(properties: Mapping[str, Any]) -> str:
                 text += ",required:[" + _quoted_list(schema["required"]) + "]"
         elif kind == "ARRAY" and isinstance(schema.get("items"), Mapping) and schema["items"]:
             text += ",items:{" + _format_items(schema["items"]) + "}"
-        text += ("," if comma else "") + f"type:{QUOTE}{kind}{QUOTE}}}"
+        text += (("," if comma else "") + f"type:{QUOTE}{kind}{QUOTE}" if kind else "") + "}"
         parts.append(text)
     return ",".join(parts)
 
@@ -274,7 +275,7 @@ CHAT_TEMPLATE = r"""
 {%- endif -%}
 {%- endmacro -%}
 {%- macro quoted(items) -%}{%- for i in items -%}{{ ',' if not loop.first }}<|"|>{{ i }}<|"|>{%- endfor -%}{%- endmacro -%}
-{%- macro kind_of(s) -%}{{ (s['type'] if s['type'] is string else s['type'][0]) | upper }}{%- endmacro -%}
+{%- macro kind_of(s) -%}{%- if s['type'] -%}{{ (s['type'] if s['type'] is string else s['type'][0]) | upper }}{%- endif -%}{%- endmacro -%}
 {%- macro parameters(props) -%}
 {%- set ns = namespace(first=true) -%}
 {%- for key, s in props | dictsort -%}
@@ -290,7 +291,7 @@ CHAT_TEMPLATE = r"""
 {%- if s['required'] -%},required:[{{ quoted(s['required']) }}]{%- endif -%}
 {%- elif k == 'ARRAY' and s['items'] is mapping and s['items'] -%},items:{ {{- items(s['items']) -}} }
 {%- endif -%}
-{{ ',' if c.comma }}type:<|"|>{{ k }}<|"|>}
+{%- if k -%}{{ ',' if c.comma }}type:<|"|>{{ k }}<|"|>{%- endif -%}}
 {%- endif -%}
 {%- endfor -%}
 {%- endmacro -%}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import torch
 from torch import Tensor
 
@@ -259,6 +260,8 @@ class Model:
             text = render_chat(messages, tools, thinking, self.chat_template)
         except ValueError as e:
             raise Gemma4Error(f"bad messages: {e}") from None
+        except jinja2.TemplateError as e:  # a checkpoint's own template that cannot take these messages
+            raise Gemma4Error(f"the chat template cannot render these messages: {e}") from None
         return tokenizer.prompt_ids(text)
 
     def _chat_events(self, tokens: Iterator[Tensor]) -> Iterator[Event]:

@@ -176,12 +176,17 @@ def decode_step(lm: CausalLM, sessions: Sequence[Session], tokens: Sequence[int]
     return logits
 
 
+MAX_MARKS = 4  # snapshots a session keeps at most (the planner counts them)
+
+
 def turn_marks(prompt: Sequence[int], turn_id: int | None) -> list[int]:
-    """Where a chat prompt's turns open, as far as a later prompt is likely to reuse: the first
-    turn after the system turn (the same system prompt and tools, a new conversation), and the
-    last three (the same history with a new or edited question, or the answer re-rendered)."""
+    """Where a later chat prompt is likely to depart from this one: where the first turn after
+    the system turn opens (the same system prompt and tools, a new conversation), where the last
+    user turn opens (the same history, a new or edited question), where the model's turn opens
+    (its answer comes back re-rendered: templates drop the thinking), and the prompt's last
+    token (the same prompt again: regenerate)."""
     opens = [i for i, t in enumerate(prompt) if t == turn_id]
-    return sorted(set(opens[1:2] + opens[-3:]))
+    return sorted(set(opens[1:2] + opens[-2:] + [len(prompt) - 1]))[-MAX_MARKS:]
 
 
 def sample_loop(

@@ -72,7 +72,7 @@ def penalize_presence(logits: Tensor, answer: Tensor, presence: float, frequency
     """OpenAI's penalties over the tokens generated so far ([B, n])."""
     if (presence == 0.0 and frequency == 0.0) or answer.numel() == 0:
         return logits
-    counts = torch.zeros_like(logits).scatter_add_(-1, answer, torch.ones_like(answer, dtype=logits.dtype))
+    counts = torch.zeros_like(logits).scatter_add(-1, answer, torch.ones_like(answer, dtype=logits.dtype))
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 

@@ -140,6 +140,7 @@ class Scheduler:
         return sum(slot.session.nbytes() for slot in self.slots)
 
     # --- the engine thread --------------------------------------------------------------
+    @torch.inference_mode()
     def _loop(self) -> None:
         while True:
             with self._wake:

@@ -173,7 +173,7 @@ TINY: dict[str, dict[str, Any]] = {
         layer_types=_pattern(4, 10),
         num_attention_heads=4,
         num_key_value_heads=1,
-        hidden_size_per_layer_input=8,
+        hidden_size_per_layer_input=32,  # a multiple of 32, as real widths are: a row of a batch vectorises as it does alone
         num_kv_shared_layers=5,  # like the release, the last KV owner is global, the one before sliding
         use_double_wide_mlp=True,
         **_TINY_COMMON,
