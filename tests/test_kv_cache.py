@@ -100,3 +100,65 @@ def test_k_eq_v_layers_store_one_tensor(checkpoints):
 def test_global_buffers_grow_by_doubling_up_to_the_context():
     assert [global_capacity(n, 100_000) for n in (0, 1, 256, 257, 1000, 5000)] == [0, 256, 256, 512, 1024, 8192]
     assert global_capacity(99_999, 100_000) == 100_096  # capped at the context, in whole chunks
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_rows_with_caches_of_their_own_decode_as_each_alone(checkpoints, preset):
+    """A server batches sequences of different lengths, each with a cache of its own: one step
+    over all of them gives each what its own step gives, and a full forward pass, to fp32
+    round-off (batched matmuls sum in another order)."""
+    from gemma4.runtime.generate import Session, decode_step
+
+    lm = gemma4.load(checkpoints(preset), dtype=torch.float32, progress=False).lm
+    prompts = [ids_for(n, batch=1)[0].tolist() for n in (5, 13, 3 * lm.config.sliding_window + 1)]
+
+    def step(group: list[list[int]]) -> torch.Tensor:
+        sessions = [Session(lm, 4096, prefill_chunk=7) for _ in group]
+        for session, prompt in zip(sessions, group):
+            session.start_prompt(prompt)
+        return decode_step(lm, sessions, [17] * len(group))
+
+    lm64 = gemma4.load(checkpoints(preset), dtype=torch.float32, progress=False).lm.to(torch.float64)
+    truth = torch.stack([lm64(torch.tensor([p + [17]]))[0, -1] for p in prompts])
+    full_error = max((lm(torch.tensor([p + [17]]))[0, -1].double() - t).abs().max().item() for p, t in zip(prompts, truth))
+    for logits in (step(prompts), torch.cat([step([p]) for p in prompts])):
+        assert (logits.double() - truth).abs().max().item() <= 3 * full_error
+
+
+def test_int4_rows_decode_bit_for_bit_as_alone(checkpoints):
+    """The int4 kernel computes each row of a batch as it computes the row alone, so a server's
+    greedy answers do not depend on what else it is decoding."""
+    from gemma4.runtime.generate import Session, decode_step
+
+    lm = gemma4.load(checkpoints("tiny-e2b"), quant="int4", progress=False).lm
+
+    def step(group: list[list[int]]) -> torch.Tensor:
+        sessions = [Session(lm, 4096) for _ in group]
+        for session, prompt in zip(sessions, group):
+            session.start_prompt(prompt)
+        return decode_step(lm, sessions, [17] * len(group))
+
+    prompts = [ids_for(n, batch=1)[0].tolist() for n in (13, 21, 5, 30)]
+    assert torch.equal(step(prompts), torch.cat([step([p]) for p in prompts]))
+
+
+def test_session_rolls_back_to_marks_and_truncates_unwrapped_caches(checkpoints):
+    """A prompt that departs after a mark re-feeds only from the mark, and the logits equal a
+    fresh session's; a cache whose rings never wrapped is cut back without any snapshot."""
+    from gemma4.runtime.generate import Session
+
+    lm = gemma4.load(checkpoints("tiny-e2b"), dtype=torch.float32, progress=False).lm
+    W = lm.config.sliding_window
+    shared = ids_for(5 * W, batch=1)[0].tolist()
+    first, second = shared + [11, 12, 13], shared + [21, 22]
+    session = Session(lm, 4096, prefill_chunk=6)
+    session.start_prompt(first, marks=[len(shared)])
+    logits, _ = session.start_prompt(second, marks=[len(shared)])
+    assert session.reused == len(shared)
+    fresh, _ = Session(lm, 4096, prefill_chunk=6).start_prompt(second)
+    assert (logits - fresh).abs().max() < 1e-4
+    short = Session(lm, 4096)
+    short.start_prompt(shared[: W - 2])
+    logits, _ = short.start_prompt(shared[: W - 4] + [5, 6])
+    assert short.reused == W - 4 and not short.snapshots
+    assert (logits - Session(lm, 4096).start_prompt(shared[: W - 4] + [5, 6])[0]).abs().max() < 1e-4

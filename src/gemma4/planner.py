@@ -62,10 +62,12 @@ def kv_bytes_by_type(
     return held
 
 
-def serving_kv_bytes(plan: tuple[LayerPlan, ...], context: int, slots: int, kv_bytes: int, snapshots: int) -> dict[str, int]:
+def serving_kv_bytes(
+    plan: tuple[LayerPlan, ...], context: int, slots: int, kv_bytes: int, snapshots: int, savings: Savings = ALL_ON
+) -> dict[str, int]:
     """K/V bytes of `slots` sequences of up to `context` tokens, each keeping `snapshots` copies
     of its ring buffers (a server's prefix cache rolls back to them)."""
-    held = kv_bytes_by_type(plan, context, slots, kv_bytes)
+    held = kv_bytes_by_type(plan, context, slots, kv_bytes, savings)
     if snapshots and SLIDING in held:
         held["ring_snapshots"] = snapshots * held[SLIDING]
     return held
@@ -109,7 +111,7 @@ def plan_memory(
     row_parts = packed_row_bytes(ple_width, quant, group or None) if pack_tables else [ple_width * (2 if quant else width)]
     ple_row_pages = sum((-(-part // PAGE) + 1) * PAGE for part in row_parts if part)
     ple_resident = min(ple_table, context * batch * ple_row_pages) if savings.ple_on_disk else ple_table
-    kv = kv_bytes_by_type(plan, context, batch, kv_width, savings) if not snapshots else serving_kv_bytes(plan, context, batch, kv_width, snapshots)
+    kv = serving_kv_bytes(plan, context, batch, kv_width, snapshots, savings)
     activations = _prefill_peak(plan, text.hidden_size, min(prefill_chunk, context), context, batch, width)
     if quant:  # prefill dequantizes one block of a packed matrix at a time for a dense fp32 matmul
         activations += DENSE_BLOCK_BYTES

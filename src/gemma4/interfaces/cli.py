@@ -48,12 +48,13 @@ def _info(args: argparse.Namespace) -> None:
 
 def _plan(args: argparse.Namespace) -> None:
     from ..planner import savings_table, sweep
+    from ..runtime.generate import MAX_MARKS
 
     config = _model_config(args.model)
     saved = config.raw.get("quantization_config") or {}  # a checkpoint `gemma4 quantize` wrote: planned as saved
     quant, group = saved.get("kind", args.quant), saved.get("group_size", args.group)
-    options = dict(dtype=args.dtype, kv_dtype=args.kv_dtype, batch=args.batch, prefill_chunk=args.prefill_chunk,
-                   quant=quant, group=group, pack_tables=bool(saved))
+    options = dict(dtype=args.dtype, kv_dtype=args.kv_dtype, batch=args.parallel or args.batch, prefill_chunk=args.prefill_chunk,
+                   quant=quant, group=group, pack_tables=bool(saved), snapshots=MAX_MARKS if args.parallel else 0)
     contexts = [2048, 8192, 32768, 131072, 262144] if args.sweep else [args.context]
     plans = sweep(config, contexts, **options)
     if not plans:
@@ -301,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--kv-dtype", choices=["bf16", "fp16", "fp32"], help="default: --dtype (fp32 with --quant)")
     _add_quant_options(plan, "packed weights, as `run --quant` loads them")
     plan.add_argument("--batch", type=int, default=1)
+    plan.add_argument("--parallel", type=int, help="as `gemma4 serve --parallel N` holds it: N sequences, each with its prefix-cache snapshots")
     plan.add_argument("--prefill-chunk", type=int, default=512)
     plan.add_argument("--sweep", action="store_true", help="a table over 2K, 8K, 32K, 128K, 256K where the model allows")
     plan.add_argument("--json", action="store_true")

@@ -192,6 +192,7 @@ class ModelCache:
         """Whether `truncate(keep)` is exact: no ring slot has been overwritten yet."""
         return keep <= self.length and (SLIDING not in self.types or self.length <= self.window)
 
+    @torch.inference_mode()
     def truncate(self, keep: int) -> None:
         """Forget every position from `keep` on (while no ring has wrapped, slots are positions)."""
         assert self.can_truncate(keep), "a wrapped ring cannot be truncated: restore a snapshot"

@@ -87,6 +87,7 @@ class Slot:
     next_token: int | None = None  # sampled, to be fed in the next decode step
     answer: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    allowed: Tensor | None = None  # bool [vocab]: False for the job's banned tokens (None: none banned)
     usage: Usage = field(default_factory=Usage)
     first_token_at: float = 0.0
     last_used: float = 0.0
@@ -153,12 +154,11 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Waiting jobs into free slots, each to the slot whose cache it can reuse most."""
+        for job in [j for j in self._waiting if j.cancelled]:
+            self._waiting.remove(job)
+            job.sink.end("cancelled", Usage(prompt_tokens=len(job.prompt)))
         while self._waiting:
             job = self._waiting[0]
-            if job.cancelled:
-                self._waiting.popleft()
-                job.sink.end("cancelled", Usage(prompt_tokens=len(job.prompt)))
-                continue
             free = [s for s in self.slots if s.job is None]
             if not free:
                 return
@@ -166,6 +166,10 @@ class Scheduler:
             self._waiting.popleft()
             slot.job, slot.answer, slot.next_token = job, [], None
             slot.generator = job.sampling.generator()
+            slot.allowed = None
+            if job.banned_ids:
+                slot.allowed = torch.ones(self.lm.config.vocab_size, dtype=torch.bool)
+                slot.allowed[list(job.banned_ids)] = False
             slot.prefill = slot.session.prefill_steps(job.prompt, job.marks)
             slot.usage = Usage(prompt_tokens=len(job.prompt), queued_seconds=time.perf_counter() - job.submitted)
 
@@ -210,15 +214,14 @@ class Scheduler:
         job = slot.job
         assert job is not None
         raw = logits.float()
-        allowed = torch.ones(raw.shape[-1], dtype=torch.bool)
-        if job.banned_ids:
-            allowed[list(job.banned_ids)] = False
+        allowed = slot.allowed
         if job.constraint is not None:
-            allowed &= job.constraint.allowed()
+            allowed = job.constraint.allowed() if allowed is None else allowed & job.constraint.allowed()
         params = job.sampling
         history = torch.tensor([job.prompt + slot.answer]) if params.repetition_penalty != 1.0 else torch.zeros(1, 0, dtype=torch.long)
         answer = torch.tensor([slot.answer], dtype=torch.long)
-        token = int(sample(raw.masked_fill(~allowed, float("-inf")), params, history, slot.generator, answer)[0])
+        choices = raw if allowed is None else raw.masked_fill(~allowed, float("-inf"))
+        token = int(sample(choices, params, history, slot.generator, answer)[0])
         now = time.perf_counter()
         if not slot.answer:
             slot.first_token_at = now
