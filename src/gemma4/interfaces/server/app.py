@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import mimetypes
+import os
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -23,7 +27,25 @@ from .responses import Completion, gather, stream
 from .served import ServedModel
 
 MAX_BODY_BYTES = 8 << 20
-PUBLIC_PATHS = ("/health",)
+PAGE = Path(__file__).parent / "page"
+# The chat page holds no secret (the key stays in the browser): it loads without one.
+PUBLIC_PATHS = ("/health", "/")
+PUBLIC_PREFIX = "/page/"
+# Model output is untrusted: even a sanitiser slip cannot run a script the page did not ship.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "media-src 'self' blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+mimetypes.add_type("text/javascript", ".mjs")  # module scripts must come as JavaScript
+
+
+class PageFiles(StaticFiles):
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_HEADERS)
+        return response
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -42,7 +64,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"] not in PUBLIC_PATHS and not self._authorized(headers):
+        public = scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PUBLIC_PREFIX)
+        if self.api_key and not public and not self._authorized(headers):
             return await error_response(APIError(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'",
                                                  "authentication_error", code="invalid_api_key"))(scope, receive, send)
         # Read the body whole (it is small), refusing it past the limit, then hand it on.
@@ -103,6 +126,27 @@ def create_app(served: ServedModel, api_key: str | None = None, metrics: Metrics
             return error_response(APIError(503, "loading the model", "server_error", code="loading"))
         return JSONResponse({"status": "ok"})
 
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(PAGE / "index.html", headers=PAGE_HEADERS)
+
+    app.mount("/page", PageFiles(directory=PAGE), name="page")
+
+    @app.get("/props")
+    async def props() -> dict[str, Any]:
+        """What the chat page shows about the server: the model, its limits, memory in use."""
+        model = served.ready
+        return {
+            "model": served.name,
+            "context": model.context,
+            "parallel": served.plan["parallel"],
+            "modalities": served.modalities,
+            "memory": {"resident_bytes": _resident_bytes(), "kv_bytes": served.scheduler.cache_bytes(),  # type: ignore[union-attr]
+                       "kv_planned_bytes": served.plan["kv_bytes"]},
+            "running": served.scheduler.running,  # type: ignore[union-attr]
+            "waiting": served.scheduler.waiting,  # type: ignore[union-attr]
+        }
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(served)]}
@@ -157,6 +201,14 @@ def create_app(served: ServedModel, api_key: str | None = None, metrics: Metrics
             return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _resident_bytes() -> int | None:
+    """This process's resident memory (Linux), for the page's header."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _model_card(served: ServedModel) -> dict[str, Any]:

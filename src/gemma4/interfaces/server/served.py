@@ -4,7 +4,6 @@ served by one scheduler, with as many parallel slots as the memory plan allows."
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +26,7 @@ class ServedModel:
         self.grammars: Grammars | None = None
         self.grammar_error: str | None = None  # why constrained output is unavailable, if it is
         self.plan: dict[str, Any] = {}
-        self.loaded = threading.Event()
+        self.modalities = {"vision": False, "audio": False}  # what requests may carry besides text
 
     def load(self, loader: Callable[[], Model], parallel: int | None, max_queue: int) -> None:
         """Load the model, size the slots from the memory plan, start the engine thread."""
@@ -42,7 +41,6 @@ class ServedModel:
         self.scheduler = Scheduler(model.lm, model.context, parallel, model.prefill_chunk, max_queue)
         self.scheduler.start()
         self.model = model
-        self.loaded.set()
 
     def close(self) -> None:
         if self.scheduler is not None:
