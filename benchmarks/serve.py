@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from serving import free_port  # noqa: E402
+from serving import Process, free_port  # noqa: E402
 
 from gemma4.benchmark.peers import LLAMA_CPP_TYPE, gguf_for, quantized_for  # noqa: E402
 from gemma4.weights.default_model import cache_dir  # noqa: E402
@@ -36,25 +35,11 @@ TEXT = (Path(__file__).parent.parent / "tests" / "data" / "declaration.txt").rea
 STOP_BIAS = {"1": -100, "106": -100, "50": -100}  # <eos>, <turn|>, <|tool_response>: fixed-length answers
 
 
-class Running:
+class Running(Process):
     def __init__(self, name: str, command: list[str], port: int):
-        self.name, self.url = name, f"http://127.0.0.1:{port}"
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 1800
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{name} exited: {self.process.stderr.read()[-2000:]}")  # type: ignore[union-attr]
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        super().__init__(command, port, timeout=1800)
+        self.name = name
         self.model = httpx.get(f"{self.url}/v1/models").json()["data"][0]["id"]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
 
 
 def streamed(server: Running, messages: list[dict], max_tokens: int) -> dict:
@@ -63,7 +48,8 @@ def streamed(server: Running, messages: list[dict], max_tokens: int) -> dict:
             "stream_options": {"include_usage": True}, "logit_bias": STOP_BIAS}
     started, first, usage = time.perf_counter(), None, {}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=3600) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise RuntimeError(f"{server.name}: {response.status_code} {response.read().decode()[:500]}")
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -77,13 +63,18 @@ def streamed(server: Running, messages: list[dict], max_tokens: int) -> dict:
             "prompt": usage.get("prompt_tokens", 0), "cached": details.get("cached_tokens", usage.get("cached_tokens"))}
 
 
-def prefix_words(tokens: int) -> str:
-    words = TEXT.split()
-    return " ".join((words * (tokens // len(words) + 2))[: int(tokens * 0.75)])  # ~0.75 words a token in English
+def document(server: Running, tokens: int) -> str:
+    """About `tokens` tokens of English text, as the server's own tokenizer counts them."""
+    words = TEXT.split() * 50
+    count = lambda n: len(httpx.post(f"{server.url}/tokenize", json={"prompt": " ".join(words[:n])}).json()["tokens"])  # noqa: E731
+    n = tokens
+    for _ in range(3):  # words per token differ by tokenizer: converge on the count
+        n = int(n * tokens / count(n))
+    return " ".join(words[:n])
 
 
-def measure(server: Running, clients: list[int], new_tokens: int, prefix_tokens: int) -> dict:
-    system = {"role": "system", "content": "Answer from this document.\n\n" + prefix_words(prefix_tokens)}
+def measure(server: Running, clients: list[int], new_tokens: int, text: str) -> dict:
+    system = {"role": "system", "content": "Answer from this document.\n\n" + text}
     streamed(server, [{"role": "user", "content": "warm up"}], 4)
     cold = streamed(server, [system, {"role": "user", "content": "Who wrote it?"}], 4)
     warm = streamed(server, [system, {"role": "user", "content": "When was it written?"}], 4)
@@ -133,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     parallel = max(clients)
-    reports = []
+    reports, text = [], None
     if "gemma4" in args.engines:
         weights = quantized_for(args.checkpoint, args.quant) if args.quant != "bf16" else args.checkpoint
         port = free_port()
@@ -141,7 +132,8 @@ def main() -> None:
                                   "--parallel", str(parallel), "--context", str(args.context)]
                        + (["--quant", "bf16"] if args.quant == "bf16" else []), port)
         try:
-            reports.append(measure(ours, clients, args.new_tokens, args.prefix_tokens))
+            text = document(ours, args.prefix_tokens)
+            reports.append(measure(ours, clients, args.new_tokens, text))
         finally:
             ours.stop()
     if "llama.cpp" in args.engines and Path(args.llama_server).is_file():
@@ -151,7 +143,7 @@ def main() -> None:
         theirs = Running(f"llama.cpp {type_name}", [args.llama_server, "-m", str(gguf), "--port", str(port), "-np", str(parallel),
                                                    "-c", str(args.context * parallel), "-t", str(args.threads), "--jinja"], port)
         try:
-            reports.append(measure(theirs, clients, args.new_tokens, args.prefix_tokens))
+            reports.append(measure(theirs, clients, args.new_tokens, text or document(theirs, args.prefix_tokens)))
         finally:
             theirs.stop()
     table = markdown(reports, clients)

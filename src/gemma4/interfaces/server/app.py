@@ -141,6 +141,7 @@ def create_app(served: ServedModel, api_key: str | None = None, metrics: Metrics
             "context": model.context,
             "parallel": served.plan["parallel"],
             "modalities": served.modalities,
+            "chat": model.chat_format is not None or model.chat_template is not None,  # False: a base model, text completions only
             "memory": {"resident_bytes": _resident_bytes(), "kv_bytes": served.scheduler.cache_bytes(),  # type: ignore[union-attr]
                        "kv_planned_bytes": served.plan["kv_bytes"]},
             "running": served.scheduler.running,  # type: ignore[union-attr]

@@ -52,10 +52,11 @@ export async function health() {
 export const models = async () => (await request("/v1/models")).json();
 export const props = async () => (await request("/props")).json();
 
-/** Stream a chat completion: yields the server's chunks (the last one carries usage and timings). */
-export async function* streamChat(body, signal) {
+/** Stream a completion (chat, or text for a base model): yields the server's chunks (the last one carries usage and timings). */
+export async function* stream(body, signal) {
   const payload = { ...body, stream: true, stream_options: { include_usage: true } };
-  const response = await request("/v1/chat/completions", { method: "POST", body: JSON.stringify(payload), signal });
+  const path = body.messages ? "/v1/chat/completions" : "/v1/completions";
+  const response = await request(path, { method: "POST", body: JSON.stringify(payload), signal });
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";

@@ -6,7 +6,7 @@ import { bytes, element, renderMarkdown, statsLine } from "./render.js";
 
 const $ = (id) => document.getElementById(id);
 const saved = store.load();
-const state = { conversations: saved.conversations, current: saved.current, model: null, modalities: {}, running: null, attachments: [] };
+const state = { conversations: saved.conversations, current: saved.current, model: null, chat: true, modalities: {}, running: null, attachments: [] };
 
 const current = () => state.conversations.find((c) => c.id === state.current);
 let persistTimer = null;
@@ -48,8 +48,10 @@ async function connect() {
 async function refreshProps() {
   const props = await api.props();
   state.modalities = props.modalities || {};
+  state.chat = props.chat !== false;
   $("model-name").textContent = props.model;
   const facts = [`${props.context.toLocaleString()} tokens context`, `${props.parallel} at once`];
+  if (!state.chat) facts.unshift("a base model: it continues your text");
   if (props.memory?.resident_bytes) facts.push(`${bytes(props.memory.resident_bytes)} in use`);
   $("model-facts").textContent = facts.join(" · ");
   const accepts = [state.modalities.vision && "image/*", state.modalities.audio && "audio/*"].filter(Boolean);
@@ -194,6 +196,10 @@ function select(id) {
 // --- talking -------------------------------------------------------------------------------
 function requestBody(conversation) {
   const { system, temperature, maxTokens, thinking } = conversation.settings;
+  if (!state.chat) {  // no chat template: the model continues the last message's text
+    const last = conversation.messages.findLast((m) => m.role === "user");
+    return { model: state.model?.id, prompt: typeof last.content === "string" ? last.content : "", temperature: Number(temperature), max_tokens: Number(maxTokens) };
+  }
   const messages = system.trim() ? [{ role: "system", content: system }] : [];
   for (const m of conversation.messages) {
     if (m.role === "assistant" && (m.error || (!m.content && !m.tool_calls))) continue;
@@ -239,8 +245,9 @@ async function answer(conversation) {
     persist();
   };
   try {
-    for await (const chunk of api.streamChat(body, controller.signal)) {
-      const delta = chunk.choices?.[0]?.delta || {};
+    for await (const chunk of api.stream(body, controller.signal)) {
+      const choice = chunk.choices?.[0];
+      const delta = choice?.delta || (choice?.text ? { content: choice.text } : {});
       if (delta.content) message.content += delta.content;
       if (delta.reasoning_content) message.reasoning = (message.reasoning || "") + delta.reasoning_content;
       for (const call of delta.tool_calls || []) {
