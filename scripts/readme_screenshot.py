@@ -32,7 +32,7 @@ def main() -> None:
             page.fill("#max-tokens", "80")
             page.dispatch_event("#max-tokens", "change")
             page.click("#toggle-settings")
-            page.fill("#input", "The three primary colors of light are")
+            page.fill("#input", "Once upon a time, in a small village by the sea,")
             page.keyboard.press("Enter")
             page.wait_for_selector(".message.assistant .stats", timeout=120_000)
             out.parent.mkdir(parents=True, exist_ok=True)
