@@ -224,6 +224,41 @@ def test_untrusted_answers_render_inert(page, tmp_path):
     assert page.problems == []
 
 
+def test_thinking_and_tool_calls_are_shown_apart(page):
+    """Streamed as the server streams them (reasoning_content, then content, then a tool call)."""
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        {"choices": [{"index": 0, "delta": {"reasoning_content": "The user wants the weather; ", "reasoning": "x"}}]},
+        {"choices": [{"index": 0, "delta": {"reasoning_content": "I will call the tool.", "reasoning": "x"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "Let me check."}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+    ]
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body))
+    page.fill("#input", "Weather in Paris?")
+    page.keyboard.press("Shift+Enter")  # a new line, not a send
+    page.keyboard.type("Thanks")
+    assert page.input_value("#input") == "Weather in Paris?\nThanks" and page.locator(".message").count() == 0
+    page.keyboard.press("Enter")
+    settle(page)
+    assert page.inner_text(".message.assistant .reasoning summary") == "Thinking"
+    assert not page.is_visible(".message.assistant .reasoning .text")  # collapsed until opened
+    page.click(".message.assistant .reasoning summary")
+    assert page.inner_text(".message.assistant .reasoning .text") == "The user wants the weather; I will call the tool."
+    assert page.inner_text(".message.assistant .markdown") == "Let me check."
+    assert page.inner_text(".message.assistant .tool-call") == 'get_weather({"city": "Paris"})'
+    assert page.problems == []
+
+
+def test_a_request_the_server_refuses_is_said(page):
+    send(page, "word " * 2100)  # over the 2048-token context
+    page.wait_for_selector(".message.assistant .error")
+    assert "context is 2048 tokens" in page.inner_text(".message.assistant .error")
+    assert "context is 2048 tokens" in page.inner_text("#banner")
+
+
 def test_phone_width_dark_mode(browser, server):
     context = browser.new_context(viewport={"width": 390, "height": 800}, color_scheme="dark", is_mobile=True)
     page = context.new_page()
