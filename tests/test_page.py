@@ -145,6 +145,7 @@ def test_reload_keeps_everything_and_conversations_can_be_managed(page):
     settle(page)
     first_answer = page.inner_text(".message.assistant .markdown")
     page.click("#new-chat")
+    set_max_tokens(page, 8)
     send(page, "Second conversation")
     settle(page)
     page.reload()
