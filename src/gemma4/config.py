@@ -103,8 +103,7 @@ class TextConfig:
             raw["model_type"] = "gemma3_text"
         if raw["model_type"] == "gemma3_text":
             raw = _gemma3_defaults(raw)
-        known = {f for f in cls.__dataclass_fields__ if f not in ("layer_types", "rope_parameters", "per_layer_config")}
-        values: dict[str, Any] = {k: raw[k] for k in known if k in raw}
+        values = _typed_fields(cls, {k: v for k, v in raw.items() if k not in ("layer_types", "rope_parameters", "per_layer_config")}, "")
         base = cls(**values)
         if base.attn_logit_softcapping is not None:
             raise ConfigError("config.json: attn_logit_softcapping (Gemma 2 style) is not supported")
@@ -197,13 +196,99 @@ def _resolve_per_layer_config(raw: dict[str, Any], layer_types: list[str], k_eq_
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """`Gemma4VisionConfig`: the image (and video frame) encoder."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    head_dim: int = 64
+    hidden_activation: str = "gelu_pytorch_tanh"
+    rms_norm_eps: float = 1e-6
+    pooling_kernel_size: int = 3
+    patch_size: int = 16
+    position_embedding_size: int = 10 * 1024
+    use_clipped_linears: bool = False
+    standardize: bool = False
+    rope_theta: float = 100.0  # axial 2-D RoPE
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> VisionConfig:
+        values = _typed_fields(cls, raw, "vision_config.")
+        rope = raw.get("rope_parameters") or {}
+        if rope.get("rope_type", "axial") != "axial":
+            raise ConfigError(f"config.json: vision_config rope_type {rope['rope_type']!r} is not supported (only 'axial')")
+        return cls(**values, **({"rope_theta": float(rope["rope_theta"])} if "rope_theta" in rope else {}))
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """`Gemma4AudioConfig`: the conformer audio encoder of the edge models."""
+
+    hidden_size: int = 1024
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    hidden_act: str = "silu"
+    subsampling_conv_channels: tuple[int, int] = (128, 32)
+    conv_kernel_size: int = 5
+    residual_weight: float = 0.5
+    attention_chunk_size: int = 12
+    attention_context_left: int = 13
+    attention_context_right: int = 0
+    attention_logit_cap: float = 50.0
+    attention_invalid_logits_value: float = -1.0e9
+    use_clipped_linears: bool = True
+    rms_norm_eps: float = 1e-6
+    gradient_clipping: float = 1e10
+    output_proj_dims: int = 1536
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> AudioConfig:
+        values = _typed_fields(cls, raw, "audio_config.")
+        if "subsampling_conv_channels" in values:
+            values["subsampling_conv_channels"] = tuple(values["subsampling_conv_channels"])
+        return cls(**values)
+
+
+def _typed_fields(cls: type, raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """The fields of `cls` that `raw` sets, each checked against its declared type: a value of the
+    wrong type is one line naming the key, not a TypeError deep in the model."""
+    values = {}
+    for name, spec in cls.__dataclass_fields__.items():
+        if name in raw:
+            if not _has_type(raw[name], str(spec.type)):
+                raise ConfigError(f"config.json: {where}{name} is {raw[name]!r}, which is not a valid {spec.type}")
+            values[name] = raw[name]
+    return values
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """Whether `value` fits an annotation written as a string (`int`, `float | None`, `tuple[int, int]`, ...)."""
+    for part in (p.strip() for p in annotation.split("|")):
+        kind = part.split("[")[0]
+        if (
+            (kind == "None" and value is None)
+            or (kind == "bool" and isinstance(value, bool))
+            or (kind == "int" and isinstance(value, int) and not isinstance(value, bool))
+            or (kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool))
+            or (kind == "str" and isinstance(value, str))
+            or (kind in ("list", "tuple") and isinstance(value, (list, tuple)))
+            or (kind == "dict" and isinstance(value, dict))
+        ):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A whole checkpoint's config: the decoder plus whatever encoders it ships."""
 
     model_type: str
     text: TextConfig
-    vision: dict[str, Any] | None
-    audio: dict[str, Any] | None
+    vision: VisionConfig | None
+    audio: AudioConfig | None
     raw: dict[str, Any]
 
     @property
@@ -219,7 +304,14 @@ class ModelConfig:
             text = raw.get("text_config")
             if not isinstance(text, dict):
                 raise ConfigError("config.json: model_type 'gemma4' needs a text_config object")
-            return cls(model_type, TextConfig.from_dict(text), raw.get("vision_config"), raw.get("audio_config"), raw)
+            vision, audio = raw.get("vision_config"), raw.get("audio_config")
+            return cls(
+                model_type,
+                TextConfig.from_dict(text),
+                VisionConfig.from_dict(vision) if isinstance(vision, dict) else None,
+                AudioConfig.from_dict(audio) if isinstance(audio, dict) else None,
+                raw,
+            )
         expected = ", ".join(repr(t) for t in TEXT_MODEL_TYPES + MULTIMODAL_MODEL_TYPES)
         raise ConfigError(f"config.json: model_type {model_type!r} is not a Gemma 4 model (expected {expected})")
 

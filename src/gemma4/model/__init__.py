@@ -1,5 +1,5 @@
 """Model math: pure tensor code, no I/O."""
 
-from .transformer import CausalLM, TextModel
+from .transformer import CausalLM, MediaInputs, TextModel
 
-__all__ = ["CausalLM", "TextModel"]
+__all__ = ["CausalLM", "MediaInputs", "TextModel"]

@@ -4,6 +4,7 @@ and soft-capped logits. Pure tensor math: weights arrive from a loader, caches f
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,18 +55,44 @@ class DictKV:
         self.shared.clear()
 
 
-def attention_mask(query_pos: Tensor, key_pos: Tensor, window: int | None) -> Tensor:
+def attention_mask(query_pos: Tensor, key_pos: Tensor, window: int | None, query_blocks: Tensor | None = None,
+                   key_blocks: Tensor | None = None) -> Tensor:
     """[B, 1, T, S] bool from positions [B, T] and [B, S]; -1 marks padding and empty slots.
 
-    Causal, and within `window` positions (the query itself included) on sliding layers. Padding
+    Causal, and within `window` positions (the query itself included) on sliding layers. Tokens
+    of one image block (block ids >= 0, equal) also see each other's later tokens. Padding
     queries may look anywhere: their outputs are discarded, and a row with nothing allowed
     would turn into NaNs."""
     distance = query_pos[:, :, None] - key_pos[:, None, :]
-    allowed = (distance >= 0) & (key_pos >= 0)[:, None, :]
+    allowed = distance >= 0
+    if query_blocks is not None:
+        allowed |= (query_blocks[:, :, None] == key_blocks[:, None, :]) & (query_blocks >= 0)[:, :, None]  # type: ignore[index]
+    allowed &= (key_pos >= 0)[:, None, :]
     if window is not None:
         allowed &= distance < window
     allowed |= (query_pos < 0)[:, :, None]
     return allowed[:, None]
+
+
+def key_blocks(query_pos: Tensor, query_blocks: Tensor, key_pos: Tensor) -> Tensor:
+    """The block id of each key [B, S]: a key written in this step has its token's block; every
+    other key (from the cache) -1. A block is fed within one step, so earlier keys are in none."""
+    same = key_pos[:, :, None] == query_pos[:, None, :]  # [B, S, T]
+    return torch.where(same.any(-1), (same * query_blocks[:, None, :]).sum(-1), -1)
+
+
+@dataclass(frozen=True)
+class MediaInputs:
+    """Soft tokens from the encoders, standing in for the placeholder tokens of images, video frames
+    and audio clips (`Gemma4Model.forward` merges them the same way)."""
+
+    embeds: Tensor  # [B, T, hidden]: the soft tokens at placeholder positions (anything elsewhere)
+    mask: Tensor  # [B, T] bool: True at placeholder positions
+    blocks: Tensor | None = None  # [B, T]: the image block of each token, -1 outside; None: no bidirectional attention
+
+    def part(self, start: int, end: int) -> MediaInputs:
+        blocks = None if self.blocks is None else self.blocks[:, start:end]
+        return MediaInputs(self.embeds[:, start:end], self.mask[:, start:end], blocks)
 
 
 class TextModel(nn.Module):
@@ -106,42 +133,58 @@ class TextModel(nn.Module):
         context = self.per_layer_projection_norm(context.reshape(B, T, n, self.ple_dim))
         return (context + table_rows) * 2.0**-0.5
 
-    def attention_inputs(self, positions: Tensor, key_positions: list[dict[str, Tensor]], dtype: torch.dtype) -> dict[str, AttentionInputs]:
+    def attention_inputs(
+        self, positions: Tensor, key_positions: list[dict[str, Tensor]], dtype: torch.dtype, blocks: Tensor | None = None
+    ) -> dict[str, AttentionInputs]:
         """RoPE tables and masks once per attention type per step, shared by all its layers.
-        key_positions: per store, its key positions per attention type (stores split the rows evenly)."""
+        key_positions: per store, its key positions per attention type (stores split the rows evenly).
+        blocks: image blocks [B, T] that attend both ways, on sliding layers only (global layers stay causal)."""
         inputs = {}
         queries = positions.chunk(len(key_positions))
+        query_blocks = blocks.chunk(len(key_positions)) if blocks is not None else [None] * len(key_positions)
         for p in self.plan:
             if p.attention_type in inputs:
                 continue
             cos, sin = rotary_tables(p.rope, positions, dtype)
             keys = []
-            for rows, held in zip(queries, key_positions):
+            for rows, row_blocks, held in zip(queries, query_blocks, key_positions):
                 held = held[p.attention_type]
                 key_cos, key_sin = rotary_tables(p.rope, held, dtype) if self.rotates_keys_on_read[p.attention_type] else (None, None)
-                keys.append(KeyInputs(attention_mask(rows, held, p.sliding_window), key_cos, key_sin))
+                both_ways = row_blocks if p.is_sliding else None
+                held_blocks = None if both_ways is None else key_blocks(rows, both_ways, held)
+                keys.append(KeyInputs(attention_mask(rows, held, p.sliding_window, both_ways, held_blocks), key_cos, key_sin))
             inputs[p.attention_type] = AttentionInputs(cos, sin, tuple(keys))
         return inputs
 
     def forward(
-        self, ids: Tensor, positions: Tensor | None = None, kv: KVStore | Sequence[KVStore] | None = None, keep: int | None = None
+        self,
+        ids: Tensor,
+        positions: Tensor | None = None,
+        kv: KVStore | Sequence[KVStore] | None = None,
+        keep: int | None = None,
+        media: MediaInputs | None = None,
     ) -> Tensor | None:
         """ids: [B, T] -> final hidden states [B, keep or T, hidden].
 
         positions: [B, T] (default 0..T-1 in every row; -1 marks left padding).
         kv: a cache to read and extend, or one per row (default: none, attend within `ids`).
         keep: how many trailing positions need outputs. KV-shared layers store nothing, so they
-        run on those positions only; with keep=0 they are skipped and None is returned."""
+        run on those positions only; with keep=0 they are skipped and None is returned.
+        media: soft tokens in place of placeholder tokens (images, video frames, audio)."""
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
         stores = (DictKV(),) if kv is None else tuple(kv) if isinstance(kv, Sequence) else (kv,)
         if len(stores) not in (1, B):
             raise ValueError(f"{len(stores)} caches for a batch of {B}: give one, or one per row")
+        if media is not None:  # placeholders look up <pad>, for the PLE table too; the soft tokens replace their embedding
+            ids = torch.where(media.mask, self.config.pad_token_id or 0, ids)
         x = self.embed_tokens(ids, self.dtype)
+        if media is not None:
+            x = torch.where(media.mask[..., None], media.embeds.to(x.dtype), x)
         ple = self.per_layer_inputs(ids, x) if self.ple_dim else None
         key_positions = [store.begin(rows) for store, rows in zip(stores, positions.chunk(len(stores)))]
-        inputs = self.attention_inputs(positions, key_positions, x.dtype)
+        inputs = self.attention_inputs(positions, key_positions, x.dtype, None if media is None else media.blocks)
         for p, layer in zip(self.plan, self.layers):
             if p.index == self.first_shared and keep is not None:
                 if keep == 0:
@@ -183,12 +226,12 @@ class CausalLM(nn.Module):
         return logits
 
     @torch.inference_mode()
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, media: MediaInputs | None = None) -> Tensor:
         """input_ids: LongTensor [B, T] -> logits [B, T, vocab], soft-capped as the reference returns them."""
-        return self.logits(self.model(input_ids))  # type: ignore[arg-type]
+        return self.logits(self.model(input_ids, media=media))  # type: ignore[arg-type]
 
     @torch.inference_mode()
-    def step(self, ids: Tensor, positions: Tensor, kv: KVStore | Sequence[KVStore], keep: int) -> Tensor | None:
+    def step(self, ids: Tensor, positions: Tensor, kv: KVStore | Sequence[KVStore], keep: int, media: MediaInputs | None = None) -> Tensor | None:
         """One prefill chunk or decode step against a cache (or one cache per row) -> logits [B, keep, vocab] (None if keep=0)."""
-        hidden = self.model(ids, positions, kv, keep)
+        hidden = self.model(ids, positions, kv, keep, media)
         return None if hidden is None else self.logits(hidden)

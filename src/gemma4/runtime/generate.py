@@ -6,13 +6,14 @@ what is new). Text, chat formatting, stop strings and timing sit one layer above
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Hashable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..errors import Gemma4Error
-from ..model import CausalLM
+from ..model import CausalLM, MediaInputs
 from .kv_cache import CacheSnapshot, ModelCache
 from .sampling import SamplingParams, sample
 
@@ -41,14 +42,29 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, positions
 
 
-def prefill(lm: CausalLM, cache: ModelCache, ids: Tensor, positions: Tensor, chunk: int, logits: bool = True) -> Tensor | None:
+def chunk_end(start: int, chunk: int, length: int, blocks: Tensor | None) -> int:
+    """Where a prefill chunk from `start` ends: `chunk` tokens on, but never inside an image block
+    that attends both ways (its tokens must all be there when any of them is), and not past `length`."""
+    end = min(start + chunk, length)
+    if blocks is not None:
+        while end < length and bool(((blocks[:, end - 1] == blocks[:, end]) & (blocks[:, end] >= 0)).any()):
+            end += 1
+    return end
+
+
+def prefill(
+    lm: CausalLM, cache: ModelCache, ids: Tensor, positions: Tensor, chunk: int, logits: bool = True, media: MediaInputs | None = None
+) -> Tensor | None:
     """Feed tokens in chunks (attention never spans more than chunk x cache). KV-shared layers
     run only in the last chunk, on its last position, and not at all when no logits are wanted.
     -> logits [B, vocab] of the last position."""
-    out = None
-    for start in range(0, ids.shape[1], chunk):
-        last = logits and start + chunk >= ids.shape[1]
-        out = lm.step(ids[:, start : start + chunk], positions[:, start : start + chunk], cache, keep=1 if last else 0)
+    out, start, length = None, 0, ids.shape[1]
+    while start < length:
+        end = chunk_end(start, chunk, length, None if media is None else media.blocks)
+        last = logits and end == length
+        part = None if media is None else media.part(start, end)
+        out = lm.step(ids[:, start:end], positions[:, start:end], cache, keep=1 if last else 0, media=part)
+        start = end
     return None if out is None else out[:, -1]
 
 
@@ -74,6 +90,24 @@ class Batch:
         return self.lm.step(fed[:, None], positions[:, None], self.cache, keep=1)[:, -1]  # type: ignore[index]
 
 
+@dataclass
+class Prompt:
+    """What a session is asked to hold: token ids, and with media the soft tokens that stand in
+    for the placeholders and what identifies each token for reuse (the same placeholders with a
+    different image must not match)."""
+
+    ids: list[int]
+    media: MediaInputs | None = None  # [1, len(ids)]
+    keys: list[Hashable] | None = None  # per token (default: its id)
+
+    @property
+    def identity(self) -> list[Hashable]:
+        return self.keys if self.keys is not None else list(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 class Session:
     """One sequence whose cache outlives each call: a prompt that extends what is cached prefills
     only the new tokens. When a later prompt departs from the cached tokens (a chat template drops
@@ -89,13 +123,14 @@ class Session:
     def reset(self) -> None:
         self.cache = ModelCache(self.lm.plan, 1, self.context, self.lm.kv_dtype or self.lm.dtype)
         self.tokens: list[int] = []  # the tokens whose K/V the cache holds, in order
+        self.keys: list[Hashable] = []  # and what identifies each (Prompt.keys)
         self.snapshots: dict[int, CacheSnapshot] = {}  # by length
         self.reused = 0  # prompt tokens the last prompt did not have to feed (or re-feed)
 
-    def reusable(self, prompt: Sequence[int]) -> int:
+    def reusable(self, prompt: Sequence[int] | Prompt) -> int:
         """How many leading tokens of `prompt` this cache can keep (the last one is always fed)."""
         common = 0
-        for cached, new in zip(self.tokens, prompt):
+        for cached, new in zip(self.keys, prompt.identity if isinstance(prompt, Prompt) else prompt):
             if cached != new:
                 break
             common += 1
@@ -115,23 +150,24 @@ class Session:
         else:
             assert keep == 0, "rewind to a point with no snapshot"
             self.cache = ModelCache(self.lm.plan, 1, self.context, self.cache.dtype)
-        self.tokens = self.tokens[:keep]
+        self.tokens, self.keys = self.tokens[:keep], self.keys[:keep]
         self.snapshots = {n: snap for n, snap in self.snapshots.items() if n <= keep}
 
-    def _feed(self, tokens: list[int], logits: bool) -> Tensor | None:
-        start = len(self.tokens)
-        ids = torch.tensor([tokens])
-        positions = torch.arange(start, start + len(tokens))[None]
-        self.tokens += tokens
-        return prefill(self.lm, self.cache, ids, positions, self.chunk, logits)
+    def _feed(self, prompt: Prompt, start: int, end: int, logits: bool) -> Tensor | None:
+        ids = torch.tensor([prompt.ids[start:end]])
+        positions = torch.arange(len(self.tokens), len(self.tokens) + end - start)[None]
+        self.tokens += prompt.ids[start:end]
+        self.keys += prompt.identity[start:end]
+        media = None if prompt.media is None else prompt.media.part(start, end)
+        return prefill(self.lm, self.cache, ids, positions, self.chunk, logits, media)
 
-    def prefill_steps(self, prompt: Sequence[int], marks: Collection[int] = ()) -> Iterator[Tensor | None]:
+    def prefill_steps(self, prompt: Sequence[int] | Prompt, marks: Collection[int] = ()) -> Iterator[Tensor | None]:
         """Make the cache hold `prompt`, one chunk per step (so a server can decode other
         sequences in between); the last step yields the logits after the prompt, the others None.
         `marks` are where a later prompt may first differ: the ring buffers are snapshotted there.
         `reused` counts the prompt tokens kept from before."""
         check_fits(len(prompt), self.context)
-        prompt = list(prompt)
+        prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
         keep = self.reusable(prompt)
         self._rewind(keep)
         self.reused = keep
@@ -142,16 +178,17 @@ class Session:
         while at < len(prompt):
             if at in marks and at not in self.snapshots:
                 self.snapshots[at] = self.cache.snapshot()
-            end = min([at + self.chunk, len(prompt), *(m for m in marks if m > at)])
+            step = min([self.chunk, *(m - at for m in marks if m > at)])
+            end = chunk_end(at, step, len(prompt), None if prompt.media is None else prompt.media.blocks)
             last = end == len(prompt)
-            logits = self._feed(prompt[at:end], logits=last)
+            logits = self._feed(prompt, at, end, logits=last)
             at = end
             yield logits if last else None
 
-    def start_prompt(self, prompt: Sequence[int], marks: Collection[int] = ()) -> tuple[Tensor, Tensor]:
-        """All of `prefill_steps` at once -> (logits after the prompt [1, vocab], the prompt [1, L])."""
+    def start_prompt(self, prompt: Sequence[int] | Prompt, marks: Collection[int] = ()) -> tuple[Tensor, Tensor]:
+        """All of `prefill_steps` at once -> (logits after the prompt [1, vocab], the prompt's ids [1, L])."""
         *_, logits = self.prefill_steps(prompt, marks)
-        return logits, torch.tensor([list(prompt)])  # type: ignore[return-value]
+        return logits, torch.tensor([prompt.ids if isinstance(prompt, Prompt) else list(prompt)])  # type: ignore[return-value]
 
     @property
     def room(self) -> int:
@@ -173,6 +210,7 @@ def decode_step(lm: CausalLM, sessions: Sequence[Session], tokens: Sequence[int]
     logits = lm.step(ids, positions, [s.cache for s in sessions], keep=1)[:, -1]  # type: ignore[index]
     for session, token in zip(sessions, tokens):
         session.tokens.append(token)
+        session.keys.append(token)
     return logits
 
 

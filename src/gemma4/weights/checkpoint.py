@@ -14,9 +14,10 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import CausalLM
+from ..model.multimodal import MediaEncoders
 from ..quant.modules import PackedModule, Scheme, is_row_table, pack_modules, pack_state
 from ..quant.packed import KINDS
-from .layout import TensorSpec, checkpoint_tensors, decoder_prefix, empty_model
+from .layout import TensorSpec, checkpoint_tensors, decoder_prefix, empty, empty_model
 from .safetensors_io import SafetensorsFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -208,6 +209,22 @@ def load_model(
             bar.update(info.end - info.start)
     install(model, state)
     return model.eval()
+
+
+def load_encoders(path: str | Path, dtype: torch.dtype | str = torch.float32, progress: bool = False) -> MediaEncoders:
+    """The vision and audio encoders of the checkpoint at `path`, with their embedders, in `dtype`
+    (weights already in it stay memory-mapped). A checkpoint without encoders gives an empty module."""
+    checkpoint = open_checkpoint(path)
+    dtype = resolve_dtype(dtype)
+    encoders = empty(lambda: MediaEncoders(checkpoint.config))
+    state = {}
+    for name in encoders.state_dict():
+        stored = "model." + name
+        if stored not in checkpoint.tensors:
+            raise CheckpointError(f"{checkpoint.path}: missing tensor {stored!r} (config.json implies it); the checkpoint is incomplete")
+        state[name] = checkpoint.file_of(stored).tensor(stored).to(dtype)
+    install(encoders, state)
+    return encoders.eval()
 
 
 def install(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

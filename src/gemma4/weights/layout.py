@@ -5,13 +5,14 @@ described here so that their tensors are recognised, counted and generated exact
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import torch
 from torch import nn
 
-from ..config import ModelConfig, TextConfig
+from ..config import AudioConfig, ModelConfig, TextConfig, VisionConfig
 from ..model import CausalLM
 
 TEXT_ONLY_PREFIX = "model."
@@ -59,23 +60,30 @@ def text_component(name: str) -> str:
     return "norms"
 
 
+M = TypeVar("M", bound=nn.Module)
+
 # Initializers a model's modules run as they are built (nn.Linear, nn.Embedding).
 _INITIALIZERS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
 
 
-def empty_model(text: TextConfig) -> CausalLM:
-    """The decoder's modules over meta tensors (shapes, no data), initializers skipped: loading
-    replaces every weight, and their first run on the meta device costs ~1 s of PyTorch's lazy
-    setup, half of a cold start."""
+def empty(build: Callable[[], M]) -> M:
+    """Modules over meta tensors (shapes, no data), initializers skipped: loading replaces every
+    weight, and their first run on the meta device costs ~1 s of PyTorch's lazy setup, half of a
+    cold start."""
     saved = {name: getattr(nn.init, name) for name in _INITIALIZERS}
     try:
         for name in saved:
             setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
         with torch.device("meta"):
-            return CausalLM(text)
+            return build()
     finally:
         for name, initializer in saved.items():
             setattr(nn.init, name, initializer)
+
+
+def empty_model(text: TextConfig) -> CausalLM:
+    """The decoder, empty (see `empty`)."""
+    return empty(lambda: CausalLM(text))
 
 
 def text_tensors(text: TextConfig, prefix: str) -> list[TensorSpec]:
@@ -94,21 +102,16 @@ def _clipped_linear(prefix: str, out_features: int, in_features: int, clipped: b
     return [(f"{prefix}.linear.weight", (out_features, in_features)), *bounds]
 
 
-def vision_tensors(vision: dict[str, Any], text_hidden: int) -> list[TensorSpec]:
-    hidden = vision.get("hidden_size", 768)
-    width = vision.get("intermediate_size", 3072)
-    heads = vision.get("num_attention_heads", 12)
-    kv_heads = vision.get("num_key_value_heads", 12)
-    head_dim = vision.get("head_dim", 64)
-    patch = vision.get("patch_size", 16)
-    clipped = vision.get("use_clipped_linears", False)
+def vision_tensors(vision: VisionConfig, text_hidden: int) -> list[TensorSpec]:
+    hidden, width, head_dim = vision.hidden_size, vision.intermediate_size, vision.head_dim
+    heads, kv_heads, clipped = vision.num_attention_heads, vision.num_key_value_heads, vision.use_clipped_linears
     names: list[tuple[str, tuple[int, ...]]] = [
-        ("patch_embedder.position_embedding_table", (2, vision.get("position_embedding_size", 10240), hidden)),
-        ("patch_embedder.input_proj.weight", (hidden, 3 * patch * patch)),
+        ("patch_embedder.position_embedding_table", (2, vision.position_embedding_size, hidden)),
+        ("patch_embedder.input_proj.weight", (hidden, 3 * vision.patch_size**2)),
     ]
-    if vision.get("standardize", False):
+    if vision.standardize:
         names += [("std_bias", (hidden,)), ("std_scale", (hidden,))]
-    for i in range(vision.get("num_hidden_layers", 16)):
+    for i in range(vision.num_hidden_layers):
         layer = f"encoder.layers.{i}"
         names += _clipped_linear(f"{layer}.self_attn.q_proj", heads * head_dim, hidden, clipped)
         names += _clipped_linear(f"{layer}.self_attn.k_proj", kv_heads * head_dim, hidden, clipped)
@@ -125,12 +128,9 @@ def vision_tensors(vision: dict[str, Any], text_hidden: int) -> list[TensorSpec]
     return specs
 
 
-def audio_tensors(audio: dict[str, Any], text_hidden: int) -> list[TensorSpec]:
-    hidden = audio.get("hidden_size", 1024)
-    heads = audio.get("num_attention_heads", 8)
-    c0, c1 = audio.get("subsampling_conv_channels", [128, 32])
-    out_dims = audio.get("output_proj_dims", 1536)
-    clipped = audio.get("use_clipped_linears", True)
+def audio_tensors(audio: AudioConfig, text_hidden: int) -> list[TensorSpec]:
+    hidden, heads, clipped = audio.hidden_size, audio.num_attention_heads, audio.use_clipped_linears
+    c0, c1 = audio.subsampling_conv_channels
     names: list[tuple[str, tuple[int, ...]]] = [
         ("subsample_conv_projection.layer0.conv.weight", (c0, 1, 3, 3)),
         ("subsample_conv_projection.layer0.norm.weight", (c0,)),
@@ -138,7 +138,7 @@ def audio_tensors(audio: dict[str, Any], text_hidden: int) -> list[TensorSpec]:
         ("subsample_conv_projection.layer1.norm.weight", (c1,)),
         ("subsample_conv_projection.input_proj_linear.weight", (hidden, (c0 // 4) * c1)),
     ]
-    for i in range(audio.get("num_hidden_layers", 12)):
+    for i in range(audio.num_hidden_layers):
         layer = f"layers.{i}"
         for ff in ("feed_forward1", "feed_forward2"):
             names += _clipped_linear(f"{layer}.{ff}.ffw_layer_1", 4 * hidden, hidden, clipped)
@@ -151,14 +151,14 @@ def audio_tensors(audio: dict[str, Any], text_hidden: int) -> list[TensorSpec]:
         names += _clipped_linear(f"{layer}.lconv1d.linear_start", 2 * hidden, hidden, clipped)
         names += _clipped_linear(f"{layer}.lconv1d.linear_end", hidden, hidden, clipped)
         names += [
-            (f"{layer}.lconv1d.depthwise_conv1d.weight", (hidden, 1, audio.get("conv_kernel_size", 5))),
+            (f"{layer}.lconv1d.depthwise_conv1d.weight", (hidden, 1, audio.conv_kernel_size)),
             (f"{layer}.lconv1d.pre_layer_norm.weight", (hidden,)),
             (f"{layer}.lconv1d.conv_norm.weight", (hidden,)),
         ]
         names += [(f"{layer}.{n}.weight", (hidden,)) for n in ("norm_pre_attn", "norm_post_attn", "norm_out")]
-    names += [("output_proj.weight", (out_dims, hidden)), ("output_proj.bias", (out_dims,))]
+    names += [("output_proj.weight", (audio.output_proj_dims, hidden)), ("output_proj.bias", (audio.output_proj_dims,))]
     specs = [TensorSpec(f"model.audio_tower.{n}", s, "audio") for n, s in names]
-    specs.append(TensorSpec("model.embed_audio.embedding_projection.weight", (text_hidden, out_dims), "audio"))
+    specs.append(TensorSpec("model.embed_audio.embedding_projection.weight", (text_hidden, audio.output_proj_dims), "audio"))
     return specs
 
 

@@ -224,9 +224,19 @@ TINY["tiny-e2b-mm"] = _release(
     {k: v for k, v in TINY["tiny-e2b"].items() if k != "architectures"},
     {**_EDGE_VISION, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
      "num_key_value_heads": 2, "head_dim": 16, "position_embedding_size": 64},
+    # 128 first-layer channels, as released: the projection after the convolutions reads (channels / 4) x
+    # second-layer channels, which only matches the 128 mel bins when the first layer has 128.
     {**_AUDIO, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-     "subsampling_conv_channels": [16, 8], "output_proj_dims": 48},
+     "subsampling_conv_channels": [128, 8], "output_proj_dims": 48},
 )
+# The server models' multimodal layout: a standardised vision tower without clipped linears (a head
+# width that is no power of two, as the release's 72), and image blocks that attend both ways.
+_TINY_SERVER_VISION = {**_SERVER_VISION, "hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "num_key_value_heads": 4, "head_dim": 12, "position_embedding_size": 64}
+for _name in ("tiny-31b", "tiny-26b-a4b"):
+    TINY[f"{_name}-mm"] = _release(
+        {**{k: v for k, v in TINY[_name].items() if k != "architectures"}, "use_bidirectional_attention": "vision"}, _TINY_SERVER_VISION, None
+    )
 
 def _gemma3(**fields: Any) -> dict[str, Any]:
     """A Gemma 3 text config.json as its releases write it (legacy rope keys)."""
