@@ -264,7 +264,7 @@ ERRORS = [
     ("named tool that is not there", {"model": "{name}", "messages": [{"role": "user", "content": "x"}], "tools": [ALARM_TOOL],
                                       "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, "nope"),
     ("n > 1", {"model": "{name}", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n > 1"),
-    ("image part", {"model": "{name}", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "image_url"),
+    ("image part", {"model": "{name}", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "no encoder for image"),
     ("bad logit_bias", {"model": "{name}", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"abc": 1}}, 400, "logit_bias"),
     ("prompt over the context", {"model": "{name}", "messages": [{"role": "user", "content": "word " * 1100}]}, 400, "context is 1024 tokens"),
     ("max_tokens over the context", {"model": "{name}", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, 400, "5000 in max_tokens"),

@@ -14,10 +14,14 @@ import torch
 from torch import Tensor
 
 from ..errors import Gemma4Error
+from ..config import ModelConfig
+from ..media.image import DEFAULT_BUDGET
+from ..media.prompt import Media, build_prompt, split_media
 from ..model import CausalLM
+from ..model.multimodal import MediaEncoders, merge
 from .chat_format import render_chat
 from .chat_parser import ChatResult, Event, OutputParser
-from .generate import DEFAULT_PREFILL_CHUNK, Batch, Session, sample_loop, turn_marks
+from .generate import DEFAULT_PREFILL_CHUNK, Batch, Prompt, Session, sample_loop, turn_marks
 from .sampling import SamplingParams
 from .stop_strings import StopStrings
 from .tokenizer import MEDIA_TOKENS, StreamDecoder, Tokenizer
@@ -64,6 +68,9 @@ class Model:
         self.chat_format: str | None = "gemma4"  # None: the model only continues text (no known chat format)
         self.stats = Stats()
         self._session: Session | None = None
+        self.checkpoint: Path | None = None  # where the encoders are, if the checkpoint has any
+        self.encoder_kinds: set[str] = set()  # "image", "video", "audio": what its encoders read
+        self._encoders: MediaEncoders | None = None
 
     @classmethod
     def from_folder(
@@ -84,7 +91,11 @@ class Model:
         lm = load_model(folder, dtype=dtype or torch.bfloat16, progress=progress, quant=quant, group=group)
         has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
         tokenizer = Tokenizer.from_folder(folder) if has_tokenizer else None
-        return cls(lm, tokenizer, _read_json(folder / "generation_config.json"), _chat_template(folder), context, prefill_chunk)
+        model = cls(lm, tokenizer, _read_json(folder / "generation_config.json"), _chat_template(folder), context, prefill_chunk)
+        config = ModelConfig.from_file(folder / "config.json")
+        model.checkpoint = folder
+        model.encoder_kinds = ({"image", "video"} if config.vision else set()) | ({"audio"} if config.audio else set())
+        return model
 
     @classmethod
     def from_gguf(
@@ -120,9 +131,61 @@ class Model:
     def plan(self):  # noqa: ANN201 - a tuple of LayerPlan
         return self.lm.plan
 
-    def __call__(self, input_ids: Tensor) -> Tensor:
-        """input_ids: LongTensor [batch, seq] -> soft-capped logits [batch, seq, vocab]."""
-        return self.lm(input_ids)
+    def __call__(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None = None,
+        image_position_ids: Tensor | None = None,
+        pixel_values_videos: Tensor | None = None,
+        video_position_ids: Tensor | None = None,
+        input_features: Tensor | None = None,
+        input_features_mask: Tensor | None = None,
+    ) -> Tensor:
+        """input_ids: LongTensor [batch, seq] -> soft-capped logits [batch, seq, vocab].
+
+        With media, the tensors `Gemma4Processor` makes (and `process` returns), under its names:
+        pixel_values [images, patches, 768] with image_position_ids [images, patches, 2], the same
+        for video frames, input_features [clips, frames, 128] with input_features_mask [clips, frames]."""
+        soft = {}
+        if pixel_values is not None:
+            soft[self._token("<|image|>")] = self._require_encoders("image").images(pixel_values, image_position_ids)
+        if pixel_values_videos is not None:
+            soft[self._token("<|video|>")] = self._require_encoders("video").images(pixel_values_videos, video_position_ids)
+        if input_features is not None:
+            soft[self._token("<|audio|>")] = self._require_encoders("audio").audio(input_features, input_features_mask)
+        if not soft:
+            return self.lm(input_ids)
+        return self.lm(input_ids, media=merge(input_ids, soft, self.config.hidden_size, self._vision_ids()))
+
+    # --- media ---------------------------------------------------------------------------
+    def _token(self, name: str) -> int:
+        token = self._require_tokenizer().token_id(name)
+        if token is None:
+            raise Gemma4Error(f"this model's vocabulary has no {name} token: it takes no such media")
+        return token
+
+    def _vision_ids(self) -> list[int] | None:
+        """Image and video placeholders, whose runs attend both ways on the server models."""
+        return [self._token("<|image|>"), self._token("<|video|>")] if self.config.use_bidirectional_attention == "vision" else None
+
+    def _require_encoders(self, kind: str) -> MediaEncoders:
+        """The encoders, loaded on first use (a text-only request never loads them)."""
+        if kind not in self.encoder_kinds:
+            reads = ", ".join(sorted(self.encoder_kinds | {"text"}))
+            raise Gemma4Error(f"this model has no encoder for {kind}: it reads {reads}")
+        if self._encoders is None:
+            from ..weights.checkpoint import load_encoders
+
+            # fp32 with fp32 activations, else bf16; never below, whatever the text weights: quantized encoders lose what they hear and see.
+            self._encoders = load_encoders(self.checkpoint, torch.float32 if self.lm.dtype == torch.float32 else torch.bfloat16)  # type: ignore[arg-type]
+        return self._encoders
+
+    def media_prompt(self, text: str, media: list[Media]) -> Prompt:
+        """Rendered prompt text and its media -> the prompt to prefill, placeholders expanded."""
+        encoders = self._require_encoders(media[0].kind) if media else None
+        for item in media:
+            self._require_encoders(item.kind)
+        return build_prompt(text, media, self._require_tokenizer(), encoders, self.config.hidden_size, self._vision_ids() is not None)
 
     # --- generation ---------------------------------------------------------------------
     @property
@@ -209,11 +272,11 @@ class Model:
             return ["".join(_text_stream(iter(o), self.tokenizer, self.stop_ids, stop)) for o in outputs]
         return outputs
 
-    def _run(self, feeder: Batch | Session, max_new_tokens: int, params: SamplingParams, prompt: list[int] | None = None) -> Iterator[Tensor]:
+    def _run(self, feeder: Batch | Session, max_new_tokens: int, params: SamplingParams, prompt: Prompt | None = None) -> Iterator[Tensor]:
         """Time prefill and decode around `sample_loop`."""
         started = time.perf_counter()
         if isinstance(feeder, Session):
-            marks = turn_marks(prompt, self._require_tokenizer().token_id("<|turn>"))  # type: ignore[arg-type]
+            marks = turn_marks(prompt.ids, self._require_tokenizer().token_id("<|turn>"))  # type: ignore[union-attr]
             logits, history = feeder.start_prompt(prompt, marks)  # type: ignore[arg-type]
         else:
             logits, history = feeder.start()
@@ -235,12 +298,14 @@ class Model:
         tools: Sequence[Mapping[str, Any]] | None = None,
         thinking: bool = False,
         stream: bool = False,
+        image_tokens: int = DEFAULT_BUDGET,
         **sampling: Any,
     ) -> ChatResult | Iterator[Event]:
-        """Answer OpenAI-style messages. Returns a ChatResult (content, reasoning, tool_calls), or
-        with stream=True an iterator of Events. The conversation's cache is kept: calling again
-        with the history extended prefills only the new tokens."""
-        prompt = self.chat_prompt(messages, tools, thinking)
+        """Answer OpenAI-style messages, which may carry images, video and audio (see `chat_prompt`).
+        Returns a ChatResult (content, reasoning, tool_calls), or with stream=True an iterator of
+        Events. The conversation's cache is kept: calling again with the history extended prefills
+        only the new tokens."""
+        prompt = self.chat_prompt(messages, tools, thinking, image_tokens)
         if self._session is None:
             self._session = Session(self.lm, self.context, self.prefill_chunk)
         events = self._chat_events(self._run(self._session, max_new_tokens, self.sampling(**sampling), prompt))
@@ -251,18 +316,27 @@ class Model:
             result.add(event)
         return result
 
-    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None, thinking: bool = False) -> list[int]:
-        """OpenAI-style messages -> the prompt's token ids, in the Gemma 4 format or the checkpoint's template."""
-        tokenizer = self._require_tokenizer()
+    def chat_prompt(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        thinking: bool = False,
+        image_tokens: int = DEFAULT_BUDGET,
+    ) -> Prompt:
+        """OpenAI-style messages (with image, video and audio parts, where the model reads them) ->
+        the prompt, in the Gemma 4 format or the checkpoint's template. `image_tokens`: each
+        image's soft-token budget (70, 140, 280, 560, 1120)."""
+        self._require_tokenizer()
         if self.chat_format is None and self.chat_template is None:
             raise Gemma4Error("this model has no chat template: use generate() (or `gemma4 run --raw`) to continue text")
+        messages, media = split_media(messages, self.encoder_kinds, image_tokens)
         try:
             text = render_chat(messages, tools, thinking, self.chat_template)
         except ValueError as e:
             raise Gemma4Error(f"bad messages: {e}") from None
         except jinja2.TemplateError as e:  # a checkpoint's own template that cannot take these messages
             raise Gemma4Error(f"the chat template cannot render these messages: {e}") from None
-        return tokenizer.prompt_ids(text)
+        return self.media_prompt(text, media)
 
     def _chat_events(self, tokens: Iterator[Tensor]) -> Iterator[Event]:
         parser = OutputParser(self._require_tokenizer())

@@ -27,7 +27,7 @@ from torch import Tensor
 from ..errors import Gemma4Error
 from ..model import CausalLM
 from .constrained import Constraint
-from .generate import Session, check_fits, decode_step
+from .generate import Prompt, Session, check_fits, decode_step
 from .sampling import SamplingParams, sample
 
 
@@ -66,7 +66,7 @@ class Sink(Protocol):
 
 @dataclass(eq=False)
 class Job:
-    prompt: list[int]
+    prompt: Prompt
     max_new_tokens: int
     sampling: SamplingParams
     stop_ids: Collection[int]
@@ -218,7 +218,7 @@ class Scheduler:
         if job.constraint is not None:
             allowed = job.constraint.allowed() if allowed is None else allowed & job.constraint.allowed()
         params = job.sampling
-        history = torch.tensor([job.prompt + slot.answer]) if params.repetition_penalty != 1.0 else torch.zeros(1, 0, dtype=torch.long)
+        history = torch.tensor([job.prompt.ids + slot.answer]) if params.repetition_penalty != 1.0 else torch.zeros(1, 0, dtype=torch.long)
         answer = torch.tensor([slot.answer], dtype=torch.long)
         choices = raw if allowed is None else raw.masked_fill(~allowed, float("-inf"))
         token = int(sample(choices, params, history, slot.generator, answer)[0])

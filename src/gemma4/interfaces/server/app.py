@@ -165,7 +165,7 @@ def create_app(served: ServedModel, api_key: str | None = None, metrics: Metrics
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         prepared = prepare_completion(served, body, asyncio.get_running_loop(), metrics and metrics.record)
-        prefix = served.ready.tokenizer.decode(prepared.job.prompt, skip_special=True) if body.echo else ""  # type: ignore[union-attr]
+        prefix = served.ready.tokenizer.decode(prepared.job.prompt.ids, skip_special=True) if body.echo else ""  # type: ignore[union-attr]
         return await _answer(served, prepared, body, request, chat=False, prefix=prefix)
 
     @app.post("/tokenize")
@@ -178,7 +178,7 @@ def create_app(served: ServedModel, api_key: str | None = None, metrics: Metrics
             raise APIError(400, "this checkpoint has no tokenizer")
         try:
             if body.messages is not None:
-                tokens = model.chat_prompt(chat_messages(body.messages))
+                tokens = model.chat_prompt(chat_messages(body.messages)).ids
             else:
                 tokens = model.tokenizer.prompt_ids(body.prompt) if body.add_special_tokens else model.tokenizer.encode(body.prompt)  # type: ignore[arg-type]
         except Gemma4Error as e:

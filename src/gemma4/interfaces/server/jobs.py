@@ -12,13 +12,14 @@ from typing import Any
 from ...errors import Gemma4Error
 from ...runtime.constrained import InvalidGrammar
 from ...runtime.engine import Model
-from ...runtime.generate import turn_marks
+from ...runtime.generate import Prompt, turn_marks
 from ...runtime.scheduler import Job, Usage
 from .outputs import Bridge, ChatOutput, TextOutput
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, Message, Sampling
 from .served import ServedModel
 
 MAX_STOP_STRINGS = 16
+MEDIA_PARTS = ("image_url", "input_audio", "video_url")
 
 
 @dataclass
@@ -41,10 +42,9 @@ def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
         item = message.model_dump(exclude_none=True, exclude={"reasoning_content", "reasoning"})
         if isinstance(message.content, list):
             for part in message.content:
-                if part.type != "text":
-                    raise APIError(400, f"messages[{i}].content has a {part.type!r} part: this server reads text only for now",
+                if part.type not in ("text", *MEDIA_PARTS):
+                    raise APIError(400, f"messages[{i}].content has a {part.type!r} part: expected text, {', '.join(MEDIA_PARTS)}",
                                    param=f"messages[{i}].content")
-            item["content"] = "".join(part.text or "" for part in message.content)
         for j, call in enumerate(message.tool_calls or []):
             arguments = call.function.arguments
             try:
@@ -132,7 +132,7 @@ def prepare_chat(served: ServedModel, request: ChatCompletionRequest, loop: asyn
     bridge = Bridge(ChatOutput(model.tokenizer, _stops(request), model.chat_stop_ids), loop, on_end)  # type: ignore[arg-type]
     job = Job(
         prompt, budget, _sampling(model, request), model.chat_stop_ids, bridge,
-        marks=turn_marks(prompt, model.tokenizer.token_id("<|turn>")),  # type: ignore[union-attr]
+        marks=turn_marks(prompt.ids, model.tokenizer.token_id("<|turn>")),  # type: ignore[union-attr]
         banned_ids=banned,
         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
         constraint=None if constraint is None else served.grammars.constraint(constraint),  # type: ignore[union-attr]
@@ -140,7 +140,7 @@ def prepare_chat(served: ServedModel, request: ChatCompletionRequest, loop: asyn
     return Prepared(job, bridge, served.name)
 
 
-def completion_prompt(model: Model, prompt: Any) -> list[int]:
+def completion_prompt(model: Model, prompt: Any) -> Prompt:
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         if len(prompt) != 1:
             raise APIError(400, "one prompt per request: send several requests instead (they run in parallel)", param="prompt")
@@ -148,10 +148,10 @@ def completion_prompt(model: Model, prompt: Any) -> list[int]:
     if isinstance(prompt, str):
         if model.tokenizer is None:
             raise APIError(400, "this checkpoint has no tokenizer: send token ids as the prompt", param="prompt")
-        return model.tokenizer.prompt_ids(prompt)
+        return Prompt(model.tokenizer.prompt_ids(prompt))
     if not prompt or any(not 0 <= t < model.config.vocab_size for t in prompt):
         raise APIError(400, f"prompt token ids must be 0..{model.config.vocab_size - 1}, at least one", param="prompt")
-    return model._one_bos(prompt)
+    return Prompt(model._one_bos(prompt))
 
 
 def prepare_completion(served: ServedModel, request: CompletionRequest, loop: asyncio.AbstractEventLoop, on_end: Callable[[str, Usage], None] | None = None) -> Prepared:

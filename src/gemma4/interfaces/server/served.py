@@ -40,6 +40,7 @@ class ServedModel:
                 self.grammar_error = str(e)
         self.scheduler = Scheduler(model.lm, model.context, parallel, model.prefill_chunk, max_queue)
         self.scheduler.start()
+        self.modalities = {"vision": "image" in model.encoder_kinds, "audio": "audio" in model.encoder_kinds}
         self.model = model
 
     def close(self) -> None:
