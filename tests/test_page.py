@@ -313,3 +313,48 @@ def test_an_unreachable_server_is_said(browser, checkpoints):
         assert "unreachable" in page.inner_text("#banner")
     finally:
         context.close()
+
+
+def test_attached_image_and_audio_reach_the_server(browser, checkpoints, tmp_path):
+    """On a model with encoders the attach control appears; a picked image and a dropped audio clip
+    show their token cost, travel with the message, and the server counts their tokens."""
+    import numpy as np
+    import soundfile
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
+    t = np.arange(16_000) / 16_000
+    soundfile.write(tmp_path / "tone.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype("float32"), 16_000)
+    multimodal = Server(checkpoints("tiny-e2b-mm"), "--quant", "int4", "--context", "2048", "--metrics")
+    context = browser.new_context()
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    try:
+        page.goto(multimodal.url)
+        page.wait_for_selector("#status.ok")
+        assert page.is_visible("#attach")
+        set_max_tokens(page, 4)
+        page.set_input_files("#attach-file", str(tmp_path / "noise.png"))
+        page.wait_for_selector(".chip")
+        assert re.search(r"noise\.png · image \d+x\d+: (\d+) tokens", page.inner_text("#attachments"))
+        image_tokens = int(re.search(r": (\d+) tokens", page.inner_text("#attachments")).group(1))
+        # Drag and drop, as a person would from a file manager.
+        data = (tmp_path / "tone.wav").read_bytes()
+        transfer = page.evaluate_handle("""bytes => { const t = new DataTransfer();
+            t.items.add(new File([new Uint8Array(bytes)], 'tone.wav', { type: 'audio/wav' })); return t; }""", list(data))
+        page.dispatch_event("body", "drop", {"dataTransfer": transfer})
+        wait_until(lambda: "tone.wav · audio 1.0 s: 25 tokens" in page.inner_text("#attachments"))
+        send(page, "What do you see and hear?")
+        settle(page)
+        assert page.get_attribute(".message.user img.thumbnail", "alt") == "noise.png"
+        assert "tone.wav · audio 1.0 s: 25 tokens" in page.inner_text(".message.user")
+        prompt_tokens = int(re.search(r"of (\d+) prompt tokens", page.inner_text(".message.assistant .stats")).group(1))
+        assert prompt_tokens > image_tokens + 25  # the image's and the clip's soft tokens reached the prompt
+        assert metric(multimodal, "gemma4_prompt_tokens_total") == prompt_tokens
+        shot(page, "attachments")
+        assert problems == []
+    finally:
+        context.close()
+        multimodal.stop()

@@ -154,6 +154,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--thinking", action="store_true", help="let the model think before answering (shown dimmed)")
     parser.add_argument("--verbose", action="store_true", help="log KV bytes, PLE placement, context and attention paths")
+    parser.add_argument("--image-tokens", type=int, default=280, choices=[70, 140, 280, 560, 1120], help="soft tokens an image may cost (default 280)")
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -208,18 +209,26 @@ def _run(args: argparse.Namespace) -> None:
             print(delta, end="", flush=True)
         print()
     else:
-        messages = [{"role": "user", "content": args.prompt}]
-        _print_answer(model, model.chat(messages, args.max_new_tokens, thinking=args.thinking, stream=True, **_sampling(args)))
+        media = [{"type": kind, kind: path} for kind in ("image", "video", "audio") for path in getattr(args, kind) or []]
+        messages = [{"role": "user", "content": [*media, {"type": "text", "text": args.prompt}] if media else args.prompt}]
+        events = model.chat(messages, args.max_new_tokens, thinking=args.thinking, stream=True, image_tokens=args.image_tokens, **_sampling(args))
+        _print_costs(model)
+        _print_answer(model, events)
     if args.verbose:
         _print_stats(model, verbose=True)
 
 
-CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT, /think (toggle thinking), /exit"
+def _print_costs(model) -> None:  # noqa: ANN001
+    for cost in model.media_costs:
+        print(f"[{cost}]", file=sys.stderr)
+
+
+CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT, /think (toggle thinking), /image PATH, /audio PATH, /video PATH (attach to the next message), /exit"
 
 
 def _chat(args: argparse.Namespace) -> None:
     model = _load(args)
-    system, thinking, messages = None, args.thinking, []
+    system, thinking, messages, attached = None, args.thinking, [], []
     print(f"gemma4 chat - {CHAT_HELP}", file=sys.stderr)
     while True:
         try:
@@ -240,12 +249,24 @@ def _chat(args: argparse.Namespace) -> None:
         elif command == "/think":
             thinking = not thinking
             print(f"[thinking {'on' if thinking else 'off'}]", file=sys.stderr)
+        elif command in ("/image", "/audio", "/video"):
+            kind, path = command[1:], Path(rest.strip()).expanduser()
+            if kind not in model.encoder_kinds:
+                print(f"[this model reads {', '.join(sorted(model.encoder_kinds | {'text'}))}: no {kind}]", file=sys.stderr)
+            elif not path.is_file():
+                print(f"[{path}: no such file]", file=sys.stderr)
+            else:
+                attached.append({"type": kind, kind: str(path)})
+                print(f"[{kind} {path.name} goes with your next message]", file=sys.stderr)
         elif command.startswith("/"):
             print(f"[unknown command {command}; {CHAT_HELP}]", file=sys.stderr)
         elif line.strip():
-            messages.append({"role": "user", "content": line})
+            messages.append({"role": "user", "content": [*attached, {"type": "text", "text": line}] if attached else line})
+            attached = []
             prompt = ([{"role": "system", "content": system}] if system else []) + messages
-            answer = _collect(model, model.chat(prompt, args.max_new_tokens, thinking=thinking, stream=True, **_sampling(args)))
+            events = model.chat(prompt, args.max_new_tokens, thinking=thinking, stream=True, image_tokens=args.image_tokens, **_sampling(args))
+            _print_costs(model)
+            answer = _collect(model, events)
             messages.append({"role": "assistant", "content": answer.content, **({"tool_calls": [c.to_openai(i) for i, c in enumerate(answer.tool_calls)]} if answer.tool_calls else {})})
             _print_stats(model, args.verbose)
 
@@ -338,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("prompt", metavar="PROMPT", nargs="?")
     _add_generation_options(run)
     run.add_argument("--raw", action="store_true", help="continue the text as is, without the chat format")
+    run.add_argument("--image", action="append", metavar="PATH", help="an image to show the model (repeatable)")
+    run.add_argument("--audio", action="append", metavar="PATH", help="audio for the model to hear, WAV/FLAC/OGG/MP3 (repeatable; E2B/E4B)")
+    run.add_argument("--video", action="append", metavar="PATH", help="a video, as frames with timestamps (repeatable)")
     run.add_argument("--stop", action="append", metavar="TEXT", help="end the answer at this text (--raw; repeatable)")
     run.set_defaults(run=_run)
 

@@ -184,7 +184,7 @@ def build_prompt(text: str, media: list[Media], tokenizer: Tokenizer, encoders: 
     for i, token in enumerate(ids):
         if inputs.mask[0, i]:
             keys[i] = (token, next(owners))
-    return Prompt(ids, inputs, keys)
+    return Prompt(ids, inputs, keys, [(m.kind, m.tokens, m.describe()) for m in media])
 
 
 def readable(encoders: MediaEncoders | None) -> set[str]:

@@ -71,6 +71,7 @@ class Model:
         self.checkpoint: Path | None = None  # where the encoders are, if the checkpoint has any
         self.encoder_kinds: set[str] = set()  # "image", "video", "audio": what its encoders read
         self._encoders: MediaEncoders | None = None
+        self.media_costs: list[str] = []  # what the last chat's images, video and audio cost, in words
 
     @classmethod
     def from_folder(
@@ -306,6 +307,7 @@ class Model:
         Events. The conversation's cache is kept: calling again with the history extended prefills
         only the new tokens."""
         prompt = self.chat_prompt(messages, tools, thinking, image_tokens)
+        self.media_costs = [description for _, _, description in prompt.costs]
         if self._session is None:
             self._session = Session(self.lm, self.context, self.prefill_chunk)
         events = self._chat_events(self._run(self._session, max_new_tokens, self.sampling(**sampling), prompt))

@@ -7,7 +7,7 @@ what is new). Text, chat formatting, stop strings and timing sit one layer above
 from __future__ import annotations
 
 from collections.abc import Collection, Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -99,6 +99,7 @@ class Prompt:
     ids: list[int]
     media: MediaInputs | None = None  # [1, len(ids)]
     keys: list[Hashable] | None = None  # per token (default: its id)
+    costs: list[tuple[str, int, str]] = field(default_factory=list)  # per media item: (kind, soft tokens, description)
 
     @property
     def identity(self) -> list[Hashable]:

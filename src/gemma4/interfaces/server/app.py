@@ -176,14 +176,17 @@ def create_app(served: ServedModel, api_key: str | None = None, metrics: Metrics
             raise APIError(400, "give either prompt or messages", param="prompt")
         if model.tokenizer is None:
             raise APIError(400, "this checkpoint has no tokenizer")
+        media: list[dict[str, Any]] = []
         try:
             if body.messages is not None:
-                tokens = model.chat_prompt(chat_messages(body.messages)).ids
+                prompt = model.chat_prompt(chat_messages(body.messages))
+                tokens = prompt.ids
+                media = [{"type": kind, "tokens": n, "description": text} for kind, n, text in prompt.costs]
             else:
                 tokens = model.tokenizer.prompt_ids(body.prompt) if body.add_special_tokens else model.tokenizer.encode(body.prompt)  # type: ignore[arg-type]
         except Gemma4Error as e:
             raise APIError(400, str(e), param="messages") from None
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": model.context}
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": model.context, "media": media}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
@@ -223,7 +226,7 @@ async def _answer(served: ServedModel, prepared: Prepared, body: Any, request: R
     """Queue the job; answer as a stream or as one object. A client that leaves cancels its job."""
     job = prepared.job
     served.submit(job)
-    completion = Completion(chat, prepared.model_name, served.ready.tokenizer, prefix)  # type: ignore[arg-type]
+    completion = Completion(chat, prepared.model_name, served.ready.tokenizer, prefix, job.prompt.costs)  # type: ignore[arg-type]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 

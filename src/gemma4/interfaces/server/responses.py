@@ -15,12 +15,17 @@ from ...runtime.tokenizer import Tokenizer
 from .outputs import End, Update
 
 
-def usage_body(usage: Usage, reasoning_tokens: int) -> dict[str, Any]:
+def usage_body(usage: Usage, reasoning_tokens: int, media: list[tuple[str, int, str]] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+    """OpenAI's usage; `media` (kind, tokens, description) adds image_tokens (images and video frames) and audio_tokens."""
+    details: dict[str, Any] = {"cached_tokens": usage.cached_tokens}
+    for name, kinds in (("image_tokens", ("image", "video")), ("audio_tokens", ("audio",))):
+        if any(kind in kinds for kind, _, _ in media):
+            details[name] = sum(tokens for kind, tokens, _ in media if kind in kinds)
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "prompt_tokens_details": details,
         "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
     }
 
@@ -39,8 +44,8 @@ def timings_body(usage: Usage) -> dict[str, Any]:
 class Completion:
     """One answer in OpenAI's shape: `chat` (chat.completion) or text (text_completion)."""
 
-    def __init__(self, chat: bool, model: str, tokenizer: Tokenizer, prefix: str = ""):
-        self.chat, self.model, self.tokenizer = chat, model, tokenizer
+    def __init__(self, chat: bool, model: str, tokenizer: Tokenizer, prefix: str = "", media: list[tuple[str, int, str]] = ()):  # type: ignore[assignment]
+        self.chat, self.model, self.tokenizer, self.media = chat, model, tokenizer, list(media)
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.prefix = prefix  # text completions with echo: the prompt comes first
@@ -101,7 +106,7 @@ class Completion:
             "created": self.created,
             "model": self.model,
             "choices": [choice],
-            "usage": usage_body(end.usage, end.reasoning_tokens),
+            "usage": usage_body(end.usage, end.reasoning_tokens, self.media),
             "timings": timings_body(end.usage),
         }
 
@@ -128,7 +133,7 @@ async def stream(completion: Completion, updates: AsyncIterator[Update | End], i
                 if include_usage:
                     body = completion.chunk(None)
                     body["choices"] = []
-                    yield sse({**body, "usage": usage_body(item.usage, item.reasoning_tokens), "timings": timings_body(item.usage)})
+                    yield sse({**body, "usage": usage_body(item.usage, item.reasoning_tokens, completion.media), "timings": timings_body(item.usage)})
     yield sse("[DONE]")
 
 

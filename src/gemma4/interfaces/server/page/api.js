@@ -50,6 +50,7 @@ export async function health() {
 }
 
 export const models = async () => (await request("/v1/models")).json();
+export const tokenize = async (body) => (await request("/tokenize", { method: "POST", body: JSON.stringify(body) })).json();
 export const props = async () => (await request("/props")).json();
 
 /** Stream a completion (chat, or text for a base model): yields the server's chunks (the last one carries usage and timings). */

@@ -12,8 +12,15 @@ const current = () => state.conversations.find((c) => c.id === state.current);
 let persistTimer = null;
 function persist(now = false) {
   clearTimeout(persistTimer);
-  if (now) store.save(state.conversations, state.current);
-  else persistTimer = setTimeout(() => store.save(state.conversations, state.current), 300);
+  const save = () => {
+    try {
+      store.save(state.conversations, state.current);
+    } catch (error) {  // the browser's storage is full (attachments are big): say so, keep going
+      showBanner(`This browser cannot keep more (${error.name}): export and delete old conversations, or attach smaller files.`);
+    }
+  };
+  if (now) save();
+  else persistTimer = setTimeout(save, 300);
 }
 
 // --- status and errors -------------------------------------------------------------------
@@ -54,7 +61,7 @@ async function refreshProps() {
   if (!state.chat) facts.unshift("a base model: it continues your text");
   if (props.memory?.resident_bytes) facts.push(`${bytes(props.memory.resident_bytes)} in use`);
   $("model-facts").textContent = facts.join(" · ");
-  const accepts = [state.modalities.vision && "image/*", state.modalities.audio && "audio/*"].filter(Boolean);
+  const accepts = [state.modalities.vision && "image/*", state.modalities.vision && "video/*", state.modalities.audio && "audio/*"].filter(Boolean);
   $("attach").hidden = !accepts.length;  // absent, not broken, on a model without encoders
   $("attach-file").accept = accepts.join(",");
 }
@@ -133,7 +140,8 @@ function messageItem(message, index) {
     const text = typeof message.content === "string" ? message.content : message.content.filter((p) => p.type === "text").map((p) => p.text).join("");
     item.append(element("div", { class: "text" }, text));
     for (const part of Array.isArray(message.content) ? message.content : []) {
-      if (part.type !== "text") item.append(element("div", { class: "attachment" }, `📎 ${part.name || part.type}`));
+      if (part.type === "image_url") item.append(element("img", { class: "thumbnail", src: part.image_url.url, alt: part.name || "image" }));
+      else if (part.type !== "text") item.append(element("div", { class: "attachment" }, `📎 ${part.name || part.type}${part.cost ? ` · ${part.cost}` : ""}`));
     }
   } else {
     if (message.reasoning) {
@@ -294,7 +302,7 @@ function drawAttachments() {
   const list = $("attachments");
   list.replaceChildren();
   state.attachments.forEach((part, i) => {
-    const chip = element("span", { class: "chip" }, part.name);
+    const chip = element("span", { class: "chip" }, `${part.name} · ${part.cost}`);
     const remove = element("button", { type: "button", "aria-label": `Remove ${part.name}` }, "×");
     remove.addEventListener("click", () => {
       state.attachments.splice(i, 1);
@@ -305,11 +313,14 @@ function drawAttachments() {
   });
 }
 
+const KINDS = { image: "vision", video: "vision", audio: "audio" };
+
 async function attach(files) {
   for (const file of files) {
-    const isImage = file.type.startsWith("image/");
-    if (!(isImage ? state.modalities.vision : file.type.startsWith("audio/") && state.modalities.audio)) {
-      showBanner(`${file.name}: this model reads ${[state.modalities.vision && "images", state.modalities.audio && "audio"].filter(Boolean).join(" and ") || "text only"}`);
+    const kind = file.type.split("/")[0];
+    if (!state.modalities[KINDS[kind]]) {
+      const reads = [state.modalities.vision && "images and video", state.modalities.audio && "audio"].filter(Boolean).join(" and ");
+      showBanner(`${file.name}: this model reads ${reads || "text only"}`);
       continue;
     }
     const url = await new Promise((resolve) => {
@@ -317,8 +328,18 @@ async function attach(files) {
       reader.onload = () => resolve(reader.result);
       reader.readAsDataURL(file);
     });
-    state.attachments.push(isImage ? { type: "image_url", image_url: { url }, name: file.name }
-      : { type: "input_audio", input_audio: { data: url.split(",")[1], format: file.type.split("/")[1] }, name: file.name });
+    const part = kind === "image" ? { type: "image_url", image_url: { url } }
+      : kind === "video" ? { type: "video_url", video_url: { url } }
+      : { type: "input_audio", input_audio: { data: url.split(",")[1], format: file.name.split(".").pop() } };
+    part.name = file.name;
+    try {  // what it costs, as the server counts it
+      const counted = await api.tokenize({ messages: [{ role: "user", content: [part] }] });
+      part.cost = counted.media[0]?.description;
+    } catch (error) {
+      showBanner(`${file.name}: ${error.message}`);
+      continue;
+    }
+    state.attachments.push(part);
   }
   drawAttachments();
 }

@@ -35,7 +35,7 @@ export function checked(raw) {
   const text = (value) => (typeof value === "string" ? value : "");
   const messages = raw.messages.map((m, i) => {
     if (!m || !ROLES.has(m.role)) throw new Error(`message ${i + 1} has no known role (system, user, assistant, tool)`);
-    const message = { role: m.role, content: typeof m.content === "string" ? m.content : Array.isArray(m.content) ? m.content : "" };
+    const message = { role: m.role, content: typeof m.content === "string" ? m.content : Array.isArray(m.content) ? m.content.map(part).filter(Boolean) : "" };
     if (m.reasoning || m.reasoning_content) message.reasoning = text(m.reasoning || m.reasoning_content);
     if (Array.isArray(m.tool_calls)) {
       message.tool_calls = m.tool_calls.map((c) => ({
@@ -49,6 +49,19 @@ export function checked(raw) {
   });
   const settings = { ...DEFAULT_SETTINGS, ...(raw.settings && typeof raw.settings === "object" ? raw.settings : {}) };
   return { id: text(raw.id) || newId(), title: text(raw.title) || "Imported chat", created: Number(raw.created) || Date.now(), settings, messages };
+}
+
+/** A content part we can show and send: text, or an attachment as the page makes them (data: URLs only). */
+function part(raw) {
+  const text = (value) => (typeof value === "string" ? value : "");
+  if (raw?.type === "text") return { type: "text", text: text(raw.text) };
+  const extra = { name: text(raw?.name), cost: text(raw?.cost) };
+  if (raw?.type === "image_url" && /^data:image\//.test(raw.image_url?.url)) return { type: "image_url", image_url: { url: raw.image_url.url }, ...extra };
+  if (raw?.type === "video_url" && /^data:video\//.test(raw.video_url?.url)) return { type: "video_url", video_url: { url: raw.video_url.url }, ...extra };
+  if (raw?.type === "input_audio" && typeof raw.input_audio?.data === "string") {
+    return { type: "input_audio", input_audio: { data: raw.input_audio.data, format: text(raw.input_audio.format) }, ...extra };
+  }
+  return null;
 }
 
 /** Imported JSON -> conversations (one, or a list), each with a fresh id so nothing is overwritten. */
