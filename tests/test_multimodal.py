@@ -278,3 +278,35 @@ def test_wrong_config_types_are_one_line(tmp_path, checkpoints):
             ModelConfig.from_dict(broken)
     assert POOL == 3
     assert RATE == 16_000
+
+
+def test_a_quantized_checkpoint_keeps_its_encoders_as_stored(checkpoints, tmp_path):
+    from gemma4.weights.quantized import save_quantized
+
+    source = checkpoints("tiny-e2b-mm")
+    saved = save_quantized(source, tmp_path / "int4", "int4", progress=False)
+    plain = gemma4.load(source, dtype=torch.float32, progress=False)
+    packed = gemma4.load(saved, progress=False)
+    picture = image_patches(images()[0], 70)
+    args = (picture.pixels[None], picture.positions[None])
+    assert torch.equal(packed._require_encoders("image").images(*args), plain._require_encoders("image").images(*args))
+    answer = packed.chat([{"role": "user", "content": [{"type": "image", "image": images()[0]}, {"type": "text", "text": "Hi"}]}],
+                         max_new_tokens=3, image_tokens=70)
+    assert packed.media_costs == [f"image {picture.size[1]}x{picture.size[0]}: {picture.tokens} tokens"] and answer.content is not None
+
+
+def test_the_plan_counts_the_encoders_as_they_load(checkpoints):
+    from gemma4.config import ModelConfig
+    from gemma4.planner import plan_memory
+    from gemma4.weights.checkpoint import load_encoders
+    from gemma4.weights.presets import preset_config
+
+    config = ModelConfig.from_dict(preset_config("tiny-e2b-mm"))
+    text_only, with_media = plan_memory(config, 512, dtype="fp32"), plan_memory(config, 512, dtype="fp32", media=True)
+    loaded = load_encoders(checkpoints("tiny-e2b-mm", torch.bfloat16), torch.float32)  # released in bf16: matrices stay bf16
+    for kind, tower in (("vision", ("vision_tower", "embed_vision")), ("audio", ("audio_tower", "embed_audio"))):
+        held = sum(t.nbytes for n, t in loaded.state_dict().items() if n.startswith(tower))
+        assert any(t.dtype == torch.bfloat16 for n, t in loaded.state_dict().items() if n.startswith(tower))
+        assert with_media["weights"][kind] == held and kind not in text_only["weights"]
+    assert with_media["encoders_on_disk"] == 0 < text_only["encoders_on_disk"]
+    assert with_media["total_resident"] > text_only["total_resident"]

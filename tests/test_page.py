@@ -349,7 +349,7 @@ def test_attached_image_and_audio_reach_the_server(browser, checkpoints, tmp_pat
         send(page, "What do you see and hear?")
         settle(page)
         assert page.get_attribute(".message.user img.thumbnail", "alt") == "noise.png"
-        assert "tone.wav · audio 1.0 s: 25 tokens" in page.inner_text(".message.user")
+        assert "audio: tone.wav · audio 1.0 s: 25 tokens" in page.inner_text(".message.user")
         prompt_tokens = int(re.search(r"of (\d+) prompt tokens", page.inner_text(".message.assistant .stats")).group(1))
         assert prompt_tokens > image_tokens + 25  # the image's and the clip's soft tokens reached the prompt
         assert metric(multimodal, "gemma4_prompt_tokens_total") == prompt_tokens

@@ -85,13 +85,16 @@ def plan_memory(
     group: int = 0,
     pack_tables: bool = False,
     snapshots: int = 0,
+    media: bool = False,
 ) -> dict[str, Any]:
     """Bytes by component: weights, KV cache by layer type, prefill activation peak, total resident.
 
     quant (bf16/int8/int4): matrices and embedding tables packed as `gemma4.load(quant=...)` packs
     them, everything else and the activations in fp32; the PLE table stays as stored (bf16) unless
     pack_tables (a checkpoint saved by `gemma4 quantize`). snapshots: ring-buffer copies each
-    sequence keeps (`gemma4 serve` keeps runtime.generate.MAX_MARKS for its prefix cache)."""
+    sequence keeps (`gemma4 serve` keeps runtime.generate.MAX_MARKS for its prefix cache). media: images,
+    video or audio arrive, so the encoders are resident, and one image at the largest budget or a 30 s
+    clip is encoded at a time."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unsupported dtype {dtype!r}: use bf16, fp16 or fp32")
     if quant:  # packed weights compute in fp32 and keep K/V in bf16 (runtime.engine.Model)
@@ -102,7 +105,14 @@ def plan_memory(
     weights: dict[str, int] = {}
     for spec in checkpoint_tensors(config):
         weights[spec.component] = weights.get(spec.component, 0) + _stored_bytes(spec, width, quant, group, pack_tables)
-    encoders = weights.pop("vision", 0) + weights.pop("audio", 0)  # in the files, never loaded for text
+    # Encoders stay in the files until media arrive; then they compute in fp32 (fp32 activations) or
+    # bf16, their matrices left as released (bf16) either way (weights.checkpoint.load_encoders).
+    encoder_width = 4 if dtype == "fp32" else 2
+    encoder_bytes = {e: sum(spec.numel * (2 if _is_encoder_matrix(spec) else encoder_width) for spec in checkpoint_tensors(config)
+                            if spec.component == e) for e in ("vision", "audio")}
+    encoders = weights.pop("vision", 0) + weights.pop("audio", 0)
+    if media:
+        weights.update({e: n for e, n in encoder_bytes.items() if n})
     ple_table = weights.pop("ple_table", 0)
     # The PLE table, when mapped, is resident only for the rows of tokens seen (at most one per token).
     ple_width = text.num_hidden_layers * (text.hidden_size_per_layer_input or 0)
@@ -115,6 +125,8 @@ def plan_memory(
     activations = _prefill_peak(plan, text.hidden_size, min(prefill_chunk, context), context, batch, width)
     if quant:  # prefill dequantizes one block of a packed matrix at a time for a dense fp32 matmul
         activations += DENSE_BLOCK_BYTES
+    if media:  # encoding comes before the prefill: the larger transient of the two
+        activations = max(activations, _encoder_peak(config, encoder_width))
     resident = RUNTIME_BYTES + sum(weights.values()) + ple_resident + sum(kv.values()) + activations
     return {
         "context": context,
@@ -124,7 +136,7 @@ def plan_memory(
         "kv_dtype": kv_dtype or dtype,
         "weights": weights,
         "ple_table": {"bytes": ple_table, "resident": ple_resident, "on_disk": savings.ple_on_disk},
-        "encoders_on_disk": encoders,
+        "encoders_on_disk": 0 if media else encoders,
         "kv_cache": kv,
         "activation_peak": activations,
         "runtime": RUNTIME_BYTES,
@@ -153,6 +165,26 @@ def _prefill_peak(plan: tuple[LayerPlan, ...], hidden: int, chunk: int, context:
         mlp = 2 * batch * chunk * p.mlp_width * width
         worst = max(worst, mask, mlp)
     return worst + 4 * batch * chunk * hidden * width
+
+
+def _is_encoder_matrix(spec: TensorSpec) -> bool:
+    """The encoder weights of bias-free linears: they stay bf16 when computing in fp32."""
+    return len(spec.shape) == 2 and not spec.name.endswith(("position_embedding_table", "output_proj.weight"))
+
+
+def _encoder_peak(config: ModelConfig, width: int) -> int:
+    """The largest transient of encoding one image at 1120 soft tokens (10,080 patches) or one 30 s
+    clip: a layer's hidden states, q/k/v and output, and its MLP's two intermediates; for audio also
+    the first convolution's output (1,500 x 64 x its channels, fp32)."""
+    peak = 0
+    if (v := config.vision) is not None:
+        patches = 1120 * v.pooling_kernel_size**2
+        attention = patches * (v.hidden_size * 2 + (v.num_attention_heads + 2 * v.num_key_value_heads) * v.head_dim * 2)
+        peak = max(peak, (attention + patches * v.intermediate_size * 2) * width)
+    if (a := config.audio) is not None:
+        frames = 3000 // 2
+        peak = max(peak, frames * 64 * a.subsampling_conv_channels[0] * 4, 750 * a.hidden_size * 16 * width)
+    return peak
 
 
 def sweep(config: ModelConfig, contexts: list[int], **kwargs: Any) -> list[dict[str, Any]]:

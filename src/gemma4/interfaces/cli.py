@@ -54,7 +54,7 @@ def _plan(args: argparse.Namespace) -> None:
     saved = config.raw.get("quantization_config") or {}  # a checkpoint `gemma4 quantize` wrote: planned as saved
     quant, group = saved.get("kind", args.quant), saved.get("group_size", args.group)
     options = dict(dtype=args.dtype, kv_dtype=args.kv_dtype, batch=args.parallel or args.batch, prefill_chunk=args.prefill_chunk,
-                   quant=quant, group=group, pack_tables=bool(saved), snapshots=MAX_MARKS if args.parallel else 0)
+                   quant=quant, group=group, pack_tables=bool(saved), snapshots=MAX_MARKS if args.parallel else 0, media=args.media)
     contexts = [2048, 8192, 32768, 131072, 262144] if args.sweep else [args.context]
     plans = sweep(config, contexts, **options)
     if not plans:
@@ -133,6 +133,7 @@ def _quantize(args: argparse.Namespace) -> None:
 
 def _add_weight_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="a plain model in this dtype (default: bf16; GGUF: the file's types)")
+    parser.add_argument("--mmproj", metavar="FILE", help="llama.cpp's encoder GGUF beside a .gguf model (not supported yet)")
     _add_quant_options(parser, "pack the weights (bf16, int8, int4) and compute on the packed kernels")
 
 
@@ -164,6 +165,10 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - a gemma4.Model
     import gemma4
+
+    if args.mmproj:
+        raise Gemma4Error(f"--mmproj {args.mmproj}: llama.cpp's mmproj encoders cannot be loaded yet; for images and audio use the "
+                          "model's Hugging Face checkpoint folder, which holds the encoders")
 
     from ..weights.default_model import default_model_path
 
@@ -324,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_options(plan, "packed weights, as `run --quant` loads them")
     plan.add_argument("--batch", type=int, default=1)
     plan.add_argument("--parallel", type=int, help="as `gemma4 serve --parallel N` holds it: N sequences, each with its prefix-cache snapshots")
+    plan.add_argument("--media", action="store_true", help="images, video or audio arrive: the encoders resident, one encoded at a time")
     plan.add_argument("--prefill-chunk", type=int, default=512)
     plan.add_argument("--sweep", action="store_true", help="a table over 2K, 8K, 32K, 128K, 256K where the model allows")
     plan.add_argument("--json", action="store_true")

@@ -136,11 +136,11 @@ KINDS = {"image_url": "image", "image": "image", "input_audio": "audio", "audio"
 
 
 def split_media(
-    messages: Sequence[Mapping[str, Any]], reads: set[str], image_budget: int = DEFAULT_BUDGET
+    messages: Sequence[Mapping[str, Any]], reads: set[str], image_budget: int = DEFAULT_BUDGET, hint: str = ""
 ) -> tuple[list[dict[str, Any]], list[Media]]:
     """Messages -> (the same messages with each media part as a bare placeholder part for the
     chat template, the media in prompt order). `reads`: the kinds the model takes; any other is
-    refused before anything is read."""
+    refused before anything is read (`hint` says why, where there is more to say)."""
     out, media = [], []
     for message in messages:
         content = message.get("content")
@@ -151,7 +151,7 @@ def split_media(
         for part in content:
             kind = KINDS.get(part.get("type", ""))
             if kind is not None and kind not in reads:
-                raise Gemma4Error(f"this model has no encoder for {kind}: it reads {', '.join(sorted(reads | {'text'}))}")
+                raise Gemma4Error(f"this model has no encoder for {kind}: it reads {', '.join(sorted(reads | {'text'}))}{hint}")
             item = read_part(part, image_budget)
             if item is None:
                 parts.append(part)

@@ -104,9 +104,9 @@ class PatchEmbedder(nn.Module):
 
     def forward(self, pixels: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
         """pixels [N, P, 3*16*16] in [0, 1]; positions [N, P, 2] (x, y), -1 on padding."""
-        x = self.input_proj((2 * (pixels - 0.5)).to(self.input_proj.weight.dtype))  # no normalisation: [0, 1] -> [-1, 1]
+        table = self.position_embedding_table  # in the compute dtype (matrices may be stored narrower)
+        x = self.input_proj((2 * (pixels - 0.5)).to(table.dtype))  # no normalisation: [0, 1] -> [-1, 1]
         at = positions.clamp(min=0)
-        table = self.position_embedding_table
         where = F.embedding(at[..., 0], table[0]) + F.embedding(at[..., 1], table[1])
         return x + torch.where(valid[..., None], where, 0.0)
 

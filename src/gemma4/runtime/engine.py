@@ -28,6 +28,8 @@ from .tokenizer import MEDIA_TOKENS, StreamDecoder, Tokenizer
 
 
 END_OF_TURN_ID = 106  # `<turn|>` in Gemma 4, `<end_of_turn>` in Gemma 3: a stop token for both
+GGUF_MEDIA_HINT = (" (a GGUF file holds the text model; llama.cpp keeps the encoders in a separate mmproj file, which gemma4"
+                   " does not load yet: use the Hugging Face checkpoint folder for images and audio)")
 
 
 @dataclass
@@ -331,7 +333,8 @@ class Model:
         self._require_tokenizer()
         if self.chat_format is None and self.chat_template is None:
             raise Gemma4Error("this model has no chat template: use generate() (or `gemma4 run --raw`) to continue text")
-        messages, media = split_media(messages, self.encoder_kinds, image_tokens)
+        hint = GGUF_MEDIA_HINT if self.checkpoint is None and self.chat_format == "gemma4" else ""
+        messages, media = split_media(messages, self.encoder_kinds, image_tokens, hint)
         try:
             text = render_chat(messages, tools, thinking, self.chat_template)
         except ValueError as e:

@@ -211,18 +211,24 @@ def load_model(
     return model.eval()
 
 
-def load_encoders(path: str | Path, dtype: torch.dtype | str = torch.float32, progress: bool = False) -> MediaEncoders:
-    """The vision and audio encoders of the checkpoint at `path`, with their embedders, in `dtype`
-    (weights already in it stay memory-mapped). A checkpoint without encoders gives an empty module."""
+def load_encoders(path: str | Path, dtype: torch.dtype | str = torch.float32) -> MediaEncoders:
+    """The vision and audio encoders of the checkpoint at `path`, with their embedders, computing
+    in `dtype`. Weights already in it stay memory-mapped; bf16 matrices computing in fp32 stay bf16
+    and mapped too (packed: the kernels widen them as they read). A checkpoint without encoders
+    gives an empty module."""
     checkpoint = open_checkpoint(path)
     dtype = resolve_dtype(dtype)
     encoders = empty(lambda: MediaEncoders(checkpoint.config))
+    names = list(encoders.state_dict())
+    for name in names:
+        if "model." + name not in checkpoint.tensors:
+            raise CheckpointError(f"{checkpoint.path}: missing tensor {'model.' + name!r} (config.json implies it); the checkpoint is incomplete")
+    stored_bf16 = all(checkpoint.tensors["model." + n].dtype == "BF16" for n in names if n.endswith("weight"))
+    packed = pack_modules(encoders, Scheme("bf16")) if dtype == torch.float32 and stored_bf16 else {}
     state = {}
-    for name in encoders.state_dict():
-        stored = "model." + name
-        if stored not in checkpoint.tensors:
-            raise CheckpointError(f"{checkpoint.path}: missing tensor {stored!r} (config.json implies it); the checkpoint is incomplete")
-        state[name] = checkpoint.file_of(stored).tensor(stored).to(dtype)
+    for name in names:
+        tensor = checkpoint.file_of("model." + name).tensor("model." + name)
+        state.update(pack_state(name, tensor, "bf16", 0) if name in packed else {name: tensor.to(dtype)})
     install(encoders, state)
     return encoders.eval()
 

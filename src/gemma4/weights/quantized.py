@@ -23,10 +23,12 @@ from .checkpoint import INDEX_NAME, QUANT_METHOD, Checkpoint, _checkpoint_name, 
 from .layout import decoder_prefix, empty_model
 
 SHARD_BYTES = 2 << 30
+ENCODER_PREFIXES = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
 
 
 def save_quantized(source: str | Path, target: str | Path, kind: str, group: int = 0, progress: bool = True) -> Path:
-    """Quantize the decoder of `source` (every matrix and table, the PLE table included) into `target`."""
+    """Quantize the decoder of `source` (every matrix and table, the PLE table included) into `target`;
+    its vision and audio encoders are copied as they are."""
     source, target = Path(source), Path(target)
     if target.exists() and any(target.iterdir()):
         raise CheckpointError(f"{target}: exists and is not empty; choose a new folder")
@@ -34,6 +36,10 @@ def save_quantized(source: str | Path, target: str | Path, kind: str, group: int
     lm = load_model(source, progress=progress, quant=kind, group=group, pack_tables=True)
     prefix = decoder_prefix(checkpoint.config)
     state = {_checkpoint_name(name, prefix): t.contiguous() for name, t in lm.state_dict().items()}
+    # The encoders go as stored: quantized, they lose what they see and hear (and they are small).
+    for name, info in checkpoint.tensors.items():
+        if name.startswith(ENCODER_PREFIXES):
+            state[name] = checkpoint.file_of(name).tensor(name).contiguous()
     target.mkdir(parents=True, exist_ok=True)
     shards = _shards(state)
     weight_map = {}

@@ -141,7 +141,7 @@ function messageItem(message, index) {
     item.append(element("div", { class: "text" }, text));
     for (const part of Array.isArray(message.content) ? message.content : []) {
       if (part.type === "image_url") item.append(element("img", { class: "thumbnail", src: part.image_url.url, alt: part.name || "image" }));
-      else if (part.type !== "text") item.append(element("div", { class: "attachment" }, `📎 ${part.name || part.type}${part.cost ? ` · ${part.cost}` : ""}`));
+      else if (part.type !== "text") item.append(element("div", { class: "attachment" }, `${part.type === "input_audio" ? "audio" : "video"}: ${part.name || part.type}${part.cost ? ` · ${part.cost}` : ""}`));
     }
   } else {
     if (message.reasoning) {
