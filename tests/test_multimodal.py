@@ -310,3 +310,25 @@ def test_the_plan_counts_the_encoders_as_they_load(checkpoints):
         assert with_media["weights"][kind] == held and kind not in text_only["weights"]
     assert with_media["encoders_on_disk"] == 0 < text_only["encoders_on_disk"]
     assert with_media["total_resident"] > text_only["total_resident"]
+
+
+def test_synthetic_checkpoints_ship_what_the_reference_processor_loads(checkpoints):
+    folder = checkpoints("tiny-e2b-mm")
+    assert Gemma4ImageProcessorPil.from_pretrained(folder).max_soft_tokens == 280
+    assert Gemma4AudioFeatureExtractor.from_pretrained(folder).feature_size == 128
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    assert (tokenizer.image_token_id, tokenizer.boi_token, tokenizer.eoi_token) == (IMAGE, "<|image>", "<image|>")
+    assert (tokenizer.audio_token, tokenizer.boa_token, tokenizer.eoa_token) == ("<|audio|>", "<|audio>", "<audio|>")
+
+
+def test_process_returns_what_the_model_takes(checkpoints, tmp_path):
+    model = gemma4.load(checkpoints("tiny-e2b-mm"), dtype=torch.float32, progress=False)
+    messages = [{"role": "user", "content": [{"type": "image", "image": images()[0]}, {"type": "image", "image": images()[3]},
+                                             {"type": "audio", "audio": load_audio_from(sweep(0.7))}, {"type": "text", "text": "Hi"}]}]
+    tensors = model.process(messages, image_tokens=70)
+    assert tensors["pixel_values"].shape[0] == 2 and tensors["input_features"].shape[0] == 1
+    assert int((tensors["mm_token_type_ids"] == 1).sum()) == sum(image_patches(i, 70).tokens for i in (images()[0], images()[3]))
+    logits = model(**{k: v for k, v in tensors.items() if k not in ("mm_token_type_ids", "attention_mask")})
+    prompt = model.chat_prompt(messages, image_tokens=70)
+    assert prompt.ids == tensors["input_ids"][0].tolist()
+    assert (logits - model.lm(tensors["input_ids"], media=prompt.media)).abs().max() < 1e-5

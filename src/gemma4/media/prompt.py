@@ -162,19 +162,25 @@ def split_media(
     return out, media
 
 
-def build_prompt(text: str, media: list[Media], tokenizer: Tokenizer, encoders: MediaEncoders | None, hidden: int, bidirectional: bool) -> Prompt:
-    """Rendered prompt text with one placeholder per media item -> the Prompt to prefill."""
+def expand(text: str, media: list[Media]) -> str:
+    """Rendered prompt text with one placeholder per media item -> each placeholder replaced by
+    its soft-token run, as `Gemma4Processor` replaces it."""
     pieces = re.split("(" + "|".join(re.escape(p) for p in PLACEHOLDER.values()) + ")", text)
     found = [p for p in pieces if p in PLACEHOLDER.values()]
     if [PLACEHOLDER[m.kind] for m in media] != found:
         raise Gemma4Error(f"the prompt has {len(found)} media placeholders for {len(media)} attachments: the chat template dropped or added some")
+    queue = iter(media)
+    return "".join(next(queue).expansion() if p in PLACEHOLDER.values() else p for p in pieces)
+
+
+def build_prompt(text: str, media: list[Media], tokenizer: Tokenizer, encoders: MediaEncoders | None, hidden: int, bidirectional: bool) -> Prompt:
+    """Rendered prompt text with one placeholder per media item -> the Prompt to prefill."""
+    ids = tokenizer.prompt_ids(expand(text, media))
     if not media:
-        return Prompt(tokenizer.prompt_ids(text))
+        return Prompt(ids)
     reads = readable(encoders)
     if missing := sorted({m.kind for m in media} - reads):
         raise Gemma4Error(f"this model has no encoder for {' or '.join(missing)}: it reads {', '.join(sorted(reads | {'text'}))}")
-    queue = iter(media)
-    ids = tokenizer.prompt_ids("".join(next(queue).expansion() if p in PLACEHOLDER.values() else p for p in pieces))
     soft = _encode(media, tokenizer, encoders)
     vision_ids = [tokenizer.token_id("<|image|>"), tokenizer.token_id("<|video|>")]
     prompt_ids = torch.tensor([ids])
@@ -206,3 +212,29 @@ def _encode(media: list[Media], tokenizer: Tokenizer, encoders: MediaEncoders) -
             out["audio"].append(encoders.audio(clip.features[None], clip.mask[None]))
     ids = {"image": "<|image|>", "video": "<|video|>", "audio": "<|audio|>"}
     return {tokenizer.token_id(ids[kind]): torch.cat(tokens) for kind, tokens in out.items() if tokens}  # type: ignore[misc]
+
+
+def processor_outputs(ids: list[int], media: list[Media], tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
+    """What `Gemma4Processor` returns for a prompt and its media: the ids, their mask and media types
+    (1 image, 2 video, 3 audio), and each encoder's inputs, padded as it pads them."""
+    types = {tokenizer.token_id("<|image|>"): 1, tokenizer.token_id("<|video|>"): 2, tokenizer.token_id("<|audio|>"): 3}
+    out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+           "mm_token_type_ids": torch.tensor([[types.get(t, 0) for t in ids]])}
+
+    def stacked(tensors: list[torch.Tensor], fill: float) -> torch.Tensor:
+        width = max(len(t) for t in tensors)
+        return torch.stack([torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, width - len(t)), value=fill) for t in tensors])
+
+    images = [p for m in media if m.kind == "image" for p in m.patches]
+    if images:
+        out["pixel_values"], out["image_position_ids"] = stacked([p.pixels for p in images], 0.0), stacked([p.positions for p in images], -1)
+    videos = [m for m in media if m.kind == "video"]
+    if videos:
+        frames = [p for m in videos for p in m.patches]
+        out["pixel_values_videos"], out["video_position_ids"] = stacked([p.pixels for p in frames], 0.0), stacked([p.positions for p in frames], -1)
+        out["num_frames_per_video"] = torch.tensor([len(m.patches) for m in videos])
+    sounds = [c for m in media if m.kind == "audio" for c in m.clips]
+    if sounds:
+        out["input_features"] = stacked([c.features for c in sounds], 0.0)
+        out["input_features_mask"] = torch.stack([torch.nn.functional.pad(c.mask, (0, out["input_features"].shape[1] - len(c.mask))) for c in sounds])
+    return out

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..errors import Gemma4Error
 from ..config import ModelConfig
 from ..media.image import DEFAULT_BUDGET
-from ..media.prompt import Media, build_prompt, split_media
+from ..media.prompt import Media, build_prompt, expand, processor_outputs, split_media
 from ..model import CausalLM
 from ..model.multimodal import MediaEncoders, merge
 from .chat_format import render_chat
@@ -342,6 +342,17 @@ class Model:
         except jinja2.TemplateError as e:  # a checkpoint's own template that cannot take these messages
             raise Gemma4Error(f"the chat template cannot render these messages: {e}") from None
         return self.media_prompt(text, media)
+
+    def process(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None, thinking: bool = False,
+        image_tokens: int = DEFAULT_BUDGET,
+    ) -> dict[str, Tensor]:
+        """The tensors `Gemma4Processor` returns for these messages (input_ids, attention_mask,
+        mm_token_type_ids, pixel_values, image_position_ids, ..., input_features_mask): what
+        `model(**tensors)` takes, without mm_token_type_ids and attention_mask."""
+        messages, media = split_media(messages, self.encoder_kinds, image_tokens)
+        text = render_chat(messages, tools, thinking, self.chat_template)
+        return processor_outputs(self._require_tokenizer().prompt_ids(expand(text, media)), media, self._require_tokenizer())
 
     def _chat_events(self, tokens: Iterator[Tensor]) -> Iterator[Event]:
         parser = OutputParser(self._require_tokenizer())

@@ -54,6 +54,22 @@ def _shards(specs: list[TensorSpec], itemsize: int, shard_bytes: int) -> list[li
     return shards
 
 
+def processor_config(config: ModelConfig) -> dict:
+    """processor_config.json as the releases ship it: what `Gemma4Processor` and its image
+    processor, video processor and audio feature extractor load."""
+    out: dict = {"processor_class": "Gemma4Processor", "image_seq_length": 280, "audio_seq_length": 750, "audio_ms_per_token": 40}
+    if config.vision is not None:
+        common = {"patch_size": config.vision.patch_size, "pooling_kernel_size": config.vision.pooling_kernel_size, "do_resize": True,
+                  "do_rescale": True, "rescale_factor": 1 / 255, "resample": 3, "do_convert_rgb": True}
+        out["image_processor"] = {"image_processor_type": "Gemma4ImageProcessor", "max_soft_tokens": 280, "do_normalize": False, **common}
+        out["video_processor"] = {"video_processor_type": "Gemma4VideoProcessor", "max_soft_tokens": 70, "num_frames": 32, **common}
+    if config.audio is not None:
+        out["feature_extractor"] = {"feature_extractor_type": "Gemma4AudioFeatureExtractor", "feature_size": 128, "sampling_rate": 16_000,
+                                    "padding_value": 0.0, "return_attention_mask": True, "frame_length_ms": 20.0, "hop_length_ms": 10.0,
+                                    "min_frequency": 0.0, "max_frequency": 8000.0, "mel_floor": 0.001}
+    return out
+
+
 def synthesize(
     preset: str,
     out_dir: str | Path,
@@ -90,6 +106,8 @@ def synthesize(
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
     write_tokenizer(out, config.text.vocab_size)
+    if config.vision is not None or config.audio is not None:
+        (out / "processor_config.json").write_text(json.dumps(processor_config(config), indent=2) + "\n")
     # config.json last: its presence marks a complete checkpoint.
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     return out

@@ -71,6 +71,9 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
         "add_bos_token": True,
         "model_max_length": 1_000_000,
         "tokenizer_class": "GemmaTokenizer",
+        # What Gemma4Processor asks its tokenizer for.
+        "extra_special_tokens": {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                                 "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"},
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
