@@ -323,11 +323,11 @@ def test_synthetic_checkpoints_ship_what_the_reference_processor_loads(checkpoin
 
 def test_process_returns_what_the_model_takes(checkpoints, tmp_path):
     model = gemma4.load(checkpoints("tiny-e2b-mm"), dtype=torch.float32, progress=False)
-    messages = [{"role": "user", "content": [{"type": "image", "image": images()[0]}, {"type": "image", "image": images()[3]},
+    messages = [{"role": "user", "content": [{"type": "image", "image": images()[0]}, {"type": "image", "image": images()[1]},
                                              {"type": "audio", "audio": load_audio_from(sweep(0.7))}, {"type": "text", "text": "Hi"}]}]
     tensors = model.process(messages, image_tokens=70)
     assert tensors["pixel_values"].shape[0] == 2 and tensors["input_features"].shape[0] == 1
-    assert int((tensors["mm_token_type_ids"] == 1).sum()) == sum(image_patches(i, 70).tokens for i in (images()[0], images()[3]))
+    assert int((tensors["mm_token_type_ids"] == 1).sum()) == sum(image_patches(i, 70).tokens for i in (images()[0], images()[1]))
     logits = model(**{k: v for k, v in tensors.items() if k not in ("mm_token_type_ids", "attention_mask")})
     prompt = model.chat_prompt(messages, image_tokens=70)
     assert prompt.ids == tensors["input_ids"][0].tolist()
