@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ class Model:
         self.checkpoint: Path | None = None  # where the encoders are, if the checkpoint has any
         self.encoder_kinds: set[str] = set()  # "image", "video", "audio": what its encoders read
         self._encoders: MediaEncoders | None = None
+        self._encoders_loading = threading.Lock()
         self.media_costs: list[str] = []  # what the last chat's images, video and audio cost, in words
 
     @classmethod
@@ -176,11 +178,12 @@ class Model:
         if kind not in self.encoder_kinds:
             reads = ", ".join(sorted(self.encoder_kinds | {"text"}))
             raise Gemma4Error(f"this model has no encoder for {kind}: it reads {reads}")
-        if self._encoders is None:
-            from ..weights.checkpoint import load_encoders
+        with self._encoders_loading:  # a server's requests may ask for them at once
+            if self._encoders is None:
+                from ..weights.checkpoint import load_encoders
 
-            # fp32 with fp32 activations, else bf16; never below, whatever the text weights: quantized encoders lose what they hear and see.
-            self._encoders = load_encoders(self.checkpoint, torch.float32 if self.lm.dtype == torch.float32 else torch.bfloat16)  # type: ignore[arg-type]
+                # fp32 with fp32 activations, else bf16; never below, whatever the text weights: quantized encoders lose what they hear and see.
+                self._encoders = load_encoders(self.checkpoint, torch.float32 if self.lm.dtype == torch.float32 else torch.bfloat16)  # type: ignore[arg-type]
         return self._encoders
 
     def media_prompt(self, text: str, media: list[Media]) -> Prompt:

@@ -159,12 +159,13 @@ def create_app(served: ServedModel, api_key: str | None = None, metrics: Metrics
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        prepared = prepare_chat(served, body, asyncio.get_running_loop(), metrics and metrics.record)
+        # Off the event loop: rendering, tokenizing and encoding media take time other streams must not wait for.
+        prepared = await asyncio.to_thread(prepare_chat, served, body, asyncio.get_running_loop(), metrics and metrics.record)
         return await _answer(served, prepared, body, request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        prepared = prepare_completion(served, body, asyncio.get_running_loop(), metrics and metrics.record)
+        prepared = await asyncio.to_thread(prepare_completion, served, body, asyncio.get_running_loop(), metrics and metrics.record)
         prefix = served.ready.tokenizer.decode(prepared.job.prompt.ids, skip_special=True) if body.echo else ""  # type: ignore[union-attr]
         return await _answer(served, prepared, body, request, chat=False, prefix=prefix)
 

@@ -59,7 +59,7 @@ def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
     return out
 
 
-def _limits(model: Model, prompt: list[int], asked: int | None) -> int:
+def _limits(model: Model, prompt: Prompt, asked: int | None) -> int:
     """The answer's token budget; a prompt or budget beyond the context is refused, never cut."""
     room = model.context - len(prompt)
     if room <= 0 or (asked is not None and asked > room):
