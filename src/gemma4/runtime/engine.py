@@ -188,9 +188,9 @@ class Model:
 
     def media_prompt(self, text: str, media: list[Media]) -> Prompt:
         """Rendered prompt text and its media -> the prompt to prefill, placeholders expanded."""
-        encoders = self._require_encoders(media[0].kind) if media else None
-        for item in media:
-            self._require_encoders(item.kind)
+        encoders = None
+        for item in media:  # each kind checked; loaded once
+            encoders = self._require_encoders(item.kind)
         return build_prompt(text, media, self._require_tokenizer(), encoders, self.config.hidden_size, self._vision_ids() is not None)
 
     # --- generation ---------------------------------------------------------------------
@@ -333,18 +333,7 @@ class Model:
         """OpenAI-style messages (with image, video and audio parts, where the model reads them) ->
         the prompt, in the Gemma 4 format or the checkpoint's template. `image_tokens`: each
         image's soft-token budget (70, 140, 280, 560, 1120)."""
-        self._require_tokenizer()
-        if self.chat_format is None and self.chat_template is None:
-            raise Gemma4Error("this model has no chat template: use generate() (or `gemma4 run --raw`) to continue text")
-        hint = GGUF_MEDIA_HINT if self.checkpoint is None and self.chat_format == "gemma4" else ""
-        messages, media = split_media(messages, self.encoder_kinds, image_tokens, hint)
-        try:
-            text = render_chat(messages, tools, thinking, self.chat_template)
-        except ValueError as e:
-            raise Gemma4Error(f"bad messages: {e}") from None
-        except jinja2.TemplateError as e:  # a checkpoint's own template that cannot take these messages
-            raise Gemma4Error(f"the chat template cannot render these messages: {e}") from None
-        return self.media_prompt(text, media)
+        return self.media_prompt(*self._render(messages, tools, thinking, image_tokens))
 
     def process(
         self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None, thinking: bool = False,
@@ -353,9 +342,24 @@ class Model:
         """The tensors `Gemma4Processor` returns for these messages (input_ids, attention_mask,
         mm_token_type_ids, pixel_values, image_position_ids, ..., input_features_mask): what
         `model(**tensors)` takes, without mm_token_type_ids and attention_mask."""
-        messages, media = split_media(messages, self.encoder_kinds, image_tokens)
-        text = render_chat(messages, tools, thinking, self.chat_template)
+        text, media = self._render(messages, tools, thinking, image_tokens)
         return processor_outputs(self._require_tokenizer().prompt_ids(expand(text, media)), media, self._require_tokenizer())
+
+    def _render(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None, thinking: bool, image_tokens: int
+    ) -> tuple[str, list[Media]]:
+        """Messages -> (the prompt text with one placeholder per media item, the media, prepared)."""
+        self._require_tokenizer()
+        if self.chat_format is None and self.chat_template is None:
+            raise Gemma4Error("this model has no chat template: use generate() (or `gemma4 run --raw`) to continue text")
+        hint = GGUF_MEDIA_HINT if self.checkpoint is None and self.chat_format == "gemma4" else ""
+        messages, media = split_media(messages, self.encoder_kinds, image_tokens, hint)
+        try:
+            return render_chat(messages, tools, thinking, self.chat_template), media
+        except ValueError as e:
+            raise Gemma4Error(f"bad messages: {e}") from None
+        except jinja2.TemplateError as e:  # a checkpoint's own template that cannot take these messages
+            raise Gemma4Error(f"the chat template cannot render these messages: {e}") from None
 
     def _chat_events(self, tokens: Iterator[Tensor]) -> Iterator[Event]:
         parser = OutputParser(self._require_tokenizer())
