@@ -223,7 +223,7 @@ class Model:
         """A chat answer also ends where the model opens the tool response it waits for."""
         return self.stop_ids | (self.tokenizer.ids_of(["<|tool_response>"]) if self.tokenizer else set())
 
-    def _one_bos(self, ids: Sequence[int]) -> list[int]:
+    def one_bos(self, ids: Sequence[int]) -> list[int]:
         bos = self.tokenizer.bos_id if self.tokenizer else self.config.bos_token_id
         ids = list(ids)
         while ids and ids[0] == bos:
@@ -259,7 +259,7 @@ class Model:
         batch = not isinstance(prompt, str) and len(prompt) > 0 and not isinstance(prompt[0], int)
         prompts = list(prompt) if batch else [prompt]  # type: ignore[list-item]
         as_text = isinstance(prompts[0], str)
-        ids = [self._require_tokenizer().prompt_ids(p) if as_text else self._one_bos(p) for p in prompts]  # type: ignore[arg-type]
+        ids = [self._require_tokenizer().prompt_ids(p) if as_text else self.one_bos(p) for p in prompts]  # type: ignore[arg-type]
         if stream and batch:
             raise ValueError("stream=True takes a single prompt")
         tokens = self._run(Batch(self.lm, ids, self.context, self.prefill_chunk, self.config.pad_token_id or 0), max_new_tokens, params)

@@ -151,7 +151,7 @@ def completion_prompt(model: Model, prompt: Any) -> Prompt:
         return Prompt(model.tokenizer.prompt_ids(prompt))
     if not prompt or any(not 0 <= t < model.config.vocab_size for t in prompt):
         raise APIError(400, f"prompt token ids must be 0..{model.config.vocab_size - 1}, at least one", param="prompt")
-    return Prompt(model._one_bos(prompt))
+    return Prompt(model.one_bos(prompt))
 
 
 def prepare_completion(served: ServedModel, request: CompletionRequest, loop: asyncio.AbstractEventLoop, on_end: Callable[[str, Usage], None] | None = None) -> Prepared:

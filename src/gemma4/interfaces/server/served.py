@@ -71,7 +71,7 @@ class ServedModel:
     def _kv_plan(model: Model, parallel: int) -> dict[str, Any]:
         """K/V bytes the slots may ever hold: each a full context, plus ring snapshots at its marks."""
         kv = serving_kv_bytes(model.lm.plan, model.context, parallel, (model.lm.kv_dtype or model.lm.dtype).itemsize, MAX_MARKS)
-        return {"parallel": parallel, "context": model.context, "kv_bytes": sum(kv.values()), "kv_by_kind": kv}
+        return {"parallel": parallel, "context": model.context, "kv_bytes": sum(kv.values())}
 
     def _parallel_that_fits(self, model: Model) -> int:
         one = self._kv_plan(model, 1)["kv_bytes"]
