@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 CLI = [sys.executable, "-m", "gemma4.interfaces.cli"]
@@ -76,3 +78,21 @@ def test_quantize_then_run_the_saved_checkpoint(checkpoints, tmp_path):
     assert "int8" in result.stderr  # --verbose names the table's packing
     again = gemma4("quantize", path, str(out), "--quant", "int4")  # never overwrite what the user has
     assert again.returncode == 2 and "not empty" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+def test_bench_beside_llama_cpp_reports_bytes_and_bounds_never_exceeded(checkpoints, tmp_path):
+    """`gemma4 bench` on a tiny checkpoint, both engines on the same weights in one run: every row has
+    its bytes per token and its fraction of the bandwidth bound, none above 100 %."""
+    from gemma4.benchmark.peers import converter_script, llama_cpp_installed
+
+    if not (llama_cpp_installed() and converter_script()):
+        pytest.skip("llama.cpp is not built (scripts/build_llama_cpp.sh)")
+    folder = shutil.copytree(checkpoints("tiny-e2b"), tmp_path / "tiny")
+    result = gemma4("bench", str(folder), "--quant", "int4", "--prompt-tokens", "16", "--new-tokens", "4", "--context", "64",
+                    "--engines", "gemma4,llama.cpp", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["memory_bandwidth_gb_s"] > 0
+    assert set(report["engines"]) == {"gemma4 int4", "llama.cpp Q4_0"}
+    for row in report["engines"].values():
+        assert row["weight_bytes_per_token"] > 0 and 0 < row["fraction_of_bound"] <= 1.0

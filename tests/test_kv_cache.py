@@ -125,12 +125,14 @@ def test_rows_with_caches_of_their_own_decode_as_each_alone(checkpoints, preset)
         assert (logits.double() - truth).abs().max().item() <= 3 * full_error
 
 
-def test_int4_rows_decode_bit_for_bit_as_alone(checkpoints):
-    """The int4 kernel computes each row of a batch as it computes the row alone, so a server's
-    greedy answers do not depend on what else it is decoding."""
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_packed_rows_decode_bit_for_bit_as_alone(checkpoints, quant):
+    """The int4 and int8 kernels compute each row of a batch as they compute the row alone (exact
+    integer sums over the same rounded activations), so a server's greedy answers do not depend on
+    what else it is decoding."""
     from gemma4.runtime.generate import Session, decode_step
 
-    lm = gemma4.load(checkpoints("tiny-e2b"), quant="int4", progress=False).lm
+    lm = gemma4.load(checkpoints("tiny-e2b"), quant=quant, progress=False).lm
 
     def step(group: list[list[int]]) -> torch.Tensor:
         sessions = [Session(lm, 4096) for _ in group]

@@ -78,15 +78,15 @@ def test_plan_command_sweep():
 @pytest.mark.parametrize("preset", ["tiny-e2b", "tiny-26b-a4b", "tiny-gemma3"])
 @pytest.mark.parametrize("quant,group", [("bf16", 0), ("int8", 0), ("int4", 0), ("int4", 32)])
 def test_planned_packed_weights_equal_the_loaded_model(checkpoints, preset, quant, group):
-    """With --quant, the planned weight bytes are the packed model's own, and K/V is cached in bf16."""
+    """With --quant, the planned weight bytes are the packed model's own, and K/V is cached in fp16."""
     model = gemma4.load(checkpoints(preset, torch.bfloat16), quant=quant, group=group, progress=False)
     held = sum(t.nbytes for t in [*model.lm.parameters(), *model.lm.buffers()])
     plan = plan_memory(ModelConfig.from_dict(preset_config(preset)), 40, quant=quant, group=group)
     planned = sum(plan["weights"].values()) + plan["ple_table"]["bytes"]
     assert planned == held
     model.generate([5, 6, 7], max_new_tokens=2, temperature=0)
-    assert plan["kv_cache"] == plan_memory(ModelConfig.from_dict(preset_config(preset)), 40, kv_dtype="bf16")["kv_cache"]
-    assert model.lm.kv_dtype == torch.bfloat16 and plan["kv_dtype"] == "bf16"
+    assert plan["kv_cache"] == plan_memory(ModelConfig.from_dict(preset_config(preset)), 40, kv_dtype="fp16")["kv_cache"]
+    assert model.lm.kv_dtype == torch.float16 and plan["kv_dtype"] == "fp16"
 
 
 def test_a_saved_quantized_checkpoint_is_planned_as_saved(checkpoints, tmp_path):

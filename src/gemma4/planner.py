@@ -97,8 +97,8 @@ def plan_memory(
     clip is encoded at a time."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unsupported dtype {dtype!r}: use bf16, fp16 or fp32")
-    if quant:  # packed weights compute in fp32 and keep K/V in bf16 (runtime.engine.Model)
-        dtype, kv_dtype = "fp32", kv_dtype or "bf16"
+    if quant:  # packed weights compute in fp32 and keep K/V in fp16 (runtime.engine.Model.configure)
+        dtype, kv_dtype = "fp32", kv_dtype or "fp16"
     text = config.text
     width, kv_width = DTYPE_BYTES[dtype], DTYPE_BYTES[kv_dtype or dtype]
     plan = build_plan(text)

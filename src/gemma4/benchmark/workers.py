@@ -14,7 +14,8 @@ STARTED = time.perf_counter()  # before the heavy imports: cold start counts the
 import json  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 
@@ -54,7 +55,8 @@ def gemma4_engine(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(job["threads"])
     started = time.perf_counter()
-    model = gemma4.load(job["model"], dtype=job.get("dtype"), quant=job.get("quant"), context=job["context"], progress=False)
+    model = gemma4.load(job["model"], dtype=job.get("dtype"), quant=job.get("quant"), context=job["context"], progress=False,
+                        fast_math=job.get("fast_math", False))
     load = time.perf_counter() - started
     batch: list[Batch] = []  # the sequence being run
     running = torch.zeros(1, dtype=torch.bool)
@@ -66,7 +68,7 @@ def gemma4_engine(job: dict[str, Any]) -> dict[str, Any]:
     def step(token: torch.Tensor) -> torch.Tensor:
         return batch[0].feed(token, running).argmax(-1)
 
-    return {**measure(job, load, start, step), "weight_bytes_per_token": decode_bytes(model.lm), **encode_times(model)}
+    return {**measure(job, load, start, step), "weight_bytes_per_token": decode_bytes(module_bytes(model.lm)), **encode_times(model)}
 
 
 def encode_times(model) -> dict[str, float]:  # noqa: ANN001 - a gemma4.Model
@@ -98,14 +100,18 @@ def encode_times(model) -> dict[str, float]:  # noqa: ANN001 - a gemma4.Model
     return times
 
 
-def decode_bytes(lm) -> int:  # noqa: ANN001 - a CausalLM
+PLE_TABLES = ("embed_tokens_per_layer", "per_layer_token_embd")  # HF and GGUF names: a token reads one row
+
+
+def decode_bytes(named_sizes: Iterable[tuple[str, int]]) -> int:
     """Weight bytes one decode step reads: every weight once (the token embedding as the tied LM
-    head), except the PLE table, of which a token reads one row."""
-    total = sum(t.nbytes for t in [*lm.parameters(), *lm.buffers()])
-    ple = getattr(lm.model, "embed_tokens_per_layer", None)
-    if ple is not None:
-        total -= sum(t.nbytes for t in [*ple.parameters(), *ple.buffers()])
-    return total
+    head), except the PLE table."""
+    return sum(size for name, size in named_sizes if not any(table in name for table in PLE_TABLES))
+
+
+def module_bytes(module) -> Iterator[tuple[str, int]]:  # noqa: ANN001 - an nn.Module
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        yield name, t.nbytes
 
 
 def transformers_engine(job: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +135,7 @@ def transformers_engine(job: dict[str, Any]) -> dict[str, Any]:
         past[0] = None
         return forward(torch.tensor([prompt]))
 
-    return measure(job, load, start, forward)
+    return {**measure(job, load, start, forward), "weight_bytes_per_token": decode_bytes(module_bytes(model))}
 
 
 def llama_cpp_engine(job: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +157,10 @@ def llama_cpp_engine(job: dict[str, Any]) -> dict[str, Any]:
         llm.reset()
         return feed(prompt)
 
-    return measure(job, load, start, lambda token: feed([token]))
+    from gemma4.weights.gguf_header import read_gguf
+
+    stored = ((t.name, t.data.nbytes) for t in read_gguf(Path(job["model"]))[1])
+    return {**measure(job, load, start, lambda token: feed([token])), "weight_bytes_per_token": decode_bytes(stored)}
 
 
 ENGINES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {

@@ -11,6 +11,8 @@ from pathlib import Path
 from ..config import ModelConfig
 from ..errors import Gemma4Error
 from ..quant.packed import KINDS
+
+KV_DTYPES = ["bf16", "fp16", "fp32"]
 from ..weights.presets import PRESETS, preset_config
 
 
@@ -97,7 +99,7 @@ def _bench(args: argparse.Namespace) -> None:
     engines = tuple(e.strip() for e in args.engines.split(","))
     if unknown := [e for e in engines if e not in ENGINES]:
         raise Gemma4Error(f"unknown engine {unknown[0]!r}: choose from {', '.join(ENGINES)}")
-    options = BenchOptions(args.quant or "bf16", args.threads, args.context, args.prompt_tokens, args.new_tokens, engines)
+    options = BenchOptions(args.quant or "bf16", args.threads, args.context, args.prompt_tokens, args.new_tokens, engines, args.fast_math)
     report = benchmark(_benchmark_checkpoint(args.model), options)
     table = markdown(report)
     print(json.dumps(report, indent=2) if args.json else table)
@@ -135,6 +137,9 @@ def _add_weight_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="a plain model in this dtype (default: bf16; GGUF: the file's types)")
     parser.add_argument("--mmproj", metavar="FILE", help="llama.cpp's encoder GGUF beside a .gguf model (not supported yet)")
     _add_quant_options(parser, "pack the weights (bf16, int8, int4) and compute on the packed kernels")
+    parser.add_argument("--kv-dtype", choices=KV_DTYPES, help="the K/V cache's dtype (default: fp16 with packed weights, else --dtype)")
+    parser.add_argument("--fast-math", action="store_true",
+                        help="packed matmuls round activations to 8 bits, as llama.cpp does: faster, but not the model's own answers")
 
 
 def _add_quant_options(parser: argparse.ArgumentParser, help: str, default: str | None = None) -> None:
@@ -175,7 +180,8 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - a gemma4.Model
     if args.model is None:
         args.model = default_model_path()
     return gemma4.load(
-        args.model, dtype=args.dtype, context=args.context, prefill_chunk=args.prefill_chunk, quant=args.quant, group=args.group
+        args.model, dtype=args.dtype, context=args.context, prefill_chunk=args.prefill_chunk, quant=args.quant, group=args.group,
+        kv_dtype=args.kv_dtype, fast_math=args.fast_math,
     )
 
 
@@ -325,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("model", metavar="MODEL", help=f"checkpoint folder, .gguf file, or a preset ({', '.join(PRESETS)})")
     plan.add_argument("--context", type=int, default=8192)
     plan.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    plan.add_argument("--kv-dtype", choices=["bf16", "fp16", "fp32"], help="default: --dtype (fp32 with --quant)")
+    plan.add_argument("--kv-dtype", choices=KV_DTYPES, help="default: --dtype (fp16 with --quant)")
     _add_quant_options(plan, "packed weights, as `run --quant` loads them")
     plan.add_argument("--batch", type=int, default=1)
     plan.add_argument("--parallel", type=int, help="as `gemma4 serve --parallel N` holds it: N sequences, each with its prefix-cache snapshots")
@@ -356,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-tokens", type=int, default=512)
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--engines", default="gemma4,transformers,llama.cpp", help="comma-separated subset")
+    bench.add_argument("--fast-math", action="store_true", help="our packed matmuls with 8-bit activations, as llama.cpp's")
     bench.add_argument("--json", action="store_true", help="print the full report as JSON")
     bench.add_argument("--results", metavar="FILE", help="append the Markdown table to FILE")
     bench.set_defaults(run=_bench)

@@ -1,5 +1,5 @@
 """The compiled kernels, loaded with ctypes: matmuls over packed weights (matmul.c, int4.c), the
-small fused operations of a decode step (decode.c).
+small fused operations of a decode step (decode.c), a memory bandwidth probe (bandwidth.c).
 
 The shared library is built by the package's install step (setup.py). Where it is missing (no
 compiler, or a source checkout never built), `available()` is False and callers use PyTorch
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import time
 from pathlib import Path
 
 import torch
@@ -50,24 +51,26 @@ def matmul_16bit(x: Tensor, codes: Tensor) -> Tensor:
     return y
 
 
-def matmul_int8(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int) -> Tensor:
-    """x: fp32 [M, K]; codes: int8 [N, K]; scales/offsets fp32 [N, K/group] -> fp32 [M, N]."""
+def matmul_int8(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int, fast: bool = False) -> Tensor:
+    """x: fp32 [M, K]; codes: int8 [N, K]; scales/offsets fp32 [N, K/group] -> fp32 [M, N].
+    Groups of 32s run on integer products over x rounded to two int8 halves (exact to ~1e-5 of
+    each 32 values' largest); `fast` keeps only the high half, as llama.cpp does (changes answers)."""
     M, K = x.shape
     N = codes.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
     sums = torch.empty(M, K // group, dtype=torch.float32) if offsets is not None else None
-    _lib.matmul_int8(_ptr(x), _ptr(codes), _ptr(scales), _ptr(offsets), _ptr(sums), _ptr(y), M, N, K, group, torch.get_num_threads())  # type: ignore[union-attr]
+    _lib.matmul_int8(_ptr(x), _ptr(codes), _ptr(scales), _ptr(offsets), _ptr(sums), _ptr(y), M, N, K, group, int(fast), torch.get_num_threads())  # type: ignore[union-attr]
     return y
 
 
-def matmul_int4(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int) -> Tensor:
+def matmul_int4(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int, fast: bool = False) -> Tensor:
     """x: fp32 [M, K], M <= 8; int4 tiles (quant/int4.py): codes [N/8, K/32, 128], scales/offsets fp16
-    or fp32 [N/8, K/group, 8] -> fp32 [M, N]."""
+    or fp32 [N/8, K/group, 8] -> fp32 [M, N]. x is rounded as for matmul_int8, `fast` likewise."""
     M, K = x.shape
     N = codes.shape[0] * 8
     y = torch.empty(M, N, dtype=torch.float32)
     f16 = int(scales.dtype == torch.float16)
-    _lib.matmul_int4(_ptr(x), _ptr(codes), _ptr(scales), _ptr(offsets), f16, _ptr(y), M, N, K, group, torch.get_num_threads())  # type: ignore[union-attr]
+    _lib.matmul_int4(_ptr(x), _ptr(codes), _ptr(scales), _ptr(offsets), f16, _ptr(y), M, N, K, group, int(fast), torch.get_num_threads())  # type: ignore[union-attr]
     return y
 
 
@@ -87,8 +90,11 @@ def rms_norm_rotary(x: Tensor, weight: Tensor | None, eps: float, offset: float,
     return out
 
 
+KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # decode.c's enum
+
+
 def attend_one_query(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scale: float) -> Tensor:
-    """q: fp32 [B, H, D] contiguous; key, value: fp32 or bf16 (both the same) [B, KV, S, D] (a cache
+    """q: fp32 [B, H, D] contiguous; key, value: fp32, bf16 or fp16 (both the same) [B, KV, S, D] (a cache
     buffer's slice is read in place; other layouts are copied first); allowed: bool [B, S] contiguous
     -> fp32 [B, H, D]."""
     B, H, D = q.shape
@@ -97,7 +103,7 @@ def attend_one_query(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, sca
     strides = [(ctypes.c_int64 * 2)(*t.stride()[:2]) for t in (key, value)]
     out = torch.empty_like(q)
     _lib.attend_one_query(  # type: ignore[union-attr]
-        _ptr(q), _ptr(key), _ptr(value), int(key.dtype == torch.bfloat16), _ptr(allowed), _ptr(out), B, H, KV, S, D, *strides, scale,
+        _ptr(q), _ptr(key), _ptr(value), KV_KINDS[key.dtype], _ptr(allowed), _ptr(out), B, H, KV, S, D, *strides, scale,
         torch.get_num_threads(),
     )
     return out
@@ -113,14 +119,28 @@ def dequantize_int4(codes: Tensor, scales: Tensor, offsets: Tensor | None, group
     return out
 
 
+def read_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes per second `threads` threads read from RAM, best of `repeats` passes over a buffer far
+    larger than the caches, read as the weight kernels read."""
+    data = torch.ones(size_bytes // 8, dtype=torch.int64)  # written once: every page is resident
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _lib.read_memory(_ptr(data), data.nbytes // 128 * 128, threads)  # type: ignore[union-attr]
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes // 128 * 128 / best
+
+
 if _lib is not None:
     for _name in ("matmul_16bit", "matmul_int8", "matmul_int4", "dequantize_int4", "rms_norm", "rms_norm_rotary", "attend_one_query"):
         getattr(_lib, _name).restype = None
     _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     _lib.matmul_16bit.argtypes = [_p, _p, _p, _i64, _i64, _i64, _int, _int]
-    _lib.matmul_int8.argtypes = [_p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int]
-    _lib.matmul_int4.argtypes = [_p, _p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int]
+    _lib.matmul_int8.argtypes = [_p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int, _int]
+    _lib.matmul_int4.argtypes = [_p, _p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int, _int]
     _lib.dequantize_int4.argtypes = [_p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int]
+    _lib.read_memory.restype = ctypes.c_int64
+    _lib.read_memory.argtypes = [_p, _i64, _int]
     _lib.rms_norm.argtypes = [_p, _p, _p, _i64, _i64, ctypes.c_float, ctypes.c_float]
     _lib.rms_norm_rotary.argtypes = [_p, _p, _p, _p, _p, _i64, _i64, _i64, ctypes.c_float, ctypes.c_float]
     _lib.attend_one_query.argtypes = [_p, _p, _p, _int, _p, _p, *[_i64] * 5, _p, _p, ctypes.c_float, _int]

@@ -1,6 +1,6 @@
 /* The small operations of one decode step, fused: at one token each is a few microseconds of work
  * that PyTorch spends as several operators (an RMSNorm is eight, a rotation eight more), and a step
- * has hundreds of them. fp32 in and out; cached keys and values are read as stored (fp32 or bf16).
+ * has hundreds of them. fp32 in and out; cached keys and values are read as stored (fp32, bf16 or fp16).
  * Their sums run in another order than PyTorch's, which changes only round-off.
  * Called through ctypes (kernels/__init__.py). */
 
@@ -11,26 +11,32 @@
 
 #include "simd.h"
 
-/* Element `at` of a K/V buffer of fp32 (bf16 = 0) or bf16 values, as fp32. */
-static inline float kv_at(const void *kv, int64_t at, int bf16) {
-    return bf16 ? bf16_to_float(((const uint16_t *)kv)[at]) : ((const float *)kv)[at];
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
+
+/* Element `at` of a K/V buffer of `kind` values, as fp32. */
+static inline float kv_at(const void *kv, int64_t at, int kind) {
+    if (kind == KV_F32) return ((const float *)kv)[at];
+    uint16_t h = ((const uint16_t *)kv)[at];
+    return kind == KV_BF16 ? bf16_to_float(h) : half_to_float(h);
 }
 
 #ifdef GEMMA4_AVX2
-static inline __m256 kv_load8(const void *kv, int64_t at, int bf16) {
-    return bf16 ? load_bf16((const uint16_t *)kv + at) : _mm256_loadu_ps((const float *)kv + at);
+static inline __m256 kv_load8(const void *kv, int64_t at, int kind) {
+    if (kind == KV_F32) return _mm256_loadu_ps((const float *)kv + at);
+    const uint16_t *h = (const uint16_t *)kv + at;
+    return kind == KV_BF16 ? load_bf16(h) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
 }
 #endif
 
 /* out[g] = q[g] . k for the `group` queries of one KV head: k (element k0 on) is loaded once for all of them. */
-static void dots(const float *q, const void *k, int64_t k0, int bf16, float *out, int64_t group, int64_t D) {
+static void dots(const float *q, const void *k, int64_t k0, int kind, float *out, int64_t group, int64_t D) {
 #ifdef GEMMA4_AVX2
     for (int64_t g0 = 0; g0 < group; g0 += 8) {
         int64_t n = group - g0 < 8 ? group - g0 : 8;
         __m256 acc[8];
         for (int64_t g = 0; g < n; g++) acc[g] = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) {  /* D % 8 == 0 (the caller checks) */
-            __m256 kv = kv_load8(k, k0 + d, bf16);
+            __m256 kv = kv_load8(k, k0 + d, kind);
             for (int64_t g = 0; g < n; g++) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (g0 + g) * D + d), kv, acc[g]);
         }
         for (int64_t g = 0; g < n; g++) out[g0 + g] = hsum(acc[g]);
@@ -38,7 +44,7 @@ static void dots(const float *q, const void *k, int64_t k0, int bf16, float *out
 #else
     for (int64_t g = 0; g < group; g++) {  /* one long serial sum: in double, to stay within fp32 round-off */
         double dot = 0.0;
-        for (int64_t d = 0; d < D; d++) dot += q[g * D + d] * kv_at(k, k0 + d, bf16);
+        for (int64_t d = 0; d < D; d++) dot += q[g * D + d] * kv_at(k, k0 + d, kind);
         out[g] = (float)dot;
     }
 #endif
@@ -47,7 +53,7 @@ static void dots(const float *q, const void *k, int64_t k0, int bf16, float *out
 /* part[g] outputs (at offset 2 of each `width`, zeroed by the caller) = sum over allowed slots s of
  * p[s, g] * v[s] (v's slot s at element v0 + s D): eight columns of v at a time against every query,
  * the sums held in registers. */
-static void weighted_sum(const float *p, const void *v, int64_t v0, int bf16, const uint8_t *mask, int64_t s0, int64_t s1,
+static void weighted_sum(const float *p, const void *v, int64_t v0, int kind, const uint8_t *mask, int64_t s0, int64_t s1,
                          float *part, int64_t group, int64_t D, int64_t width) {
 #ifdef GEMMA4_AVX2
     for (int64_t g0 = 0; g0 < group; g0 += 8) {
@@ -57,7 +63,7 @@ static void weighted_sum(const float *p, const void *v, int64_t v0, int bf16, co
             for (int64_t g = 0; g < n; g++) acc[g] = _mm256_setzero_ps();
             for (int64_t s = s0; s < s1; s++) {
                 if (!mask[s]) continue;
-                __m256 vv = kv_load8(v, v0 + s * D + d, bf16);
+                __m256 vv = kv_load8(v, v0 + s * D + d, kind);
                 const float *ps = p + (s - s0) * group + g0;
                 for (int64_t g = 0; g < n; g++) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(ps[g]), vv, acc[g]);
             }
@@ -68,7 +74,7 @@ static void weighted_sum(const float *p, const void *v, int64_t v0, int bf16, co
     for (int64_t s = s0; s < s1; s++) {
         if (!mask[s]) continue;
         for (int64_t g = 0; g < group; g++)
-            for (int64_t d = 0; d < D; d++) part[g * width + 2 + d] += p[(s - s0) * group + g] * kv_at(v, v0 + s * D + d, bf16);
+            for (int64_t d = 0; d < D; d++) part[g * width + 2 + d] += p[(s - s0) * group + g] * kv_at(v, v0 + s * D + d, kind);
     }
 #endif
 }
@@ -112,12 +118,12 @@ __attribute__((optimize("fp-contract=off"))) void rms_norm_rotary(const float *x
 }
 
 /* One query per head against its KV head's cached keys and values (GQA: `group` = H / KV queries
- * share one KV head). q, out: [B, H, D]; key, value: [B, KV, S, D] fp32 or bf16 (kv_bf16) with rows
+ * share one KV head). q, out: [B, H, D]; key, value: [B, KV, S, D] of `kv_kind` values with rows
  * of D contiguous, their batch and KV-head strides given (a cache's buffer may hold more slots than
  * S); allowed: [B, S] (nonzero where the query may attend). The slots are split between threads, each reading its
  * share of K and V once for all queries of the group (as flash decoding does); the partial softmaxes
  * are then merged. */
-void attend_one_query(const float *q, const void *key, const void *value, int kv_bf16, const uint8_t *allowed, float *out,
+void attend_one_query(const float *q, const void *key, const void *value, int kv_kind, const uint8_t *allowed, float *out,
                       int64_t B, int64_t H, int64_t KV, int64_t S, int64_t D, const int64_t *key_strides,
                       const int64_t *value_strides, float scale, int threads) {
     int64_t group = H / KV, pairs = B * KV, width = D + 2;  /* a partial: running max, sum, D outputs */
@@ -143,7 +149,7 @@ void attend_one_query(const float *q, const void *key, const void *value, int kv
             for (int64_t s = s0; s < s1; s++) {
                 if (!mask[s]) continue;
                 float *row = scores + (s - s0) * group;
-                dots(qg, key, k0 + s * D, kv_bf16, row, group, D);
+                dots(qg, key, k0 + s * D, kv_kind, row, group, D);
                 for (int64_t g = 0; g < group; g++) {
                     row[g] *= scale;
                     part[g * width] = fmaxf(part[g * width], row[g]);
@@ -157,7 +163,7 @@ void attend_one_query(const float *q, const void *key, const void *value, int kv
                     part[g * width + 1] += row[g];
                 }
             }
-            weighted_sum(scores, value, v0, kv_bf16, mask, s0, s1, part, group, D, width);
+            weighted_sum(scores, value, v0, kv_kind, mask, s0, s1, part, group, D, width);
         }
         free(scores);
     }

@@ -3,12 +3,14 @@
  * low nibble, j + 16 in the high one); w = scale * code + offset per group of `group` columns, the
  * scales and offsets [N/8, G, 8] in fp16 or fp32.
  *
- * For one token the activations are rounded to int8 per 32 (quantize_blocks), so a block of 8 rows
- * costs 4 loads, 8 unsigned x signed byte multiply-adds and a horizontal add tree whose result is
- * the 8 rows' dot products in order; the 8 scales then apply as one vector. Row-major weights spend
- * about twice the instructions per weight on the per-row scalar work, and run out of instructions
- * before they run out of memory bandwidth. Up to 8 tokens (a batch, a short prefill chunk) run one
- * after another on each tile while it sits in L1; more run a dense matmul over dequantize_int4. */
+ * The activations are rounded to two int8 halves per 32 (round_activations, simd.h), so a block of 8
+ * rows costs 4 loads, 16 unsigned x signed byte multiply-adds (8 with --fast-math, which keeps only
+ * the high half) and a horizontal add tree whose result is the 8 rows' exact integer dot products in
+ * order; the 8 scales then apply as one vector. Row-major weights spend about twice the instructions
+ * per weight on the per-row scalar work, and run out of instructions before they run out of memory
+ * bandwidth. Up to 8 tokens (a batch, a short prefill chunk) run one after another on each tile while
+ * it sits in L1, each computed exactly as it would be alone; more run a dense matmul over
+ * dequantize_int4. */
 
 #include <math.h>
 #include <stdint.h>
@@ -17,21 +19,6 @@
 #include "simd.h"
 
 #define TILE_BYTES 128 /* one 32-column block of 8 rows */
-
-/* What the integer dot products of M tokens need: x rounded to int8 per 32 with its steps, and the
- * exact per-group sums that the offsets multiply (sum_k (s q_k + o) x_k = s sum q_k x_k + o sum x_k). */
-typedef struct {
-    int8_t *xq;
-    float *step, *sums;
-} Activations;
-
-static Activations prepare(const float *x, int64_t M, int64_t K, int64_t group) {
-    int64_t G = K / group;
-    Activations a = {malloc(M * K), malloc(M * (K / 32) * sizeof(float)), malloc(M * G * sizeof(float))};
-    for (int64_t m = 0; m < M; m++) quantize_blocks(x + m * K, a.xq + m * K, a.step + m * (K / 32), K);
-    group_sums(x, a.sums, M, K, group);
-    return a;
-}
 
 static inline float group_value(const void *values, int64_t at, int f16) {
     return f16 ? half_to_float(((const uint16_t *)values)[at]) : ((const float *)values)[at];
@@ -42,28 +29,39 @@ static inline __m256 load_group_values(const void *values, int64_t at, int f16) 
     return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)values + at))) : _mm256_loadu_ps((const float *)values + at);
 }
 
-/* One tile row (8 weight rows, all K columns) against one token: the 8 dot products in order. */
-static inline __m256 tile_dot(const uint8_t *tile, const int8_t *xq, const float *step, const float *sums, const void *scales,
-                              const void *offsets, int f16, int64_t G, int64_t blocks) {
-    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+/* One tile row (8 weight rows, all K columns) against one token: the 8 dot products in order.
+ * Integer sums per block: high half < 32 * 15 * 127 * LOW_STEPS + low half < 2^24, exact in fp32. */
+static inline __m256 tile_dot(const uint8_t *tile, const int8_t *high, const int8_t *low, const float *step, const float *sums,
+                              const void *scales, const void *offsets, int f16, int64_t G, int64_t blocks) {
+    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), high_weight = _mm256_set1_epi16(low ? LOW_STEPS : 1);
+    const float unit = low ? 1.f / LOW_STEPS : 1.f;
     __m256 acc = _mm256_setzero_ps(), offset_acc = acc;
     for (int64_t g = 0; g < G; g++) {
         __m256 group_acc = _mm256_setzero_ps();
         for (int64_t b = g * blocks; b < (g + 1) * blocks; b++, tile += TILE_BYTES) {
             PREFETCH(tile);
             PREFETCH(tile + 64);
-            __m256i x_low = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + b * 32)));
-            __m256i x_high = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + b * 32 + 16)));
+            __m256i x0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(high + b * 32)));
+            __m256i x1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(high + b * 32 + 16)));
+            __m256i r0 = x0, r1 = x1;
+            if (low) {
+                r0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(low + b * 32)));
+                r1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(low + b * 32 + 16)));
+            }
             __m256i rows[4];  /* chunk c: lane 0 row c's 4 partial sums, lane 1 row c + 4's */
             for (int c = 0; c < 4; c++) {
                 __m256i v = _mm256_loadu_si256((const __m256i *)(tile + 32 * c));
+                __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
                 /* at most 2 * 2 * 15 * 127 per 16-bit lane: no overflow */
-                __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, nibble), x_low),
-                                                 _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), x_high));
-                rows[c] = _mm256_madd_epi16(pairs, ones);
+                __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
+                rows[c] = _mm256_madd_epi16(pairs, high_weight);
+                if (low) {
+                    __m256i rest = _mm256_add_epi16(_mm256_maddubs_epi16(lo, r0), _mm256_maddubs_epi16(hi, r1));
+                    rows[c] = _mm256_add_epi32(rows[c], _mm256_madd_epi16(rest, ones));
+                }
             }
             __m256i dots = _mm256_hadd_epi32(_mm256_hadd_epi32(rows[0], rows[1]), _mm256_hadd_epi32(rows[2], rows[3]));
-            group_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(step[b]), group_acc);
+            group_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(step[b] * unit), group_acc);
         }
         acc = _mm256_fmadd_ps(group_acc, load_group_values(scales, g * 8, f16), acc);
         if (offsets) offset_acc = _mm256_fmadd_ps(load_group_values(offsets, g * 8, f16), _mm256_set1_ps(sums[g]), offset_acc);
@@ -71,9 +69,11 @@ static inline __m256 tile_dot(const uint8_t *tile, const int8_t *xq, const float
     return _mm256_add_ps(acc, offset_acc);
 }
 #else
-/* The same sums without SIMD, over the activations as rounded (xq * step). */
-static void tile_dot(const uint8_t *tile, const int8_t *xq, const float *step, const float *sums, const void *scales,
-                     const void *offsets, int f16, int64_t G, int64_t blocks, float *out) {
+/* The same sums without SIMD. */
+static void tile_dot(const uint8_t *tile, const int8_t *high, const int8_t *low, const float *step, const float *sums,
+                     const void *scales, const void *offsets, int f16, int64_t G, int64_t blocks, float *out) {
+    const int32_t high_weight = low ? LOW_STEPS : 1;
+    const float unit = low ? 1.f / LOW_STEPS : 1.f;
     for (int row = 0; row < 8; row++) {
         const uint8_t *piece = tile + (row % 4) * 32 + (row / 4) * 16;
         float total = 0.f;
@@ -83,9 +83,11 @@ static void tile_dot(const uint8_t *tile, const int8_t *xq, const float *step, c
                 int32_t dot = 0;
                 for (int j = 0; j < 16; j++) {
                     uint8_t byte = piece[b * TILE_BYTES + j];
-                    dot += (byte & 15) * xq[b * 32 + j] + (byte >> 4) * xq[b * 32 + 16 + j];
+                    int k = b * 32 + j;
+                    dot += (byte & 15) * (high[k] * high_weight + (low ? low[k] : 0)) +
+                           (byte >> 4) * (high[k + 16] * high_weight + (low ? low[k + 16] : 0));
                 }
-                s += dot * step[b];
+                s += dot * (step[b] * unit);
             }
             total += s * group_value(scales, g * 8 + row, f16);
             if (offsets) total += group_value(offsets, g * 8 + row, f16) * sums[g];
@@ -96,26 +98,27 @@ static void tile_dot(const uint8_t *tile, const int8_t *xq, const float *step, c
 #endif
 
 void matmul_int4(const float *x, const uint8_t *codes, const void *scales, const void *offsets, int f16, float *y, int64_t M,
-                 int64_t N, int64_t K, int64_t group, int threads) {
+                 int64_t N, int64_t K, int64_t group, int fast, int threads) {
     int64_t G = K / group, blocks = group / 32, tile_stride = (K / 32) * TILE_BYTES;
-    Activations a = prepare(x, M, K, group);
+    RoundedActivations a = round_activations(x, M, K, fast);
+    float *sums = (float *)malloc(M * G * sizeof(float));  /* what the offsets multiply: sum_k (s q_k + o) x_k = s sum q_k x_k + o sum x_k */
+    group_sums(x, sums, M, K, group);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < N / 8; t++) {
         const void *s = (const char *)scales + t * G * 8 * (f16 ? 2 : 4);
         const void *o = offsets ? (const char *)offsets + t * G * 8 * (f16 ? 2 : 4) : NULL;
         for (int64_t m = 0; m < M; m++) {
-            const int8_t *xq = a.xq + m * K;
-            const float *step = a.step + m * (K / 32), *sums = a.sums + m * G;
+            const int8_t *high = a.high + m * K, *low = a.low ? a.low + m * K : NULL;
+            const float *step = a.step + m * (K / 32), *sum = sums + m * G;
 #ifdef GEMMA4_AVX2
-            _mm256_storeu_ps(y + m * N + t * 8, tile_dot(codes + t * tile_stride, xq, step, sums, s, o, f16, G, blocks));
+            _mm256_storeu_ps(y + m * N + t * 8, tile_dot(codes + t * tile_stride, high, low, step, sum, s, o, f16, G, blocks));
 #else
-            tile_dot(codes + t * tile_stride, xq, step, sums, s, o, f16, G, blocks, y + m * N + t * 8);
+            tile_dot(codes + t * tile_stride, high, low, step, sum, s, o, f16, G, blocks, y + m * N + t * 8);
 #endif
         }
     }
-    free(a.xq);
-    free(a.step);
-    free(a.sums);
+    release_activations(a);
+    free(sums);
 }
 
 /* Rows [n0, n1) of an int4 tiled weight to fp32, for prefill (which then runs a dense fp32 matmul). */

@@ -107,105 +107,80 @@ static float offset_term(const float *offsets, const float *sums, int64_t n, int
     return s;
 }
 
-#ifndef GEMMA4_AVX2
-/* One row's dot product with x without SIMD, scales applied per group (offsets are added apart). */
-static float scalar_row(const float *x, const int8_t *row, const float *scale, int64_t K, int64_t group) {
-    float total = 0.f;
-    for (int64_t g = 0; g < K / group; g++) {
-        float s = 0.f;
-        for (int64_t k = g * group; k < (g + 1) * group; k++) s += row[k] * x[k];
-        total += s * scale[g];
-    }
-    return total;
-}
-
-/* The activations the one-token integer path computes with (x rounded as quantize_blocks rounds it),
- * so builds without AVX2 compute what AVX2 builds compute. Caller frees. */
-static float *rounded_activations(const float *x, int64_t K) {
-    int8_t *xq = (int8_t *)malloc(K);
-    float *step = (float *)malloc((K / 32) * sizeof(float)), *rounded = (float *)malloc(K * sizeof(float));
-    quantize_blocks(x, xq, step, K);
-    for (int64_t k = 0; k < K; k++) rounded[k] = xq[k] * step[k / 32];
-    free(xq);
-    free(step);
-    return rounded;
-}
-#else
-/* One token against int8 codes in groups of a multiple of 32, on integer multiply-adds: 32 weights
- * per maddubs instead of converting each to fp32 (which bounds the speed by instructions, not bytes). */
-static void decode_int8(const float *x, const int8_t *w, const float *scales, const float *offsets, const float *sums, float *y,
-                        int64_t N, int64_t K, int64_t group, int threads) {
+/* Each token's dot products with one row of int8 codes in groups of a multiple of 32, on exact integer
+ * multiply-adds over the rounded activations (simd.h): 32 weights per maddubs instead of converting
+ * each to fp32 (which bounds the speed by instructions, not bytes). Every token is computed as it
+ * would be alone, so a batch changes no one's answer. */
+static void int8_rows(const RoundedActivations *a, const int8_t *w, const float *scales, const float *offsets, const float *sums,
+                      float *y, int64_t M, int64_t N, int64_t K, int64_t group, int threads) {
     int64_t G = K / group, blocks = group / 32;
-    int8_t *xq = (int8_t *)malloc(K);
-    float *step = (float *)malloc((K / 32) * sizeof(float));
-    quantize_blocks(x, xq, step, K);
-    const __m256i ones = _mm256_set1_epi16(1);
+    const float unit = a->low ? 1.f / LOW_STEPS : 1.f;
+#ifdef GEMMA4_AVX2
+    const __m256i ones = _mm256_set1_epi16(1), high_weight = _mm256_set1_epi16(a->low ? LOW_STEPS : 1);
+#endif
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = w + n * K;
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t g = 0; g < G; g++) {
-            float s = scales[n * G + g];
-            for (int64_t b = g * blocks; b < (g + 1) * blocks; b++) {
-                PREFETCH(row + b * 32);
-                __m256i wv = _mm256_loadu_si256((const __m256i *)(row + b * 32)), xv = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
-                /* maddubs multiplies unsigned by signed: |w| (-128 reads as 128) times x with w's sign */
-                __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones);
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * step[b]), acc);
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *high = a->high + m * K, *low = a->low ? a->low + m * K : NULL;
+            const float *step = a->step + m * (K / 32);
+#ifdef GEMMA4_AVX2
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t g = 0; g < G; g++) {
+                float s = scales[n * G + g] * unit;
+                for (int64_t b = g * blocks; b < (g + 1) * blocks; b++) {
+                    PREFETCH(row + b * 32);
+                    /* maddubs multiplies unsigned by signed: |w| (-128 reads as 128) times x with w's sign */
+                    __m256i wv = _mm256_loadu_si256((const __m256i *)(row + b * 32)), magnitude = _mm256_sign_epi8(wv, wv);
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(high + b * 32));
+                    __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, wv)), high_weight);
+                    if (low) {
+                        __m256i rest = _mm256_loadu_si256((const __m256i *)(low + b * 32));
+                        dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(rest, wv)), ones));
+                    }
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * step[b]), acc);
+                }
             }
-        }
-        y[n] = hsum(acc) + (offsets ? offset_term(offsets, sums, n, 0, G) : 0.f);
-    }
-    free(xq);
-    free(step);
-}
+            float total = hsum(acc);
+#else
+            float total = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                float s = scales[n * G + g] * unit;
+                for (int64_t b = g * blocks; b < (g + 1) * blocks; b++) {
+                    int32_t dot = 0;
+                    for (int64_t k = b * 32; k < b * 32 + 32; k++) dot += row[k] * (high[k] * (low ? LOW_STEPS : 1) + (low ? low[k] : 0));
+                    total += dot * (s * step[b]);
+                }
+            }
 #endif
+            y[m * N + n] = total + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
+        }
+    }
+}
 
 void matmul_int8(const float *x, const int8_t *w, const float *scales, const float *offsets, float *sums, float *y,
-                 int64_t M, int64_t N, int64_t K, int64_t group, int threads) {
+                 int64_t M, int64_t N, int64_t K, int64_t group, int fast, int threads) {
     int64_t G = K / group;
     if (offsets) group_sums(x, sums, M, K, group);
-#ifdef GEMMA4_AVX2
-    if (M == 1 && group % 32 == 0) {
-        decode_int8(x, w, scales, offsets, sums, y, N, K, group, threads);
+    if (group % 32 == 0) {
+        RoundedActivations a = round_activations(x, M, K, fast);
+        int8_rows(&a, w, scales, offsets, sums, y, M, N, K, group, threads);
+        release_activations(a);
         return;
     }
-#else
-    float *rounded = M == 1 && group % 32 == 0 ? rounded_activations(x, K) : NULL;
-    const float *xs = rounded ? rounded : x;
-#endif
+    /* groups of 8 or 16 (GGUF Q6_K): fp32 products, accumulators in registers */
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = w + n * K;
         const float *scale = scales + n * G;
 #ifdef GEMMA4_AVX2
-        if (M == 1) {  /* one token, groups of 8 or 16 (GGUF Q6_K): accumulators in registers */
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t g = 0; g < G; g++) {
-                const float *xg = x + g * group;
-                const int8_t *wg = row + g * group;
-                __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
-                int64_t k = 0;
-                for (; k + 32 <= group; k += 32) {
-                    PREFETCH(wg + k);
-                    p0 = _mm256_fmadd_ps(load_i8(wg + k), _mm256_loadu_ps(xg + k), p0);
-                    p1 = _mm256_fmadd_ps(load_i8(wg + k + 8), _mm256_loadu_ps(xg + k + 8), p1);
-                    p2 = _mm256_fmadd_ps(load_i8(wg + k + 16), _mm256_loadu_ps(xg + k + 16), p2);
-                    p3 = _mm256_fmadd_ps(load_i8(wg + k + 24), _mm256_loadu_ps(xg + k + 24), p3);
-                }
-                for (; k < group; k += 8) p0 = _mm256_fmadd_ps(load_i8(wg + k), _mm256_loadu_ps(xg + k), p0);
-                acc = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3)), _mm256_set1_ps(scale[g]), acc);
-            }
-            y[n] = hsum(acc) + (offsets ? offset_term(offsets, sums, n, 0, G) : 0.f);
-            continue;
-        }
         __m256 acc[MAX_M];
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
         for (int64_t g = 0; g < G; g++) {
             __m256 s = _mm256_set1_ps(scale[g]);
+            const int8_t *wg = row + g * group;
             for (int64_t m = 0; m < M; m++) {
                 const float *xg = x + m * K + g * group;
-                const int8_t *wg = row + g * group;
                 __m256 p0 = _mm256_setzero_ps(), p1 = p0;
                 int64_t k = 0;
                 for (; k + 16 <= group; k += 16) {
@@ -216,14 +191,17 @@ void matmul_int8(const float *x, const int8_t *w, const float *scales, const flo
                 acc[m] = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), s, acc[m]);
             }
         }
-        for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = hsum(acc[m]) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
+        for (int64_t m = 0; m < M; m++) y[m * N + n] = hsum(acc[m]) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
 #else
-        for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = scalar_row(xs + m * K, row, scale, K, group) + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
+        for (int64_t m = 0; m < M; m++) {
+            float total = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                float s = 0.f;
+                for (int64_t k = g * group; k < (g + 1) * group; k++) s += row[k] * x[m * K + k];
+                total += s * scale[g];
+            }
+            y[m * N + n] = total + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
+        }
 #endif
     }
-#ifndef GEMMA4_AVX2
-    free(rounded);
-#endif
 }

@@ -65,36 +65,69 @@ static inline void group_sums(const float *x, float *sums, int64_t M, int64_t K,
         }
 }
 
-/* x -> int8 per 32-block with one fp32 step each (as llama.cpp's Q8_0 activations): one-token dot
- * products against int8 or int4 codes then run on integer multiply-adds. */
-static inline void quantize_blocks(const float *x, int8_t *xq, float *step, int64_t K) {
-    for (int64_t b = 0; b < K / 32; b++) {
+/* Rounds one token's activations for the integer dot products, per 32-block, in two int8 halves:
+ * high = round(x / step) with step = max|x| / 127 (llama.cpp's Q8_0 activations), and the rest
+ * low = round((x - high step) / (step / LOW_STEPS)), so x = step (high + low / LOW_STEPS) to within
+ * 1 / (2 * 127 * 254) of the block's largest value: finer than the fp32 model's bf16 K/V, and
+ * the answers stay the model's (high alone moves next-token KL ~20x past the weights' own error).
+ * |low| <= 127 (|rest| <= step / 2), so either half fits the sign trick of the int8 kernels.
+ * `low` NULL: the high half only (--fast-math). */
+#define LOW_STEPS 254
+
+typedef struct {
+    int8_t *high, *low;  /* [M, K]; low NULL when fast */
+    float *step;         /* [M, K / 32] */
+} RoundedActivations;
+
+static inline void round_block(const float *xb, float inverse, int8_t *out) {
+#ifdef GEMMA4_AVX2  /* cvtps rounds to nearest even, as lrintf does */
+    __m256 scale = _mm256_set1_ps(inverse);
+    __m256i q[4];
+    for (int j = 0; j < 4; j++) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * j), scale));
+    /* pack 32 int32 -> 32 int8 (in range: |q| <= 127), undoing the packs' lane interleave */
+    __m256i words = _mm256_packs_epi32(q[0], q[1]), words2 = _mm256_packs_epi32(q[2], q[3]);
+    __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words, words2), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)out, bytes);
+#else
+    for (int j = 0; j < 32; j++) out[j] = (int8_t)lrintf(xb[j] * inverse);
+#endif
+}
+
+static inline float block_max(const float *xb) {
+#ifdef GEMMA4_AVX2  /* the same value: max is exact */
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 top = _mm256_and_ps(_mm256_loadu_ps(xb), magnitude);
+    for (int j = 8; j < 32; j += 8) top = _mm256_max_ps(top, _mm256_and_ps(_mm256_loadu_ps(xb + j), magnitude));
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+#else
+    float amax = 0.f;
+    for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+    return amax;
+#endif
+}
+
+/* x [M, K] rounded as above; free with release_activations. */
+static inline RoundedActivations round_activations(const float *x, int64_t M, int64_t K, int fast) {
+    RoundedActivations a = {(int8_t *)malloc(M * K), fast ? NULL : (int8_t *)malloc(M * K), (float *)malloc(M * (K / 32) * sizeof(float))};
+    float rest[32];
+    for (int64_t b = 0; b < M * K / 32; b++) {
         const float *xb = x + b * 32;
-#ifdef GEMMA4_AVX2  /* the same values: max is exact, and cvtps rounds to nearest even as lrintf does */
-        const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-        __m256 top = _mm256_and_ps(_mm256_loadu_ps(xb), magnitude);
-        for (int j = 8; j < 32; j += 8) top = _mm256_max_ps(top, _mm256_and_ps(_mm256_loadu_ps(xb + j), magnitude));
-        __m128 half = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-        half = _mm_max_ps(half, _mm_movehl_ps(half, half));
-        float amax = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
-#else
-        float amax = 0.f;
-        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
-#endif
-        step[b] = amax / 127.f;
-        float inverse = amax > 0.f ? 127.f / amax : 0.f;
-#ifdef GEMMA4_AVX2
-        __m256 scale = _mm256_set1_ps(inverse);
-        __m256i q[4];
-        for (int j = 0; j < 4; j++) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * j), scale));
-        /* pack 32 int32 -> 32 int8 (in range: |q| <= 127), undoing the packs' lane interleave */
-        __m256i words = _mm256_packs_epi32(q[0], q[1]), words2 = _mm256_packs_epi32(q[2], q[3]);
-        __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words, words2), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)(xq + b * 32), bytes);
-#else
-        for (int j = 0; j < 32; j++) xq[b * 32 + j] = (int8_t)lrintf(xb[j] * inverse);
-#endif
+        float amax = block_max(xb), inverse = amax > 0.f ? 127.f / amax : 0.f;
+        a.step[b] = amax / 127.f;
+        round_block(xb, inverse, a.high + b * 32);
+        if (fast) continue;
+        for (int j = 0; j < 32; j++) rest[j] = xb[j] - a.high[b * 32 + j] * a.step[b];
+        round_block(rest, inverse * LOW_STEPS, a.low + b * 32);
     }
+    return a;
+}
+
+static inline void release_activations(RoundedActivations a) {
+    free(a.high);
+    free(a.low);
+    free(a.step);
 }
 
 #endif

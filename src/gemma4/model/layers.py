@@ -83,10 +83,10 @@ class AttentionInputs:
 
 def attend(q: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float) -> Tensor:
     """q [B, T, H, D] against key, value [B, K, S, D] under mask [B, 1, T, S] -> [B, T, H, D].
-    K/V may be narrower than q (a bf16 cache): read widened. One fp32 query per head (a decode
-    step) takes a fused kernel where it is built, which reads a bf16 cache as it is: at E2B's
+    K/V may be narrower than q (a 16-bit cache): read widened. One fp32 query per head (a decode
+    step) takes a fused kernel where it is built, which reads a 16-bit cache as it is: at E2B's
     decode shapes PyTorch's attention takes twice as long, plus the widening copies."""
-    fused_kv = key.dtype == value.dtype and key.dtype in (torch.float32, torch.bfloat16)
+    fused_kv = key.dtype == value.dtype and key.dtype in kernels.KV_KINDS
     if q.shape[1] == 1 and q.shape[-1] % 8 == 0 and q.dtype == torch.float32 and fused_kv and kernels.available():
         return kernels.attend_one_query(q[:, 0].contiguous(), key, value, mask[:, 0, 0].contiguous(), scale)[:, None]
     key, value = key.to(q.dtype), value.to(q.dtype)

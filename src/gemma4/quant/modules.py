@@ -6,7 +6,7 @@ quantized checkpoint stores, so saving is `state_dict()` and loading is `load_st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,7 @@ class PackedModule(nn.Module):
     def __init__(self, names: tuple[str, ...]):
         super().__init__()
         self.packed_names = names
+        self.fast_math = False  # see PackedTensor.fast_math
         for name in names:
             for suffix in SUFFIXES:
                 self.register_buffer(name + suffix, None)
@@ -37,6 +38,8 @@ class PackedModule(nn.Module):
         view = self._views.get(name)
         if view is None or any(held is not given for held, given in zip((view.codes, view.scales, view.offsets), buffers)):
             view = self._views[name] = PackedTensor.of(*buffers, dims=self.dims)  # type: ignore[misc]
+        if view.fast_math != self.fast_math:
+            view = self._views[name] = replace(view, fast_math=self.fast_math)
         return view
 
     def extra_repr(self) -> str:
@@ -74,6 +77,14 @@ class PackedEmbedding(PackedModule):
 
     def attend(self, hidden: Tensor) -> Tensor:
         return self.packed("weight").matmul(hidden)
+
+
+def set_fast_math(model: nn.Module, on: bool) -> int:
+    """Switch the packed matmuls of `model` to int8-only activations (on) or back; returns how many modules."""
+    modules = [m for m in model.modules() if isinstance(m, PackedModule)]
+    for module in modules:
+        module.fast_math = on
+    return len(modules)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ class PackedTensor:
     offsets: Tensor | None = None
     group: int = 0  # 0: one group per row
     tiled: bool = False  # int4 only
+    fast_math: bool = False  # int8/int4 matmuls of up to 8 rows round activations to int8 only (llama.cpp's way; changes answers)
 
     @classmethod
     def of(cls, codes: Tensor, scales: Tensor | None = None, offsets: Tensor | None = None, dims: int = 2) -> PackedTensor:
@@ -66,7 +67,7 @@ class PackedTensor:
     def __getitem__(self, index: int) -> PackedTensor:
         """One matrix of a stack (an expert)."""
         pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return PackedTensor(self.kind, self.codes[index], pick(self.scales), pick(self.offsets), self.group, self.tiled)
+        return PackedTensor(self.kind, self.codes[index], pick(self.scales), pick(self.offsets), self.group, self.tiled, self.fast_math)
 
     @property
     def tileable(self) -> bool:
@@ -115,7 +116,7 @@ class PackedTensor:
                 y = kernels.matmul_16bit(flat, self.codes)
             else:
                 matmul = kernels.matmul_int8 if self.kind == "int8" else kernels.matmul_int4
-                y = matmul(flat, self.codes, self.scales, self.offsets, self.group_size)  # type: ignore[arg-type]
+                y = matmul(flat, self.codes, self.scales, self.offsets, self.group_size, self.fast_math)  # type: ignore[arg-type]
         else:
             y = self._dense_matmul(flat)
         return y.view(*lead, -1).to(x.dtype)

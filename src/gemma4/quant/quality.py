@@ -1,4 +1,4 @@
-"""How much a quantization changes a model's predictions."""
+"""How much a quantization (or a faster kernel) changes a model's predictions."""
 
 from __future__ import annotations
 
@@ -10,3 +10,8 @@ def next_token_quality(reference: torch.Tensor, candidate: torch.Tensor) -> tupl
     ref, cand = torch.log_softmax(reference.double(), -1), torch.log_softmax(candidate.double(), -1)
     kl = (ref.exp() * (ref - cand)).sum(-1).mean().item()
     return (reference.argmax(-1) == candidate.argmax(-1)).double().mean().item(), kl
+
+
+def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """exp of the mean negative log-likelihood of ids[1:] under logits[:-1] ([T, vocab], [T])."""
+    return torch.nn.functional.cross_entropy(logits[:-1].double(), ids[1:]).exp().item()

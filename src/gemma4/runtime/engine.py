@@ -20,6 +20,7 @@ from ..media.image import DEFAULT_BUDGET
 from ..media.prompt import Media, build_prompt, expand, processor_outputs, split_media
 from ..model import CausalLM
 from ..model.multimodal import MediaEncoders, merge
+from ..quant.modules import set_fast_math
 from .chat_format import render_chat
 from .chat_parser import ChatResult, Event, OutputParser
 from .generate import DEFAULT_PREFILL_CHUNK, Batch, Prompt, Session, sample_loop, turn_marks
@@ -59,8 +60,8 @@ class Model:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         self.lm = lm
-        if lm.kv_dtype is None and lm.dtype == torch.float32 and _is_packed(lm):
-            lm.kv_dtype = torch.bfloat16  # packed weights compute in fp32; K/V keep half the bytes, widened on read
+        self.fast_math = False
+        self.configure()
         self.tokenizer = tokenizer
         self.generation_config = dict(generation_config)
         self.chat_template = chat_template
@@ -126,6 +127,23 @@ class Model:
         if template is None and checkpoint.architecture != "gemma4":
             model.chat_format = None  # no template and not Gemma 4's format: plain text only
         return model
+
+    def configure(self, kv_dtype: torch.dtype | str | None = None, fast_math: bool = False) -> None:
+        """The K/V cache's dtype (None: fp16 beside packed weights, whose activations are fp32 -- half
+        the bytes, and next-token KL ~1e-5 against fp32 K/V where bf16's is ~3e-4 -- else the
+        activations' dtype); `fast_math`: packed matmuls round activations to int8 only, as
+        llama.cpp does (faster, and measurably not the same model: see benchmarks/quality.py)."""
+        from ..weights.checkpoint import resolve_dtype
+
+        if kv_dtype is not None:
+            self.lm.kv_dtype = resolve_dtype(kv_dtype)
+        elif self.lm.dtype == torch.float32 and _is_packed(self.lm):
+            self.lm.kv_dtype = torch.float16
+        else:
+            self.lm.kv_dtype = None
+        self.fast_math = fast_math
+        set_fast_math(self.lm, fast_math)
+        self._session = None
 
     # --- the model itself ---------------------------------------------------------------
     @property

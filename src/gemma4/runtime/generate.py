@@ -215,6 +215,16 @@ def decode_step(lm: CausalLM, sessions: Sequence[Session], tokens: Sequence[int]
     return logits
 
 
+def teacher_forced_logits(lm: CausalLM, ids: Sequence[int]) -> Tensor:
+    """Logits [len(ids), vocab] at every position, as generation computes them: one cached decode
+    step per token, each fed the text's next token rather than a sampled one. A one-shot forward
+    (`lm(ids)`) runs other kernels; this is what a user of `generate` gets."""
+    session = Session(lm, context=len(ids))
+    rows = [session.start_prompt(list(ids[:1]))[0][0]]
+    rows += [decode_step(lm, [session], [token])[0] for token in ids[1:]]
+    return torch.stack(rows)
+
+
 MAX_MARKS = 4  # snapshots a session keeps at most (the planner counts them)
 
 
