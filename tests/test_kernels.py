@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gemma4 import kernels
+from gemma4.model.int8_kv import Int8Tensor, widen
 from gemma4.model.layers import RMSNorm, attend, normed_rotated
 from gemma4.model.rope import apply_rotary
 
@@ -44,12 +45,19 @@ def test_one_query_attention_equals_sdpa(heads, kv_heads, slots, dim):
     torch.testing.assert_close(attend(q, key, value, mask, 0.7), expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
-def test_one_query_attention_reads_a_bf16_cache_as_its_widened_values():
+@pytest.mark.parametrize("kind", ["bf16", "fp16", "int8"])
+def test_one_query_attention_reads_a_narrow_cache_as_its_widened_values(kind):
+    """16-bit caches and int8 codes with a scale per head and position (read in place from a larger buffer)."""
     torch.manual_seed(3)
-    key, value = torch.randn(2, 2, 2, 40, 32).bfloat16().unbind(0)
+    key, value = torch.randn(2, 2, 2, 48, 32).unbind(0)
+    if kind == "int8":
+        key, value = (Int8Tensor.quantize(t)[:, :, :40] for t in (key, value))
+    else:
+        key, value = (t.to(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[kind]))[:, :, :40] for t in (key, value))
     q = torch.randn(2, 1, 8, 32)
     mask = torch.rand(2, 1, 1, 40) > 0.2
-    expected = F.scaled_dot_product_attention(q.transpose(1, 2), key.float(), value.float(), attn_mask=mask, scale=0.5, enable_gqa=True)
+    wide = [widen(t, torch.float32) for t in (key, value)]
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), *wide, attn_mask=mask, scale=0.5, enable_gqa=True)
     torch.testing.assert_close(attend(q, key, value, mask, 0.5), expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 

@@ -164,3 +164,29 @@ def test_session_rolls_back_to_marks_and_truncates_unwrapped_caches(checkpoints)
     logits, _ = short.start_prompt(shared[: W - 4] + [5, 6])
     assert short.reused == W - 4 and not short.snapshots
     assert (logits - Session(lm, 4096).start_prompt(shared[: W - 4] + [5, 6])[0]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("preset", ["tiny-e2b", "tiny-31b", "tiny-26b-a4b"])
+def test_int8_cache_is_the_model_with_its_k_v_rounded(checkpoints, preset, monkeypatch):
+    """An int8 cache (codes read in place, scales on the scores and weights) decodes what an fp32
+    cache of the same rounded K/V decodes, over several windows, ring wraps, K=V and shared layers:
+    to round-off almost everywhere; where round-off moves a K/V value across a rounding edge, by
+    one int8 step of it."""
+    from gemma4.model.int8_kv import Int8Tensor
+
+    lm = gemma4.load(checkpoints(preset), dtype=torch.float32, progress=False).lm
+    ids = ids_for(3 * lm.config.sliding_window + 5)
+
+    def run(dtype: torch.dtype) -> torch.Tensor:
+        positions = arange_positions(ids)
+        cache = ModelCache(lm.plan, ids.shape[0], 4096, dtype)
+        out = [prefill(lm, cache, ids[:, :9], positions[:, :9], 4)[:, None]]
+        out += [lm.step(ids[:, t : t + 1], positions[:, t : t + 1], cache, keep=1) for t in range(9, ids.shape[1])]
+        return torch.cat(out, dim=1)
+
+    int8 = run(torch.int8)
+    with monkeypatch.context() as patch:
+        patch.setattr(ModelCache, "_narrow", lambda self, x: Int8Tensor.quantize(x).dequantize())
+        rounded = run(torch.float32)
+    difference, scale = (int8 - rounded).abs(), rounded.abs().max()
+    assert difference.median() <= 1e-5 * scale and difference.max() <= 1e-2 * scale

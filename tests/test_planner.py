@@ -29,28 +29,28 @@ def test_planned_kv_bytes_equal_the_cache(checkpoints, preset, context):
     assert planned == cache.nbytes_by_type()
 
 
-@pytest.mark.parametrize("preset", ["tiny-e2b", "tiny-31b"])
-def test_serving_plan_bounds_a_session_with_its_snapshots(checkpoints, preset):
+@pytest.mark.parametrize("preset,kv_dtype", [("tiny-e2b", "bf16"), ("tiny-31b", "bf16"), ("tiny-e2b", "int8"), ("tiny-31b", "int8")])
+def test_serving_plan_bounds_a_session_with_its_snapshots(checkpoints, preset, kv_dtype):
     """`gemma4 serve` plans each slot at a full context with MAX_MARKS ring snapshots: a session
-    filled to its context with every mark snapshotted holds exactly that."""
+    filled to its context with every mark snapshotted holds exactly that (int8 K/V: codes and scales)."""
     from gemma4.planner import serving_kv_bytes
     from gemma4.runtime.generate import MAX_MARKS, Session
 
-    lm = gemma4.load(checkpoints(preset, torch.bfloat16), progress=False).lm
+    lm = gemma4.load(checkpoints(preset, torch.bfloat16), progress=False, kv_dtype=kv_dtype).lm
     context = 512
     session = Session(lm, context, prefill_chunk=100)
     prompt = torch.randint(0, 262_144, (context - 1,), generator=torch.Generator().manual_seed(0)).tolist()
     session.start_prompt(prompt, marks=[50, 200, 300, 400])
     assert len(session.snapshots) == MAX_MARKS
-    assert session.nbytes() == sum(serving_kv_bytes(lm.plan, context, 1, 2, MAX_MARKS).values())
+    assert session.nbytes() == sum(serving_kv_bytes(lm.plan, context, 1, kv_dtype, MAX_MARKS).values())
 
 
 def test_e2b_kv_claim_at_8k():
     """'Sharing + sliding windows + 8:1 GQA cut the cache by ~83 % at 8K': against the same model
     caching every layer in full (same KV heads) we measure 83.9 %; dropping GQA too, 98.0 %."""
     plan = build_plan(ModelConfig.from_dict(preset_config("e2b")).text)
-    ours = sum(kv_bytes_by_type(plan, 8192, 1, 2).values())
-    full = sum(kv_bytes_by_type(plan, 8192, 1, 2, Savings(sliding_bound=False, kv_sharing=False)).values())
+    ours = sum(kv_bytes_by_type(plan, 8192, 1, "bf16").values())
+    full = sum(kv_bytes_by_type(plan, 8192, 1, "bf16", Savings(sliding_bound=False, kv_sharing=False)).values())
     assert round(100 * (1 - ours / full), 1) == 83.9
 
 

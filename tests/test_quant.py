@@ -38,7 +38,7 @@ def test_streaming_kernels_equal_the_dequantized_matmul(kind, group, rows, fast_
     torch.manual_seed(0)
     packed = replace(quantize(torch.randn(296, 512), kind, group), fast_math=fast_math)
     x = torch.randn(rows, 512)
-    assert packed._streamable() and packed.tiled == (kind == "int4")
+    assert packed._streaming_kernel is not None and packed.tiled == (kind == "int4")
     assert_matmul(packed, x)
 
 

@@ -18,6 +18,7 @@ from .quant.packed import DENSE_BLOCK_BYTES, packed_nbytes, packed_row_bytes
 from .weights.layout import TensorSpec, checkpoint_tensors
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+KV_SCALE_BYTES = 4  # an int8 K/V vector's fp32 scale (model/int8_kv.py)
 # Python, PyTorch and gemma4 themselves, resident before any weight: `python -c "import gemma4"` (VmRSS).
 RUNTIME_BYTES = 230_000_000
 PAGE = 4096
@@ -44,8 +45,13 @@ EACH_OFF = {
 }
 
 
+def kv_vector_bytes(head_dim: int, kv_dtype: str) -> int:
+    """Bytes of one head's key or value at one position."""
+    return head_dim + KV_SCALE_BYTES if kv_dtype == "int8" else head_dim * DTYPE_BYTES[kv_dtype]
+
+
 def kv_bytes_by_type(
-    plan: tuple[LayerPlan, ...], context: int, batch: int, kv_bytes: int, savings: Savings = ALL_ON, chunk: int = DEFAULT_CHUNK
+    plan: tuple[LayerPlan, ...], context: int, batch: int, kv_dtype: str, savings: Savings = ALL_ON, chunk: int = DEFAULT_CHUNK
 ) -> dict[str, int]:
     """K/V bytes held once `context` tokens are cached, per attention type."""
     held: dict[str, int] = {}
@@ -58,16 +64,16 @@ def kv_bytes_by_type(
             slots = global_capacity(context, context, chunk)
         heads = p.num_kv_heads if savings.gqa else p.num_heads
         tensors = 1 if p.k_eq_v and savings.k_eq_v else 2
-        held[p.attention_type] = held.get(p.attention_type, 0) + batch * slots * heads * p.head_dim * tensors * kv_bytes
+        held[p.attention_type] = held.get(p.attention_type, 0) + batch * slots * heads * tensors * kv_vector_bytes(p.head_dim, kv_dtype)
     return held
 
 
 def serving_kv_bytes(
-    plan: tuple[LayerPlan, ...], context: int, slots: int, kv_bytes: int, snapshots: int, savings: Savings = ALL_ON
+    plan: tuple[LayerPlan, ...], context: int, slots: int, kv_dtype: str, snapshots: int, savings: Savings = ALL_ON
 ) -> dict[str, int]:
     """K/V bytes of `slots` sequences of up to `context` tokens, each keeping `snapshots` copies
     of its ring buffers (a server's prefix cache rolls back to them)."""
-    held = kv_bytes_by_type(plan, context, slots, kv_bytes, savings)
+    held = kv_bytes_by_type(plan, context, slots, kv_dtype, savings)
     if snapshots and SLIDING in held:
         held["ring_snapshots"] = snapshots * held[SLIDING]
     return held
@@ -100,7 +106,7 @@ def plan_memory(
     if quant:  # packed weights compute in fp32 and keep K/V in fp16 (runtime.engine.Model.configure)
         dtype, kv_dtype = "fp32", kv_dtype or "fp16"
     text = config.text
-    width, kv_width = DTYPE_BYTES[dtype], DTYPE_BYTES[kv_dtype or dtype]
+    width, kv_dtype = DTYPE_BYTES[dtype], kv_dtype or dtype
     plan = build_plan(text)
     weights: dict[str, int] = {}
     for spec in checkpoint_tensors(config):
@@ -121,7 +127,7 @@ def plan_memory(
     row_parts = packed_row_bytes(ple_width, quant, group or None) if pack_tables else [ple_width * (2 if quant else width)]
     ple_row_pages = sum((-(-part // PAGE) + 1) * PAGE for part in row_parts if part)
     ple_resident = min(ple_table, context * batch * ple_row_pages) if savings.ple_on_disk else ple_table
-    kv = serving_kv_bytes(plan, context, batch, kv_width, snapshots, savings)
+    kv = serving_kv_bytes(plan, context, batch, kv_dtype, snapshots, savings)
     activations = _prefill_peak(plan, text.hidden_size, min(prefill_chunk, context), context, batch, width)
     if quant:  # prefill dequantizes one block of a packed matrix at a time for a dense fp32 matmul
         activations += DENSE_BLOCK_BYTES

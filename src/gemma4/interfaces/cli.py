@@ -12,7 +12,7 @@ from ..config import ModelConfig
 from ..errors import Gemma4Error
 from ..quant.packed import KINDS
 
-KV_DTYPES = ["bf16", "fp16", "fp32"]
+KV_DTYPES = ["bf16", "fp16", "fp32", "int8"]
 from ..weights.presets import PRESETS, preset_config
 
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ..model.int8_kv import Int8Tensor
 
 _HERE = Path(__file__).parent
 
@@ -41,37 +44,38 @@ def _ptr(t: Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
 
 
-def matmul_16bit(x: Tensor, codes: Tensor) -> Tensor:
-    """x: fp32 [M, K] contiguous; codes: bf16 or fp16 [N, K] -> fp32 [M, N]."""
-    M, K = x.shape
-    N = codes.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)
-    is_f16 = int(codes.dtype == torch.float16)
-    _lib.matmul_16bit(_ptr(x), _ptr(codes), _ptr(y), M, N, K, is_f16, torch.get_num_threads())  # type: ignore[union-attr]
-    return y
+Matmul = Callable[[Tensor], Tensor]
 
 
-def matmul_int8(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int, fast: bool = False) -> Tensor:
-    """x: fp32 [M, K]; codes: int8 [N, K]; scales/offsets fp32 [N, K/group] -> fp32 [M, N].
-    Groups of 32s run on integer products over x rounded to two int8 halves (exact to ~1e-5 of
-    each 32 values' largest); `fast` keeps only the high half, as llama.cpp does (changes answers)."""
-    M, K = x.shape
-    N = codes.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)
-    sums = torch.empty(M, K // group, dtype=torch.float32) if offsets is not None else None
-    _lib.matmul_int8(_ptr(x), _ptr(codes), _ptr(scales), _ptr(offsets), _ptr(sums), _ptr(y), M, N, K, group, int(fast), torch.get_num_threads())  # type: ignore[union-attr]
-    return y
+def bind_matmul(kind: str, codes: Tensor, scales: Tensor | None, offsets: Tensor | None, group: int, fast: bool) -> Matmul:
+    """x fp32 [M, K] contiguous, M <= 8 -> x @ W.T fp32 [M, N], for one packed weight W (quant/packed.py),
+    its pointers and sizes converted once: a decode step makes ~300 such calls, and converting them
+    per call cost ~10 us each.
+      bf16 / f16: codes [N, K].
+      int8: codes [N, K]; scales/offsets fp32 [N, K/group].
+      int4 tiles (quant/int4.py): codes [N/8, K/32, 128]; scales/offsets fp16 or fp32 [N/8, K/group, 8].
+    int8 in groups of 32s and int4 run on integer products over x rounded to two int8 halves (exact to
+    ~1e-5 of each 32 values' largest); `fast` keeps only the high half, as llama.cpp does (changes answers)."""
+    assert _lib is not None
+    if kind in ("bf16", "f16"):
+        N, K = codes.shape
+        call, fixed = _lib.matmul_16bit, (_ptr(codes),)
+        tail: tuple = (int(kind == "f16"),)
+    elif kind == "int8":
+        N, K = codes.shape
+        call, fixed, tail = _lib.matmul_int8, (_ptr(codes), _ptr(scales), _ptr(offsets)), (group, int(fast))
+    else:
+        N, K = codes.shape[0] * 8, codes.shape[1] * 32
+        f16 = int(scales is not None and scales.dtype == torch.float16)
+        call, fixed, tail = _lib.matmul_int4, (_ptr(codes), _ptr(scales), _ptr(offsets), f16), (group, int(fast))
 
+    def matmul(x: Tensor) -> Tensor:
+        M = x.shape[0]
+        y = torch.empty(M, N)
+        call(x.data_ptr(), *fixed, y.data_ptr(), M, N, K, *tail, torch.get_num_threads())
+        return y
 
-def matmul_int4(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int, fast: bool = False) -> Tensor:
-    """x: fp32 [M, K], M <= 8; int4 tiles (quant/int4.py): codes [N/8, K/32, 128], scales/offsets fp16
-    or fp32 [N/8, K/group, 8] -> fp32 [M, N]. x is rounded as for matmul_int8, `fast` likewise."""
-    M, K = x.shape
-    N = codes.shape[0] * 8
-    y = torch.empty(M, N, dtype=torch.float32)
-    f16 = int(scales.dtype == torch.float16)
-    _lib.matmul_int4(_ptr(x), _ptr(codes), _ptr(scales), _ptr(offsets), f16, _ptr(y), M, N, K, group, int(fast), torch.get_num_threads())  # type: ignore[union-attr]
-    return y
+    return matmul
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float) -> Tensor:
@@ -90,21 +94,25 @@ def rms_norm_rotary(x: Tensor, weight: Tensor | None, eps: float, offset: float,
     return out
 
 
-KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # decode.c's enum
+KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # decode.c's enum
 
 
-def attend_one_query(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scale: float) -> Tensor:
-    """q: fp32 [B, H, D] contiguous; key, value: fp32, bf16 or fp16 (both the same) [B, KV, S, D] (a cache
-    buffer's slice is read in place; other layouts are copied first); allowed: bool [B, S] contiguous
-    -> fp32 [B, H, D]."""
+def attend_one_query(q: Tensor, key: Tensor | Int8Tensor, value: Tensor | Int8Tensor, allowed: Tensor, scale: float) -> Tensor:
+    """q: fp32 [B, H, D] contiguous; key, value: fp32, bf16, fp16 or Int8Tensor (both the same)
+    [B, KV, S, D] (a cache buffer's slice is read in place; other layouts are copied first);
+    allowed: bool [B, S] contiguous -> fp32 [B, H, D]."""
     B, H, D = q.shape
     KV, S = key.shape[1], key.shape[2]
+    scales = [t.scales if isinstance(t, Int8Tensor) else None for t in (key, value)]
+    key, value = (t.codes if isinstance(t, Int8Tensor) else t for t in (key, value))
     key, value = (t if t.stride()[2:] == (D, 1) else t.contiguous() for t in (key, value))
+    scales = [None if t is None else t if t.stride(2) == 1 else t.contiguous() for t in scales]
     strides = [(ctypes.c_int64 * 2)(*t.stride()[:2]) for t in (key, value)]
+    scale_strides = (ctypes.c_int64 * 4)(*[n for t in scales for n in (t.stride()[:2] if t is not None else (0, 0))])
     out = torch.empty_like(q)
     _lib.attend_one_query(  # type: ignore[union-attr]
-        _ptr(q), _ptr(key), _ptr(value), KV_KINDS[key.dtype], _ptr(allowed), _ptr(out), B, H, KV, S, D, *strides, scale,
-        torch.get_num_threads(),
+        _ptr(q), _ptr(key), _ptr(value), KV_KINDS[key.dtype], *map(_ptr, scales), _ptr(allowed), _ptr(out), B, H, KV, S, D, *strides,
+        scale_strides, scale, torch.get_num_threads(),
     )
     return out
 
@@ -136,11 +144,11 @@ if _lib is not None:
         getattr(_lib, _name).restype = None
     _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     _lib.matmul_16bit.argtypes = [_p, _p, _p, _i64, _i64, _i64, _int, _int]
-    _lib.matmul_int8.argtypes = [_p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int, _int]
+    _lib.matmul_int8.argtypes = [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int, _int]
     _lib.matmul_int4.argtypes = [_p, _p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int, _int]
     _lib.dequantize_int4.argtypes = [_p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int]
     _lib.read_memory.restype = ctypes.c_int64
     _lib.read_memory.argtypes = [_p, _i64, _int]
     _lib.rms_norm.argtypes = [_p, _p, _p, _i64, _i64, ctypes.c_float, ctypes.c_float]
     _lib.rms_norm_rotary.argtypes = [_p, _p, _p, _p, _p, _i64, _i64, _i64, ctypes.c_float, ctypes.c_float]
-    _lib.attend_one_query.argtypes = [_p, _p, _p, _int, _p, _p, *[_i64] * 5, _p, _p, ctypes.c_float, _int]
+    _lib.attend_one_query.argtypes = [_p, _p, _p, _int, _p, _p, _p, _p, *[_i64] * 5, _p, _p, _p, ctypes.c_float, _int]

@@ -1,6 +1,7 @@
 /* The small operations of one decode step, fused: at one token each is a few microseconds of work
  * that PyTorch spends as several operators (an RMSNorm is eight, a rotation eight more), and a step
- * has hundreds of them. fp32 in and out; cached keys and values are read as stored (fp32, bf16 or fp16).
+ * has hundreds of them. fp32 in and out; cached keys and values are read as stored (fp32, bf16, fp16,
+ * or int8 codes with a scale per head and position).
  * Their sums run in another order than PyTorch's, which changes only round-off.
  * Called through ctypes (kernels/__init__.py). */
 
@@ -11,11 +12,12 @@
 
 #include "simd.h"
 
-enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3 };
 
-/* Element `at` of a K/V buffer of `kind` values, as fp32. */
+/* Element `at` of a K/V buffer of `kind` values, as fp32 (int8: the code, its scale applied apart). */
 static inline float kv_at(const void *kv, int64_t at, int kind) {
     if (kind == KV_F32) return ((const float *)kv)[at];
+    if (kind == KV_I8) return ((const int8_t *)kv)[at];
     uint16_t h = ((const uint16_t *)kv)[at];
     return kind == KV_BF16 ? bf16_to_float(h) : half_to_float(h);
 }
@@ -23,6 +25,7 @@ static inline float kv_at(const void *kv, int64_t at, int kind) {
 #ifdef GEMMA4_AVX2
 static inline __m256 kv_load8(const void *kv, int64_t at, int kind) {
     if (kind == KV_F32) return _mm256_loadu_ps((const float *)kv + at);
+    if (kind == KV_I8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)kv + at))));
     const uint16_t *h = (const uint16_t *)kv + at;
     return kind == KV_BF16 ? load_bf16(h) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
 }
@@ -120,12 +123,14 @@ __attribute__((optimize("fp-contract=off"))) void rms_norm_rotary(const float *x
 /* One query per head against its KV head's cached keys and values (GQA: `group` = H / KV queries
  * share one KV head). q, out: [B, H, D]; key, value: [B, KV, S, D] of `kv_kind` values with rows
  * of D contiguous, their batch and KV-head strides given (a cache's buffer may hold more slots than
- * S); allowed: [B, S] (nonzero where the query may attend). The slots are split between threads, each reading its
+ * S); int8 K/V come with scales [B, KV, S] (key_scales, value_scales; NULL otherwise, positions
+ * contiguous), applied to each score and to each softmax weight; allowed: [B, S] (nonzero where the query may attend). The slots are split between threads, each reading its
  * share of K and V once for all queries of the group (as flash decoding does); the partial softmaxes
  * are then merged. */
-void attend_one_query(const float *q, const void *key, const void *value, int kv_kind, const uint8_t *allowed, float *out,
-                      int64_t B, int64_t H, int64_t KV, int64_t S, int64_t D, const int64_t *key_strides,
-                      const int64_t *value_strides, float scale, int threads) {
+void attend_one_query(const float *q, const void *key, const void *value, int kv_kind, const float *key_scales,
+                      const float *value_scales, const uint8_t *allowed, float *out, int64_t B, int64_t H, int64_t KV, int64_t S,
+                      int64_t D, const int64_t *key_strides, const int64_t *value_strides, const int64_t *scale_strides, float scale,
+                      int threads) {
     int64_t group = H / KV, pairs = B * KV, width = D + 2;  /* a partial: running max, sum, D outputs */
     float *partials = (float *)malloc(pairs * threads * group * width * sizeof(float));
     int used = threads;  /* OpenMP may give fewer threads than asked: merge only the partials written */
@@ -138,6 +143,8 @@ void attend_one_query(const float *q, const void *key, const void *value, int kv
         for (int64_t pair = 0; pair < pairs; pair++) {
             int64_t b = pair / KV, kv = pair % KV;
             int64_t k0 = b * key_strides[0] + kv * key_strides[1], v0 = b * value_strides[0] + kv * value_strides[1];
+            const float *ks = key_scales ? key_scales + b * scale_strides[0] + kv * scale_strides[1] : NULL;
+            const float *vs = value_scales ? value_scales + b * scale_strides[2] + kv * scale_strides[3] : NULL;
             const float *qg = q + (b * H + kv * group) * D;
             const uint8_t *mask = allowed + b * S;
             float *part = partials + (pair * threads + t) * group * width;
@@ -150,8 +157,9 @@ void attend_one_query(const float *q, const void *key, const void *value, int kv
                 if (!mask[s]) continue;
                 float *row = scores + (s - s0) * group;
                 dots(qg, key, k0 + s * D, kv_kind, row, group, D);
+                float row_scale = ks ? scale * ks[s] : scale;
                 for (int64_t g = 0; g < group; g++) {
-                    row[g] *= scale;
+                    row[g] *= row_scale;
                     part[g * width] = fmaxf(part[g * width], row[g]);
                 }
             }
@@ -161,6 +169,7 @@ void attend_one_query(const float *q, const void *key, const void *value, int kv
                 for (int64_t g = 0; g < group; g++) {
                     row[g] = expf(row[g] - part[g * width]);
                     part[g * width + 1] += row[g];
+                    if (vs) row[g] *= vs[s];  /* from here on the weight of value codes */
                 }
             }
             weighted_sum(scores, value, v0, kv_kind, mask, s0, s1, part, group, D, width);

@@ -158,14 +158,16 @@ static void int8_rows(const RoundedActivations *a, const int8_t *w, const float 
     }
 }
 
-void matmul_int8(const float *x, const int8_t *w, const float *scales, const float *offsets, float *sums, float *y,
-                 int64_t M, int64_t N, int64_t K, int64_t group, int fast, int threads) {
+void matmul_int8(const float *x, const int8_t *w, const float *scales, const float *offsets, float *y, int64_t M, int64_t N,
+                 int64_t K, int64_t group, int fast, int threads) {
     int64_t G = K / group;
+    float *sums = offsets ? (float *)malloc(M * G * sizeof(float)) : NULL;
     if (offsets) group_sums(x, sums, M, K, group);
     if (group % 32 == 0) {
         RoundedActivations a = round_activations(x, M, K, fast);
         int8_rows(&a, w, scales, offsets, sums, y, M, N, K, group, threads);
         release_activations(a);
+        free(sums);
         return;
     }
     /* groups of 8 or 16 (GGUF Q6_K): fp32 products, accumulators in registers */
@@ -204,4 +206,5 @@ void matmul_int8(const float *x, const int8_t *w, const float *scales, const flo
         }
 #endif
     }
+    free(sums);
 }

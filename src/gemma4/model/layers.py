@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .. import kernels
 from ..config import TextConfig
 from ..plan import LayerPlan
+from .int8_kv import Int8Tensor, widen
 from .rope import apply_rotary
 
 
@@ -81,15 +82,15 @@ class AttentionInputs:
         return AttentionInputs(self.cos[:, -n:], self.sin[:, -n:], tuple(k.last(n) for k in self.keys))
 
 
-def attend(q: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float) -> Tensor:
+def attend(q: Tensor, key: Tensor | Int8Tensor, value: Tensor | Int8Tensor, mask: Tensor, scale: float) -> Tensor:
     """q [B, T, H, D] against key, value [B, K, S, D] under mask [B, 1, T, S] -> [B, T, H, D].
-    K/V may be narrower than q (a 16-bit cache): read widened. One fp32 query per head (a decode
+    K/V may be narrower than q (a 16-bit or int8 cache): read widened. One fp32 query per head (a decode
     step) takes a fused kernel where it is built, which reads a 16-bit cache as it is: at E2B's
     decode shapes PyTorch's attention takes twice as long, plus the widening copies."""
     fused_kv = key.dtype == value.dtype and key.dtype in kernels.KV_KINDS
     if q.shape[1] == 1 and q.shape[-1] % 8 == 0 and q.dtype == torch.float32 and fused_kv and kernels.available():
         return kernels.attend_one_query(q[:, 0].contiguous(), key, value, mask[:, 0, 0].contiguous(), scale)[:, None]
-    key, value = key.to(q.dtype), value.to(q.dtype)
+    key, value = widen(key, q.dtype), widen(value, q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), key, value, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)
 
@@ -159,7 +160,7 @@ class Attention(nn.Module):
             if new_key is None:
                 # K=V: the key is k_norm of the same projection, i.e. the value times k_norm's weight,
                 # then rotated. One tensor is stored; keys are rebuilt on read.
-                value = value.to(q.dtype)
+                value = widen(value, q.dtype)
                 key = (value.float() * self.k_norm.weight.float()).type_as(value)
                 key = apply_rotary(key, keys.key_cos.unsqueeze(1), keys.key_sin.unsqueeze(1), head_axis=None)  # type: ignore[union-attr]
             kv.share(self.plan.index, key, value)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -111,20 +112,20 @@ class PackedTensor:
         """x [..., K] @ W.T -> [..., N] in x's dtype, computed in fp32."""
         *lead, K = x.shape
         flat = x.reshape(-1, K).float().contiguous()
-        if flat.shape[0] <= STREAMING_MAX_ROWS and kernels.available() and self._streamable():
-            if self.kind in ("bf16", "f16"):
-                y = kernels.matmul_16bit(flat, self.codes)
-            else:
-                matmul = kernels.matmul_int8 if self.kind == "int8" else kernels.matmul_int4
-                y = matmul(flat, self.codes, self.scales, self.offsets, self.group_size, self.fast_math)  # type: ignore[arg-type]
-        else:
-            y = self._dense_matmul(flat)
+        streaming = self._streaming_kernel if flat.shape[0] <= STREAMING_MAX_ROWS else None
+        y = streaming(flat) if streaming is not None else self._dense_matmul(flat)
         return y.view(*lead, -1).to(x.dtype)
 
-    def _streamable(self) -> bool:
+    @cached_property
+    def _streaming_kernel(self) -> kernels.Matmul | None:
+        """The compiled kernel bound to these weights, where it takes them."""
+        if not kernels.available():
+            return None
         if self.kind == "int4":
-            return self.tiled and self.codes.is_contiguous()
-        return self.codes.is_contiguous() and (self.shape[-1] % 32 == 0 if self.kind in ("bf16", "f16") else self.group_size % 8 == 0)
+            streamable = self.tiled and self.codes.is_contiguous()
+        else:
+            streamable = self.codes.is_contiguous() and (self.shape[-1] % 32 == 0 if self.kind in ("bf16", "f16") else self.group_size % 8 == 0)
+        return kernels.bind_matmul(self.kind, self.codes, self.scales, self.offsets, self.group_size, self.fast_math) if streamable else None
 
     def _dense_matmul(self, x: Tensor) -> Tensor:
         N, K = self.shape

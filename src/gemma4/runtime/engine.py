@@ -47,6 +47,9 @@ class Stats:
         return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds and self.generated_tokens > 1 else 0.0
 
 
+KV_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}
+
+
 class Model:
     """Load with `gemma4.load(path)`. `model(input_ids)` gives logits; `generate` and `chat` give text."""
 
@@ -129,13 +132,16 @@ class Model:
         return model
 
     def configure(self, kv_dtype: torch.dtype | str | None = None, fast_math: bool = False) -> None:
-        """The K/V cache's dtype (None: fp16 beside packed weights, whose activations are fp32 -- half
-        the bytes, and next-token KL ~1e-5 against fp32 K/V where bf16's is ~3e-4 -- else the
-        activations' dtype); `fast_math`: packed matmuls round activations to int8 only, as
-        llama.cpp does (faster, and measurably not the same model: see benchmarks/quality.py)."""
+        """The K/V cache's dtype: "bf16", "fp16", "fp32" or "int8" (a scale per head and position); None:
+        fp16 beside packed weights, whose activations are fp32 (half the bytes, and next-token KL ~1e-5
+        against fp32 K/V where bf16's is ~3e-4), else the activations' dtype. `fast_math`: packed
+        matmuls round activations to int8 only, as llama.cpp does (faster, and measurably not the same
+        model: see benchmarks/quality.py)."""
         from ..weights.checkpoint import resolve_dtype
 
-        if kv_dtype is not None:
+        if kv_dtype in ("int8", torch.int8):
+            self.lm.kv_dtype = torch.int8
+        elif kv_dtype is not None:
             self.lm.kv_dtype = resolve_dtype(kv_dtype)
         elif self.lm.dtype == torch.float32 and _is_packed(self.lm):
             self.lm.kv_dtype = torch.float16
@@ -144,6 +150,11 @@ class Model:
         self.fast_math = fast_math
         set_fast_math(self.lm, fast_math)
         self._session = None
+
+    @property
+    def kv_dtype(self) -> str:
+        """The K/V cache's dtype, by its planner name."""
+        return KV_DTYPE_NAMES[self.lm.kv_dtype or self.lm.dtype]
 
     # --- the model itself ---------------------------------------------------------------
     @property
@@ -391,6 +402,7 @@ class Model:
     # --- diagnosis ----------------------------------------------------------------------
     def describe(self) -> list[str]:
         """What users need to diagnose 'slow' or 'wrong': context, KV, PLE placement, attention paths."""
+        from ..planner import kv_vector_bytes
         from .kv_cache import global_capacity
 
         lines = [f"context: {self.context} tokens (model maximum {self.config.max_position_embeddings})"]
@@ -405,7 +417,7 @@ class Model:
                 continue
             owners = [p for p in plans if p.owns_kv]
             p = plans[0]
-            per_token = sum(o.num_kv_heads * o.head_dim * (1 if o.k_eq_v else 2) for o in owners) * self.lm.dtype.itemsize
+            per_token = sum(o.num_kv_heads * (1 if o.k_eq_v else 2) * kv_vector_bytes(o.head_dim, self.kv_dtype) for o in owners)
             bound = f"ring of {p.sliding_window} positions" if p.sliding_window else f"up to {global_capacity(self.context, self.context)} positions"
             lines.append(
                 f"{kind}: {len(plans)} layers ({len(plans) - len(owners)} KV-shared), head_dim {p.head_dim}, "

@@ -5,6 +5,8 @@
   positions (linear total copying, at most 2x over-allocation, capped at the context).
 - KV-shared layers keep nothing: they read their source layer's K/V of the current step.
 - K=V layers keep one tensor: the value; keys are rebuilt from it on read.
+- K/V are stored in the cache's dtype: 16 or 32 bits, or int8 with a scale per head and position
+  (model/int8_kv.py).
 
 Every slot stores the position of its token (-1 when empty or padding), so masks stay right
 after the ring wraps around and rows of a batch may be left-padded by different amounts.
@@ -19,9 +21,11 @@ import torch
 from torch import Tensor
 
 from ..config import FULL, SLIDING
+from ..model.int8_kv import Int8Tensor
 from ..plan import LayerPlan
 
 DEFAULT_CHUNK = 256
+FP16_MAX = torch.finfo(torch.float16).max
 
 
 def global_capacity(tokens: int, context: int, chunk: int = DEFAULT_CHUNK) -> int:
@@ -32,10 +36,13 @@ def global_capacity(tokens: int, context: int, chunk: int = DEFAULT_CHUNK) -> in
     return min(capacity, -(-context // chunk) * chunk) if tokens else 0
 
 
+KV = Tensor | Int8Tensor
+
+
 @dataclass
 class _LayerKV:
-    key: Tensor | None  # [B, K, slots, D]; None on K=V layers
-    value: Tensor
+    key: KV | None  # [B, K, slots, D]; None on K=V layers
+    value: KV
 
 
 @dataclass
@@ -45,7 +52,7 @@ class CacheSnapshot:
     ring_positions: Tensor | None
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for kv in self.rings.values() for t in (kv.key, kv.value) if t is not None)
+        return sum(t.nbytes for kv in self.rings.values() for t in (kv.key, kv.value) if t is not None)
 
 
 class ModelCache:
@@ -98,14 +105,21 @@ class ModelCache:
             keys[FULL] = held[:, : self.length + T]
         return keys
 
-    def update(self, layer: int, key: Tensor | None, value: Tensor) -> tuple[Tensor | None, Tensor]:
+    def update(self, layer: int, key: Tensor | None, value: Tensor) -> tuple[KV | None, KV]:
         plan = self._owners[layer]
         if layer not in self.layers:
             self.layers[layer] = self._allocate(plan, value)
-        # A cache narrower than the activations (bf16 K/V beside fp32 compute) stores rounded; `attend` reads it widened.
-        key, value = None if key is None else key.to(self.dtype), value.to(self.dtype)
+        # A cache narrower than the activations (16-bit K/V beside fp32 compute) stores rounded; `attend` reads it widened.
+        key, value = None if key is None else self._narrow(key), self._narrow(value)
         update = self._update_ring if plan.is_sliding else self._update_global
         return update(self.layers[layer], key, value)
+
+    def _narrow(self, x: Tensor) -> KV:
+        if self.dtype == torch.int8:
+            return Int8Tensor.quantize(x)
+        if self.dtype == torch.float16 and x.dtype != torch.float16:  # saturate rather than overflow to inf
+            x = x.clamp(-FP16_MAX, FP16_MAX)
+        return x.to(self.dtype)
 
     def share(self, layer: int, key: Tensor, value: Tensor) -> None:
         self._shared[layer] = key, value
@@ -128,15 +142,15 @@ class ModelCache:
     def _allocate(self, plan: LayerPlan, like: Tensor) -> _LayerKV:
         slots = self.window if plan.is_sliding else 0
         shape = (self.batch, plan.num_kv_heads, slots, plan.head_dim)
-        value = like.new_zeros(shape, dtype=self.dtype)
-        return _LayerKV(None if plan.k_eq_v else torch.zeros_like(value), value)
+        empty = (lambda: Int8Tensor.zeros(shape)) if self.dtype == torch.int8 else (lambda: like.new_zeros(shape, dtype=self.dtype))
+        return _LayerKV(None if plan.k_eq_v else empty(), empty())
 
     def _ring_slots(self, T: int) -> tuple[Tensor, int]:
         """Slots the last min(T, window) new tokens go to (earlier ones would be overwritten anyway)."""
         last = min(T, self.window)
         return torch.arange(self.length + T - last, self.length + T) % self.window, last
 
-    def _update_ring(self, kv: _LayerKV, key: Tensor | None, value: Tensor) -> tuple[Tensor | None, Tensor]:
+    def _update_ring(self, kv: _LayerKV, key: KV | None, value: KV) -> tuple[KV | None, KV]:
         T = value.shape[2]
         if T == 1:
             slot = self.length % self.window
@@ -144,15 +158,15 @@ class ModelCache:
             if kv.key is not None:
                 kv.key[:, :, slot] = key[:, :, 0]  # type: ignore[index]
             return kv.key, kv.value
-        full_key = None if kv.key is None else torch.cat((kv.key, key), dim=2)  # type: ignore[arg-type]
-        full_value = torch.cat((kv.value, value), dim=2)
+        full_key = None if kv.key is None else _cat(kv.key, key)  # type: ignore[arg-type]
+        full_value = _cat(kv.value, value)
         slots, last = self._ring_slots(T)
         kv.value[:, :, slots] = value[:, :, -last:]
         if kv.key is not None:
             kv.key[:, :, slots] = key[:, :, -last:]  # type: ignore[index]
         return full_key, full_value
 
-    def _update_global(self, kv: _LayerKV, key: Tensor | None, value: Tensor) -> tuple[Tensor | None, Tensor]:
+    def _update_global(self, kv: _LayerKV, key: KV | None, value: KV) -> tuple[KV | None, KV]:
         T = value.shape[2]
         end = self.length + T
         capacity = self.slot_positions[FULL].shape[1]
@@ -206,16 +220,21 @@ class ModelCache:
         for index, kv in self.layers.items():
             for t in (kv.key, kv.value):
                 if t is not None:
-                    held[self._owners[index].attention_type] += t.numel() * t.element_size()
+                    held[self._owners[index].attention_type] += t.nbytes
         return dict(held)
 
     def nbytes_by_layer(self) -> dict[int, int]:
         return {
-            i: sum(t.numel() * t.element_size() for t in (kv.key, kv.value) if t is not None) for i, kv in self.layers.items()
+            i: sum(t.nbytes for t in (kv.key, kv.value) if t is not None) for i, kv in self.layers.items()
         }
 
 
-def _grow(buffer: Tensor, capacity: int) -> Tensor:
-    grown = buffer.new_zeros((*buffer.shape[:2], capacity, buffer.shape[3]))
+def _grow(buffer: KV, capacity: int) -> KV:
+    shape = (*buffer.shape[:2], capacity, buffer.shape[3])
+    grown = Int8Tensor.zeros(shape) if isinstance(buffer, Int8Tensor) else buffer.new_zeros(shape)
     grown[:, :, : buffer.shape[2]] = buffer
     return grown
+
+
+def _cat(cached: KV, new: KV) -> KV:
+    return Int8Tensor.cat([cached, new], dim=2) if isinstance(cached, Int8Tensor) else torch.cat((cached, new), dim=2)  # type: ignore[list-item]

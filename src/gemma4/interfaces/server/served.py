@@ -70,7 +70,7 @@ class ServedModel:
     @staticmethod
     def _kv_plan(model: Model, parallel: int) -> dict[str, Any]:
         """K/V bytes the slots may ever hold: each a full context, plus ring snapshots at its marks."""
-        kv = serving_kv_bytes(model.lm.plan, model.context, parallel, (model.lm.kv_dtype or model.lm.dtype).itemsize, MAX_MARKS)
+        kv = serving_kv_bytes(model.lm.plan, model.context, parallel, model.kv_dtype, MAX_MARKS)
         return {"parallel": parallel, "context": model.context, "kv_bytes": sum(kv.values())}
 
     def _parallel_that_fits(self, model: Model) -> int:
