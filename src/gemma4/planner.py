@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .config import SLIDING, ModelConfig
+from .model.int8_kv import block_size
 from .plan import LayerPlan, build_plan
 from .runtime.kv_cache import DEFAULT_CHUNK, global_capacity
 from .quant.modules import UNPACKED
@@ -18,7 +19,7 @@ from .quant.packed import DENSE_BLOCK_BYTES, packed_nbytes, packed_row_bytes
 from .weights.layout import TensorSpec, checkpoint_tensors
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-KV_SCALE_BYTES = 4  # an int8 K/V vector's fp32 scale (model/int8_kv.py)
+KV_SCALE_BYTES = 2  # int8 K/V: an fp16 scale per block of values (model/int8_kv.py)
 # Python, PyTorch and gemma4 themselves, resident before any weight: `python -c "import gemma4"` (VmRSS).
 RUNTIME_BYTES = 230_000_000
 PAGE = 4096
@@ -47,7 +48,9 @@ EACH_OFF = {
 
 def kv_vector_bytes(head_dim: int, kv_dtype: str) -> int:
     """Bytes of one head's key or value at one position."""
-    return head_dim + KV_SCALE_BYTES if kv_dtype == "int8" else head_dim * DTYPE_BYTES[kv_dtype]
+    if kv_dtype == "int8":
+        return head_dim + head_dim // block_size(head_dim) * KV_SCALE_BYTES
+    return head_dim * DTYPE_BYTES[kv_dtype]
 
 
 def kv_bytes_by_type(

@@ -106,13 +106,14 @@ def attend_one_query(q: Tensor, key: Tensor | Int8Tensor, value: Tensor | Int8Te
     scales = [t.scales if isinstance(t, Int8Tensor) else None for t in (key, value)]
     key, value = (t.codes if isinstance(t, Int8Tensor) else t for t in (key, value))
     key, value = (t if t.stride()[2:] == (D, 1) else t.contiguous() for t in (key, value))
-    scales = [None if t is None else t if t.stride(2) == 1 else t.contiguous() for t in scales]
+    blocks = scales[0].shape[-1] if scales[0] is not None else 1
+    scales = [None if t is None else t if t.stride()[2:] == (blocks, 1) else t.contiguous() for t in scales]
     strides = [(ctypes.c_int64 * 2)(*t.stride()[:2]) for t in (key, value)]
     scale_strides = (ctypes.c_int64 * 4)(*[n for t in scales for n in (t.stride()[:2] if t is not None else (0, 0))])
     out = torch.empty_like(q)
     _lib.attend_one_query(  # type: ignore[union-attr]
         _ptr(q), _ptr(key), _ptr(value), KV_KINDS[key.dtype], *map(_ptr, scales), _ptr(allowed), _ptr(out), B, H, KV, S, D, *strides,
-        scale_strides, scale, torch.get_num_threads(),
+        scale_strides, D // blocks, scale, torch.get_num_threads(),
     )
     return out
 
@@ -151,4 +152,4 @@ if _lib is not None:
     _lib.read_memory.argtypes = [_p, _i64, _int]
     _lib.rms_norm.argtypes = [_p, _p, _p, _i64, _i64, ctypes.c_float, ctypes.c_float]
     _lib.rms_norm_rotary.argtypes = [_p, _p, _p, _p, _p, _i64, _i64, _i64, ctypes.c_float, ctypes.c_float]
-    _lib.attend_one_query.argtypes = [_p, _p, _p, _int, _p, _p, _p, _p, *[_i64] * 5, _p, _p, _p, ctypes.c_float, _int]
+    _lib.attend_one_query.argtypes = [_p, _p, _p, _int, _p, _p, _p, _p, *[_i64] * 5, _p, _p, _p, _i64, ctypes.c_float, _int]

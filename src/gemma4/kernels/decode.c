@@ -1,7 +1,7 @@
 /* The small operations of one decode step, fused: at one token each is a few microseconds of work
  * that PyTorch spends as several operators (an RMSNorm is eight, a rotation eight more), and a step
  * has hundreds of them. fp32 in and out; cached keys and values are read as stored (fp32, bf16, fp16,
- * or int8 codes with a scale per head and position).
+ * or int8 codes with an fp16 scale per 32 values).
  * Their sums run in another order than PyTorch's, which changes only round-off.
  * Called through ctypes (kernels/__init__.py). */
 
@@ -14,32 +14,39 @@
 
 enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3 };
 
-/* Element `at` of a K/V buffer of `kind` values, as fp32 (int8: the code, its scale applied apart). */
-static inline float kv_at(const void *kv, int64_t at, int kind) {
+/* Element `at` of a K/V buffer of `kind` values, as fp32; int8 codes times `scale` (their block's). */
+static inline float kv_at(const void *kv, int64_t at, int kind, float scale) {
     if (kind == KV_F32) return ((const float *)kv)[at];
-    if (kind == KV_I8) return ((const int8_t *)kv)[at];
+    if (kind == KV_I8) return ((const int8_t *)kv)[at] * scale;
     uint16_t h = ((const uint16_t *)kv)[at];
     return kind == KV_BF16 ? bf16_to_float(h) : half_to_float(h);
 }
 
 #ifdef GEMMA4_AVX2
-static inline __m256 kv_load8(const void *kv, int64_t at, int kind) {
+static inline __m256 kv_load8(const void *kv, int64_t at, int kind, float scale) {
     if (kind == KV_F32) return _mm256_loadu_ps((const float *)kv + at);
-    if (kind == KV_I8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)kv + at))));
+    if (kind == KV_I8)
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)kv + at)))),
+                             _mm256_set1_ps(scale));
     const uint16_t *h = (const uint16_t *)kv + at;
     return kind == KV_BF16 ? load_bf16(h) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
 }
 #endif
 
-/* out[g] = q[g] . k for the `group` queries of one KV head: k (element k0 on) is loaded once for all of them. */
-static void dots(const float *q, const void *k, int64_t k0, int kind, float *out, int64_t group, int64_t D) {
+/* The scale of element d of a slot whose int8 scales, one per `block` values, start at `scales` (1 for float kinds). */
+static inline float block_scale(const uint16_t *scales, int64_t d, int64_t block) { return scales ? half_to_float(scales[d / block]) : 1.f; }
+
+/* out[g] = q[g] . k for the `group` queries of one KV head: k (element k0 on, its int8 block scales at
+ * `scales`) is loaded once for all of them. */
+static void dots(const float *q, const void *k, int64_t k0, int kind, const uint16_t *scales, int64_t block, float *out, int64_t group,
+                 int64_t D) {
 #ifdef GEMMA4_AVX2
     for (int64_t g0 = 0; g0 < group; g0 += 8) {
         int64_t n = group - g0 < 8 ? group - g0 : 8;
         __m256 acc[8];
         for (int64_t g = 0; g < n; g++) acc[g] = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) {  /* D % 8 == 0 (the caller checks) */
-            __m256 kv = kv_load8(k, k0 + d, kind);
+            __m256 kv = kv_load8(k, k0 + d, kind, block_scale(scales, d, block));
             for (int64_t g = 0; g < n; g++) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (g0 + g) * D + d), kv, acc[g]);
         }
         for (int64_t g = 0; g < n; g++) out[g0 + g] = hsum(acc[g]);
@@ -47,17 +54,18 @@ static void dots(const float *q, const void *k, int64_t k0, int kind, float *out
 #else
     for (int64_t g = 0; g < group; g++) {  /* one long serial sum: in double, to stay within fp32 round-off */
         double dot = 0.0;
-        for (int64_t d = 0; d < D; d++) dot += q[g * D + d] * kv_at(k, k0 + d, kind);
+        for (int64_t d = 0; d < D; d++) dot += q[g * D + d] * kv_at(k, k0 + d, kind, block_scale(scales, d, block));
         out[g] = (float)dot;
     }
 #endif
 }
 
 /* part[g] outputs (at offset 2 of each `width`, zeroed by the caller) = sum over allowed slots s of
- * p[s, g] * v[s] (v's slot s at element v0 + s D): eight columns of v at a time against every query,
- * the sums held in registers. */
-static void weighted_sum(const float *p, const void *v, int64_t v0, int kind, const uint8_t *mask, int64_t s0, int64_t s1,
-                         float *part, int64_t group, int64_t D, int64_t width) {
+ * p[s, g] * v[s] (v's slot s at element v0 + s D, its int8 scales at scales + s D / block):
+ * eight columns of v at a time against every query, the sums held in registers. */
+static void weighted_sum(const float *p, const void *v, int64_t v0, int kind, const uint16_t *scales, int64_t block,
+                         const uint8_t *mask, int64_t s0, int64_t s1, float *part, int64_t group, int64_t D, int64_t width) {
+    int64_t blocks = D / block;
 #ifdef GEMMA4_AVX2
     for (int64_t g0 = 0; g0 < group; g0 += 8) {
         int64_t n = group - g0 < 8 ? group - g0 : 8;
@@ -66,7 +74,7 @@ static void weighted_sum(const float *p, const void *v, int64_t v0, int kind, co
             for (int64_t g = 0; g < n; g++) acc[g] = _mm256_setzero_ps();
             for (int64_t s = s0; s < s1; s++) {
                 if (!mask[s]) continue;
-                __m256 vv = kv_load8(v, v0 + s * D + d, kind);
+                __m256 vv = kv_load8(v, v0 + s * D + d, kind, block_scale(scales ? scales + s * blocks : NULL, d, block));
                 const float *ps = p + (s - s0) * group + g0;
                 for (int64_t g = 0; g < n; g++) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(ps[g]), vv, acc[g]);
             }
@@ -77,7 +85,8 @@ static void weighted_sum(const float *p, const void *v, int64_t v0, int kind, co
     for (int64_t s = s0; s < s1; s++) {
         if (!mask[s]) continue;
         for (int64_t g = 0; g < group; g++)
-            for (int64_t d = 0; d < D; d++) part[g * width + 2 + d] += p[(s - s0) * group + g] * kv_at(v, v0 + s * D + d, kind);
+            for (int64_t d = 0; d < D; d++)
+                part[g * width + 2 + d] += p[(s - s0) * group + g] * kv_at(v, v0 + s * D + d, kind, block_scale(scales ? scales + s * blocks : NULL, d, block));
     }
 #endif
 }
@@ -123,14 +132,14 @@ __attribute__((optimize("fp-contract=off"))) void rms_norm_rotary(const float *x
 /* One query per head against its KV head's cached keys and values (GQA: `group` = H / KV queries
  * share one KV head). q, out: [B, H, D]; key, value: [B, KV, S, D] of `kv_kind` values with rows
  * of D contiguous, their batch and KV-head strides given (a cache's buffer may hold more slots than
- * S); int8 K/V come with scales [B, KV, S] (key_scales, value_scales; NULL otherwise, positions
- * contiguous), applied to each score and to each softmax weight; allowed: [B, S] (nonzero where the query may attend). The slots are split between threads, each reading its
+ * S); int8 K/V come with fp16 scales [B, KV, S, D / block] (key_scales, value_scales; NULL
+ * otherwise; positions and blocks contiguous, batch and head strides given); allowed: [B, S] (nonzero where the query may attend). The slots are split between threads, each reading its
  * share of K and V once for all queries of the group (as flash decoding does); the partial softmaxes
  * are then merged. */
-void attend_one_query(const float *q, const void *key, const void *value, int kv_kind, const float *key_scales,
-                      const float *value_scales, const uint8_t *allowed, float *out, int64_t B, int64_t H, int64_t KV, int64_t S,
-                      int64_t D, const int64_t *key_strides, const int64_t *value_strides, const int64_t *scale_strides, float scale,
-                      int threads) {
+void attend_one_query(const float *q, const void *key, const void *value, int kv_kind, const uint16_t *key_scales,
+                      const uint16_t *value_scales, const uint8_t *allowed, float *out, int64_t B, int64_t H, int64_t KV, int64_t S,
+                      int64_t D, const int64_t *key_strides, const int64_t *value_strides, const int64_t *scale_strides, int64_t block,
+                      float scale, int threads) {
     int64_t group = H / KV, pairs = B * KV, width = D + 2;  /* a partial: running max, sum, D outputs */
     float *partials = (float *)malloc(pairs * threads * group * width * sizeof(float));
     int used = threads;  /* OpenMP may give fewer threads than asked: merge only the partials written */
@@ -143,8 +152,8 @@ void attend_one_query(const float *q, const void *key, const void *value, int kv
         for (int64_t pair = 0; pair < pairs; pair++) {
             int64_t b = pair / KV, kv = pair % KV;
             int64_t k0 = b * key_strides[0] + kv * key_strides[1], v0 = b * value_strides[0] + kv * value_strides[1];
-            const float *ks = key_scales ? key_scales + b * scale_strides[0] + kv * scale_strides[1] : NULL;
-            const float *vs = value_scales ? value_scales + b * scale_strides[2] + kv * scale_strides[3] : NULL;
+            const uint16_t *ks = key_scales ? key_scales + b * scale_strides[0] + kv * scale_strides[1] : NULL;
+            const uint16_t *vs = value_scales ? value_scales + b * scale_strides[2] + kv * scale_strides[3] : NULL;
             const float *qg = q + (b * H + kv * group) * D;
             const uint8_t *mask = allowed + b * S;
             float *part = partials + (pair * threads + t) * group * width;
@@ -156,10 +165,9 @@ void attend_one_query(const float *q, const void *key, const void *value, int kv
             for (int64_t s = s0; s < s1; s++) {
                 if (!mask[s]) continue;
                 float *row = scores + (s - s0) * group;
-                dots(qg, key, k0 + s * D, kv_kind, row, group, D);
-                float row_scale = ks ? scale * ks[s] : scale;
+                dots(qg, key, k0 + s * D, kv_kind, ks ? ks + s * (D / block) : NULL, block, row, group, D);
                 for (int64_t g = 0; g < group; g++) {
-                    row[g] *= row_scale;
+                    row[g] *= scale;
                     part[g * width] = fmaxf(part[g * width], row[g]);
                 }
             }
@@ -169,10 +177,9 @@ void attend_one_query(const float *q, const void *key, const void *value, int kv
                 for (int64_t g = 0; g < group; g++) {
                     row[g] = expf(row[g] - part[g * width]);
                     part[g * width + 1] += row[g];
-                    if (vs) row[g] *= vs[s];  /* from here on the weight of value codes */
                 }
             }
-            weighted_sum(scores, value, v0, kv_kind, mask, s0, s1, part, group, D, width);
+            weighted_sum(scores, value, v0, kv_kind, vs, block, mask, s0, s1, part, group, D, width);
         }
         free(scores);
     }
