@@ -35,6 +35,18 @@ def test_raw_run_matches_the_python_api(checkpoints):
     assert result.returncode == 0 and result.stdout == expected + "\n"
 
 
+def test_cache_and_kernel_options_reach_the_model(checkpoints):
+    """--kv-dtype and --fast-math load what gemma4.load(kv_dtype=, fast_math=) loads."""
+    import gemma4 as api
+
+    path = checkpoints("tiny-e2b", torch.bfloat16)
+    options = ["--quant", "int4", "--kv-dtype", "int8", "--fast-math"]
+    result = gemma4("run", str(path), "Once upon", "--raw", "--max-new-tokens", "5", "--temperature", "0", *options)
+    model = api.load(path, progress=False, quant="int4", kv_dtype="int8", fast_math=True)
+    assert model.kv_dtype == "int8" and model.fast_math
+    assert result.returncode == 0 and result.stdout == model.generate("Once upon", 5, temperature=0) + "\n"
+
+
 def test_interactive_chat(checkpoints):
     path = str(checkpoints("tiny-e2b", torch.bfloat16))
     script = "Hi\nMore\n/system Be brief\n/think\nAgain\n/reset\n/nope\nHello\n/exit\n"

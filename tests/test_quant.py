@@ -187,11 +187,12 @@ def test_packed_model_is_the_model_of_its_weights(checkpoints, preset, kind, mon
     torch.testing.assert_close(decode_all(packed, ids, prompt=5), decode_all(reference, ids, prompt=5), atol=1e-3, rtol=0)
 
 
-def test_saved_quantized_checkpoint_reloads_without_requantizing(checkpoints, tmp_path):
+@pytest.mark.parametrize("kind", ["int4", "q4_0"])
+def test_saved_quantized_checkpoint_reloads_without_requantizing(checkpoints, tmp_path, kind):
     path = checkpoints("tiny-e2b", torch.bfloat16)
-    target = save_quantized(path, tmp_path / "int4", "int4", progress=False)
+    target = save_quantized(path, tmp_path / kind, kind, progress=False)
     reloaded = gemma4.load(target, progress=False)
-    fresh = gemma4.Model(load_model(path, quant="int4", pack_tables=True, progress=False), reloaded.tokenizer, {}, None)
+    fresh = gemma4.Model(load_model(path, quant=kind, pack_tables=True, progress=False), reloaded.tokenizer, {}, None)
     ids = ids_for(9, batch=1)
     assert torch.equal(reloaded(ids), fresh(ids))
     table = reloaded.lm.model.embed_tokens_per_layer
@@ -293,3 +294,20 @@ def test_the_decode_path_is_the_model_it_loaded(real_model, quant):
     print(f"{quant or 'GGUF types'}: decode path KL {kl:.6f} top-1 {top1:.3f}; --fast-math KL {fast_kl:.4f} top-1 {fast_top1:.3f}")
     assert kl <= 0.001 and top1 >= 0.98
     assert fast_kl > 10 * kl
+
+
+def test_q4_0_equals_the_gguf_quantizer_bit_for_bit():
+    """--quant q4_0 rounds onto llama.cpp's Q4_0 grid exactly as `gguf` does (a QAT checkpoint trained
+    for that grid loses nothing more), and the file's blocks re-pack to the same tensors."""
+    import gguf
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * torch.logspace(-3, 1, 256)  # outliers, ties of magnitude, a zero group
+    w[3, :32] = 0
+    w[5, 40] = -w[5, 41].abs().item() if w[5, 41] > 0 else w[5, 41].abs().item()
+    ours = quantize(w, "q4_0")
+    blocks = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_0)
+    theirs = torch.from_numpy(np.asarray(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_0), dtype=np.float32))
+    assert ours.group == 32 and torch.equal(ours.dequantize(), theirs)
+    repacked = repack(blocks.reshape(-1), "Q4_0", (64, 256))
+    assert torch.equal(repacked.dequantize(), theirs)

@@ -32,8 +32,9 @@ def load(
         context: the longest sequence to serve (default: the model's maximum); the cache grows only as used.
         prefill_chunk: prompt tokens processed per step; bounds the attention scores held at once.
         progress: show a progress bar when loading takes more than a second.
-        quant: "bf16", "int8" or "int4": keep the matrices packed in that format and compute in fp32 on
-            the packed kernels (int8: per output channel; int4: asymmetric, groups of `group`, default 64).
+        quant: "bf16", "int8", "int4" or "q4_0": keep the matrices packed in that format and compute in fp32
+            on the packed kernels (int8: per output channel; int4: asymmetric, groups of `group`, default
+            64; q4_0: llama.cpp's symmetric grid over groups of 32, for quantization-aware checkpoints).
         group: columns per int8/int4 scale (0: the default).
         kv_dtype: the K/V cache's dtype, "bf16", "fp16" or "fp32" (default: fp16 beside packed weights,
             else the compute dtype).

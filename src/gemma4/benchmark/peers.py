@@ -14,7 +14,7 @@ from ..errors import Gemma4Error
 from ..weights.default_model import cache_dir
 
 LLAMA_CPP_VERSION = "0.3.36"  # scripts/build_llama_cpp.sh builds it and unpacks its source (the converter)
-LLAMA_CPP_TYPE = {"bf16": "F16", "int8": "Q8_0", "int4": "Q4_0"}  # llama.cpp's type of the same size class
+LLAMA_CPP_TYPE = {"bf16": "F16", "int8": "Q8_0", "int4": "Q4_0", "q4_0": "Q4_0"}  # llama.cpp's type of the same size class
 
 
 def llama_cpp_installed() -> bool:

@@ -7,6 +7,8 @@ One format per kind, with w = scale[n, g] * code + offset[n, g] over groups of `
         Q8_0/Q5/Q6_K).
   int4: 4-bit codes in 32-column blocks, scales and offsets in fp16 (ours, GGUF Q4_0/Q4_1) or fp32
         (GGUF Q4_K); in tiles of 8 rows for matmuls, in rows for row-read tables (quant/int4.py).
+        "q4_0" quantizes onto llama.cpp's Q4_0 grid (symmetric, groups of 32: offset = -8 scale),
+        the grid Google's quantization-aware checkpoints were trained for; it is stored as int4.
 Offsets are optional (symmetric int8 has none). Leading dimensions stack experts."""
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from torch import Tensor
 from .. import kernels
 from . import int4
 
-KINDS = ("bf16", "int8", "int4")  # what users pick; "f16" also exists, for GGUF F16 tensors
-DEFAULT_GROUP = {"int8": 0, "int4": 64}  # 0: one group per output channel
+KINDS = ("bf16", "int8", "int4", "q4_0")  # what users pick; "f16" also exists, for GGUF F16 tensors
+DEFAULT_GROUP = {"int8": 0, "int4": 64, "q4_0": 32}  # 0: one group per output channel
 STREAMING_MAX_ROWS = 8  # activations rows up to which the streaming kernels beat dequantize + dense matmul
 DENSE_BLOCK_BYTES = 8 << 20  # fp32 rows dequantized at once on the dense path: L2-sized blocks (64 MB: 2x slower prompts of 32-128 tokens on E2B int4)
 
@@ -164,13 +166,17 @@ def _quantize_rows(weight: Tensor, kind: str, group: int | None) -> PackedTensor
         scales = w.abs().amax(-1).clamp_min(1e-30) / 127
         codes = torch.round(w / scales[..., None]).clamp(-127, 127).to(torch.int8)
         return PackedTensor("int8", codes.flatten(-2).contiguous(), scales.contiguous(), None, group)
-    scales, offsets, codes = _fit_int4(w)
+    scales, offsets, codes = _fit_q4_0(w) if kind == "q4_0" else _fit_int4(w)
     return PackedTensor("int4", int4.pack(codes.flatten(-2)), scales.contiguous(), offsets.contiguous(), group)
 
 
 def fit_group(K: int, kind: str, group: int | None) -> tuple[str, int]:
     """The (kind, group) a row of K columns gets: the group narrowed to divide K; int4 needs whole
     32-blocks, so rows too narrow for them (tiny models only) fall back to int8."""
+    if kind == "q4_0":
+        if group not in (None, 0, 32):
+            raise ValueError(f"q4_0 is llama.cpp's grid of groups of 32, not {group}")
+        return ("q4_0", 32) if K % 32 == 0 else ("int8", math.gcd(K, 32))
     group = DEFAULT_GROUP[kind] if group is None else group
     if group and K % group:
         group = math.gcd(K, group)
@@ -192,6 +198,18 @@ def packed_nbytes(shape: tuple[int, ...], kind: str, group: int | None = None) -
     """Bytes `quantize(torch.empty(shape), kind, group)` holds, without making it."""
     *lead, K = shape
     return math.prod(lead) * sum(packed_row_bytes(K, kind, group))
+
+
+def _fit_q4_0(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """llama.cpp's Q4_0 per group [..., G, 32], step for step as `gguf`'s quantizer takes it (so the
+    result equals its bit for bit): d = (the value of largest magnitude) / -8, codes trunc(w / d + 8.5)
+    in 0..15; stored as scale d and offset -8 d in fp16 (w = d (code - 8), exactly)."""
+    top = torch.gather(w, -1, w.abs().argmax(-1, keepdim=True))
+    d = top / -8
+    inverse = torch.where(d == 0, 0.0, 1 / d)
+    codes = torch.trunc(w * inverse + 8.5).clamp(0, 15).to(torch.uint8)
+    scale = d[..., 0].half()
+    return scale, scale * -8, codes
 
 
 def _fit_int4(w: Tensor, shrinks: tuple[float, ...] = (1.0, 0.94, 0.88, 0.82)) -> tuple[Tensor, Tensor, Tensor]:
