@@ -40,8 +40,9 @@ def available() -> bool:
     return _lib is not None
 
 
-def _ptr(t: Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+def _ptr(t: Tensor | None) -> int:
+    """A tensor's address for a c_void_p argument (ctypes converts an int; a null pointer for None)."""
+    return t.data_ptr() if t is not None else 0
 
 
 Matmul = Callable[[Tensor], Tensor]

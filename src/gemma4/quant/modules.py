@@ -33,12 +33,12 @@ class PackedModule(nn.Module):
         self._views: dict[str, PackedTensor] = {}
 
     def packed(self, name: str) -> PackedTensor:
-        # Made once per set of buffers: a decode step calls this ~300 times.
-        buffers = [self._buffers[name + suffix] for suffix in SUFFIXES]
+        # Made once per set of buffers (loading replaces codes, scales and offsets together) and
+        # setting: a decode step calls this ~300 times.
         view = self._views.get(name)
-        if view is None or any(held is not given for held, given in zip((view.codes, view.scales, view.offsets), buffers)):
-            view = self._views[name] = PackedTensor.of(*buffers, dims=self.dims)  # type: ignore[misc]
-        if view.fast_math != self.fast_math:
+        if view is None or view.codes is not self._buffers[name] or view.fast_math != self.fast_math:
+            buffers = [self._buffers[name + suffix] for suffix in SUFFIXES]
+            view = PackedTensor.of(*buffers, dims=self.dims)  # type: ignore[misc]
             view = self._views[name] = replace(view, fast_math=self.fast_math)
         return view
 

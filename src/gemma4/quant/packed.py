@@ -113,10 +113,12 @@ class PackedTensor:
     def matmul(self, x: Tensor) -> Tensor:
         """x [..., K] @ W.T -> [..., N] in x's dtype, computed in fp32."""
         *lead, K = x.shape
-        flat = x.reshape(-1, K).float().contiguous()
+        flat = x.reshape(-1, K)
+        if flat.dtype != torch.float32 or not flat.is_contiguous():  # (a decode step makes ~300 calls: no no-op copies)
+            flat = flat.float().contiguous()
         streaming = self._streaming_kernel if flat.shape[0] <= STREAMING_MAX_ROWS else None
-        y = streaming(flat) if streaming is not None else self._dense_matmul(flat)
-        return y.view(*lead, -1).to(x.dtype)
+        y = (streaming(flat) if streaming is not None else self._dense_matmul(flat)).view(*lead, -1)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     @cached_property
     def _streaming_kernel(self) -> kernels.Matmul | None:
