@@ -115,9 +115,6 @@ static void int8_rows(const RoundedActivations *a, const int8_t *w, const float 
                       float *y, int64_t M, int64_t N, int64_t K, int64_t group, int threads) {
     int64_t G = K / group, blocks = group / 32;
     const float unit = a->low ? 1.f / LOW_STEPS : 1.f;
-#ifdef GEMMA4_AVX2
-    const __m256i ones = _mm256_set1_epi16(1), high_weight = _mm256_set1_epi16(a->low ? LOW_STEPS : 1);
-#endif
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = w + n * K;
@@ -133,10 +130,12 @@ static void int8_rows(const RoundedActivations *a, const int8_t *w, const float 
                     /* maddubs multiplies unsigned by signed: |w| (-128 reads as 128) times x with w's sign */
                     __m256i wv = _mm256_loadu_si256((const __m256i *)(row + b * 32)), magnitude = _mm256_sign_epi8(wv, wv);
                     __m256i xv = _mm256_loadu_si256((const __m256i *)(high + b * 32));
-                    __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, wv)), high_weight);
-                    if (low) {
+                    /* 16-bit pairs of 128 * 127 at most: no saturation on the maddubs path */
+                    __m256i dot = dot_bytes(_mm256_setzero_si256(), magnitude, _mm256_sign_epi8(xv, wv));
+                    if (low) {  /* high * 254 + rest, 254 x = 256 x - 2 x */
                         __m256i rest = _mm256_loadu_si256((const __m256i *)(low + b * 32));
-                        dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(rest, wv)), ones));
+                        dot = _mm256_sub_epi32(_mm256_slli_epi32(dot, 8), _mm256_slli_epi32(dot, 1));
+                        dot = dot_bytes(dot, magnitude, _mm256_sign_epi8(rest, wv));
                     }
                     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * step[b]), acc);
                 }

@@ -19,6 +19,17 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* acc + the sums of 4 adjacent unsigned x signed byte products per 32-bit lane: one AVX-VNNI
+ * instruction where the CPU has it (a compile for this CPU finds out), else maddubs and madd
+ * (whose 16-bit pair sums the callers keep below saturation: the same result). */
+static inline __m256i dot_bytes(__m256i acc, __m256i u, __m256i s) {
+#ifdef __AVXVNNI__
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
 /* Weight bytes ahead of the load to ask for: measured on this kind of machine, one sequential
  * stream per thread with a software prefetch reads ~20 % faster than the hardware prefetcher alone,
  * and 4 KB ahead 3-8 % faster again than 1 KB (all of full-size E2B's matrices, bf16 and int4). */
@@ -72,7 +83,7 @@ static inline void group_sums(const float *x, float *sums, int64_t M, int64_t K,
  * the answers stay the model's (high alone moves next-token KL ~20x past the weights' own error).
  * |low| <= 127 (|rest| <= step / 2), so either half fits the sign trick of the int8 kernels.
  * `low` NULL: the high half only (--fast-math). */
-#define LOW_STEPS 254
+#define LOW_STEPS 254 /* the kernels multiply by it as 256 x - 2 x */
 
 typedef struct {
     int8_t *high, *low;  /* [M, K]; low NULL when fast */
