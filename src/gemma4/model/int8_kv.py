@@ -1,8 +1,8 @@
 """Keys and values in 8 bits: int8 codes with one fp16 scale per 32 values of a head's vector (the
 block's largest magnitude / 127, as llama.cpp's Q8_0). A K/V cache in this form holds 34 / 64 of its
 bf16 bytes; the decode kernel reads the codes in place and applies the scales per block, so nothing
-is widened. One scale per whole vector (D = 256) cost Gemma 3 270M next-token KL 0.017 where blocks
-of 32 cost 0.003 (benchmarks/quality.py)."""
+is widened. On Gemma 3 270M, one scale per whole vector (D = 256) cost next-token KL 0.017; blocks of
+32 cost 0.002 over three sliding windows (benchmarks/quality.py --sections kv)."""
 
 from __future__ import annotations
 
