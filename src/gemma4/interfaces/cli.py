@@ -11,9 +11,9 @@ from pathlib import Path
 from ..config import ModelConfig
 from ..errors import Gemma4Error
 from ..quant.packed import KINDS
+from ..weights.presets import PRESETS, preset_config
 
 KV_DTYPES = ["bf16", "fp16", "fp32", "int8"]
-from ..weights.presets import PRESETS, preset_config
 
 
 def _model_config(model: str) -> ModelConfig:

@@ -54,10 +54,7 @@ static inline __m256 tile_dot(const uint8_t *tile, const int8_t *high, const int
                 __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
                 /* 16-bit pairs of 15 * 127: no saturation on the maddubs path */
                 rows[c] = dot_bytes(dot_bytes(zero, lo, x0), hi, x1);
-                if (low) {  /* high * 254 + rest, 254 x = 256 x - 2 x */
-                    __m256i rest = dot_bytes(dot_bytes(zero, lo, r0), hi, r1);
-                    rows[c] = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(rows[c], 8), _mm256_slli_epi32(rows[c], 1)), rest);
-                }
+                if (low) rows[c] = dot_bytes(dot_bytes(times_low_steps(rows[c]), lo, r0), hi, r1);
             }
             __m256i dots = _mm256_hadd_epi32(_mm256_hadd_epi32(rows[0], rows[1]), _mm256_hadd_epi32(rows[2], rows[3]));
             group_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(step[b] * unit), group_acc);

@@ -132,10 +132,9 @@ static void int8_rows(const RoundedActivations *a, const int8_t *w, const float 
                     __m256i xv = _mm256_loadu_si256((const __m256i *)(high + b * 32));
                     /* 16-bit pairs of 128 * 127 at most: no saturation on the maddubs path */
                     __m256i dot = dot_bytes(_mm256_setzero_si256(), magnitude, _mm256_sign_epi8(xv, wv));
-                    if (low) {  /* high * 254 + rest, 254 x = 256 x - 2 x */
+                    if (low) {
                         __m256i rest = _mm256_loadu_si256((const __m256i *)(low + b * 32));
-                        dot = _mm256_sub_epi32(_mm256_slli_epi32(dot, 8), _mm256_slli_epi32(dot, 1));
-                        dot = dot_bytes(dot, magnitude, _mm256_sign_epi8(rest, wv));
+                        dot = dot_bytes(times_low_steps(dot), magnitude, _mm256_sign_epi8(rest, wv));
                     }
                     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * step[b]), acc);
                 }

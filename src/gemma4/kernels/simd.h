@@ -83,7 +83,13 @@ static inline void group_sums(const float *x, float *sums, int64_t M, int64_t K,
  * model's (high alone moved Gemma 3 270M's next-token KL to 0.03, 25-40x its weights' own rounding).
  * |low| <= 127 (|rest| <= step / 2), so either half fits the sign trick of the int8 kernels.
  * `low` NULL: the high half only (--fast-math). */
-#define LOW_STEPS 254 /* the kernels multiply by it as 256 x - 2 x */
+#define LOW_STEPS 254
+
+#ifdef GEMMA4_AVX2
+/* LOW_STEPS x per 32-bit lane, as 256 x - 2 x (two shifts: no 10-cycle mullo): the high half's
+ * integer sums brought to the low half's step. */
+static inline __m256i times_low_steps(__m256i x) { return _mm256_sub_epi32(_mm256_slli_epi32(x, 8), _mm256_slli_epi32(x, 1)); }
+#endif
 
 typedef struct {
     int8_t *high, *low;  /* [M, K]; low NULL when fast */

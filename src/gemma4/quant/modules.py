@@ -79,12 +79,11 @@ class PackedEmbedding(PackedModule):
         return self.packed("weight").matmul(hidden)
 
 
-def set_fast_math(model: nn.Module, on: bool) -> int:
-    """Switch the packed matmuls of `model` to int8-only activations (on) or back; returns how many modules."""
-    modules = [m for m in model.modules() if isinstance(m, PackedModule)]
-    for module in modules:
-        module.fast_math = on
-    return len(modules)
+def set_fast_math(model: nn.Module, on: bool) -> None:
+    """Switch the packed matmuls of `model` to int8-only activations (on) or back."""
+    for module in model.modules():
+        if isinstance(module, PackedModule):
+            module.fast_math = on
 
 
 @dataclass(frozen=True)
