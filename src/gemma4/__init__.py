@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .parallel.ranks import Ranks, fingerprint
 from .runtime.engine import Model
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ def load(
     group: int = 0,
     kv_dtype: torch.dtype | str | None = None,
     fast_math: bool = False,
+    tp: int = 1,
 ) -> Model:
     """Load a Gemma 4 (or Gemma 3) checkpoint.
 
@@ -41,13 +43,21 @@ def load(
         fast_math: packed int8/int4 matmuls round activations to 8 bits, as llama.cpp does: faster
             decoding, but not the model's own answers (next-token KL ~0.02-0.05 on Gemma 3 270M, where
             the default's is ~1e-5).
+        tp: run the model over this many ranks (tensor parallelism; the 26B-A4B's experts spread over
+            them). Call on every rank of an initialised default process group (torchrun sets it up):
+            each loads only its own part, and `model(input_ids)` and `generate` give every rank the
+            same, full answer.
 
     Returns:
         The model: `model(input_ids)` maps a LongTensor [batch, seq] to soft-capped logits
         [batch, seq, vocab]; `model.generate(prompt)` continues text or token ids; `model.chat(messages)`
         answers OpenAI-style messages.
     """
-    model = Model.from_folder(path, dtype=dtype, context=context, prefill_chunk=prefill_chunk, progress=progress, quant=quant, group=group)
+    ranks = Ranks.join(tp)
+    if ranks.size > 1:
+        ranks.agree("checkpoint and options", (fingerprint(path), str(dtype), context, prefill_chunk, quant, group, str(kv_dtype), fast_math))
+    model = Model.from_folder(path, dtype=dtype, context=context, prefill_chunk=prefill_chunk, progress=progress, quant=quant, group=group,
+                              ranks=ranks)
     model.configure(kv_dtype, fast_math)
     return model
 

@@ -202,20 +202,25 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """All experts as two 3-D tensors, as checkpoints store them."""
+    """The experts as two 3-D tensors, as checkpoints store them: all of them, or (expert parallelism)
+    the `num_experts` from `first` on, where tokens routed elsewhere contribute nothing here."""
 
-    def __init__(self, num_experts: int, hidden: int, width: int):
+    def __init__(self, num_experts: int, hidden: int, width: int, first: int = 0):
         super().__init__()
+        self.first = first
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * width, hidden))  # [E, 2I, hidden]
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width))  # [E, hidden, I]
 
     def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-        """x: [N, hidden]; each token runs only its top-k experts."""
+        """x: [N, hidden]; each token runs only its top-k experts (those held here)."""
         out = torch.zeros_like(x)
+        held = range(self.first, self.first + self.gate_up_proj.shape[0])
         for expert in ids.unique().tolist():
+            if expert not in held:
+                continue
             token, slot = torch.where(ids == expert)
-            gate, up = self.project(x[token], "gate_up_proj", expert).chunk(2, dim=-1)
-            y = self.project(gelu_tanh(gate) * up, "down_proj", expert) * weights[token, slot, None]
+            gate, up = self.project(x[token], "gate_up_proj", expert - self.first).chunk(2, dim=-1)
+            y = self.project(gelu_tanh(gate) * up, "down_proj", expert - self.first) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
 

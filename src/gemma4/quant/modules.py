@@ -58,8 +58,9 @@ class PackedExperts(PackedModule):
     forward = Experts.forward
     dims = 3
 
-    def __init__(self) -> None:
+    def __init__(self, first: int = 0) -> None:
         super().__init__(("gate_up_proj", "down_proj"))
+        self.first = first
 
     def project(self, x: Tensor, name: str, expert: int) -> Tensor:
         return self.packed(name)[expert].matmul(x)
@@ -116,7 +117,7 @@ def packed_twin(module: nn.Module) -> PackedModule:
     """The packed module that takes `module`'s place (its buffers still empty)."""
     if isinstance(module, ScaledEmbedding):
         return PackedEmbedding(module.scale)
-    return PackedExperts() if isinstance(module, Experts) else PackedLinear()
+    return PackedExperts(module.first) if isinstance(module, Experts) else PackedLinear()
 
 
 def replace_module(model: nn.Module, name: str, replacement: nn.Module) -> None:

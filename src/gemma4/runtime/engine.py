@@ -20,6 +20,8 @@ from ..media.image import DEFAULT_BUDGET
 from ..media.prompt import Media, build_prompt, expand, processor_outputs, split_media
 from ..model import CausalLM
 from ..model.multimodal import MediaEncoders, merge
+from ..parallel.ranks import ALONE, Ranks
+from ..parallel.sharding import WHOLE, Shard
 from ..quant.modules import set_fast_math
 from .chat_format import render_chat
 from .chat_parser import ChatResult, Event, OutputParser
@@ -63,6 +65,7 @@ class Model:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         self.lm = lm
+        self.ranks = ALONE
         self.fast_math = False
         self.configure()
         self.tokenizer = tokenizer
@@ -91,20 +94,32 @@ class Model:
         progress: bool = True,
         quant: str | None = None,
         group: int = 0,
+        ranks: Ranks = ALONE,
     ) -> Model:
+        """ranks: the ranks the model runs on, this process's part loaded (parallel/)."""
         from ..weights import load_model
 
         folder = Path(path)
         if folder.is_file() and folder.suffix == ".gguf":
-            return cls.from_gguf(folder, dtype, context, prefill_chunk, progress, quant, group)
-        lm = load_model(folder, dtype=dtype or torch.bfloat16, progress=progress, quant=quant, group=group)
+            model = cls.from_gguf(folder, dtype, context, prefill_chunk, progress, quant, group, ranks.shard)
+            model.run_on(ranks)
+            return model
+        lm = load_model(folder, dtype=dtype or torch.bfloat16, progress=progress, quant=quant, group=group, shard=ranks.shard)
         has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
         tokenizer = Tokenizer.from_folder(folder) if has_tokenizer else None
         model = cls(lm, tokenizer, _read_json(folder / "generation_config.json"), _chat_template(folder), context, prefill_chunk)
         config = ModelConfig.from_file(folder / "config.json")
         model.checkpoint = folder
         model.encoder_kinds = ({"image", "video"} if config.vision else set()) | ({"audio"} if config.audio else set())
+        model.run_on(ranks)
         return model
+
+    def run_on(self, ranks: Ranks) -> None:
+        """Sum this rank's partial outputs over the others, and sample as they do."""
+        self.ranks = ranks
+        if ranks.size > 1:
+            ranks.attach(self.lm)
+            ranks.seed_alike()
 
     @classmethod
     def from_gguf(
@@ -116,13 +131,14 @@ class Model:
         progress: bool = True,
         quant: str | None = None,
         group: int = 0,
+        shard: Shard = WHOLE,
     ) -> Model:
         """A llama.cpp / Ollama GGUF file: config, weights (kept in the file's types unless `dtype` or
         `quant` asks otherwise), tokenizer, template."""
         from ..weights.checkpoint import resolve_dtype
         from ..weights.gguf_file import gguf_tokenizer, load_gguf_model
 
-        lm, checkpoint = load_gguf_model(path, resolve_dtype(dtype) if dtype else None, progress, quant, group)
+        lm, checkpoint = load_gguf_model(path, resolve_dtype(dtype) if dtype else None, progress, quant, group, shard)
         template = checkpoint.field("tokenizer.chat_template")
         eos = checkpoint.field("tokenizer.ggml.eos_token_id", 1)
         generation = {"eos_token_id": sorted({eos, END_OF_TURN_ID})}

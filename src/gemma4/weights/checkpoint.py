@@ -15,6 +15,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import CausalLM
 from ..model.multimodal import MediaEncoders
+from ..parallel.sharding import WHOLE, Shard
 from ..quant.modules import PackedModule, Scheme, is_row_table, pack_modules, pack_state
 from ..quant.packed import KINDS
 from .layout import TensorSpec, checkpoint_tensors, decoder_prefix, empty, empty_model
@@ -171,21 +172,23 @@ def load_model(
     quant: str | None = None,
     group: int = 0,
     pack_tables: bool = False,
+    shard: Shard = WHOLE,
 ) -> CausalLM:
     """Load the text decoder of the checkpoint at `path`. Weights already in `dtype` stay
     memory-mapped (no copy); row-read tables keep their stored dtype.
 
     quant: pack the matrices as "bf16", "int8" or "int4" (group: columns per int4/int8 scale) and
     compute in fp32 on the packed kernels; `dtype` is then ignored. The PLE table stays as stored
-    (memory-mapped) unless pack_tables. A checkpoint saved quantized loads as it was saved."""
+    (memory-mapped) unless pack_tables. A checkpoint saved quantized loads as it was saved.
+    shard: load only this rank's part of the model (tensor parallelism); nothing else is read."""
     checkpoint = open_checkpoint(path)
     from .quantized import load_quantized
 
     if (settings := quant_config(checkpoint)) is not None:
-        return load_quantized(checkpoint, settings)
+        return load_quantized(checkpoint, settings, shard)
     dtype = torch.float32 if quant else resolve_dtype(dtype)
     validate(checkpoint)
-    model = empty_model(checkpoint.config.text)
+    model = empty_model(checkpoint.config.text, shard)
     prefix = decoder_prefix(checkpoint.config)
     stored = {name: checkpoint.tensors[_checkpoint_name(name, prefix)] for name in model.state_dict()}
     packed = pack_modules(model, Scheme(quant, group, tables=quant if pack_tables else None)) if quant else {}
@@ -194,7 +197,7 @@ def load_model(
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", delay=1.0, disable=not progress, leave=False) as bar:
         for name, info in stored.items():
             file = checkpoint.file_of(info.name)
-            tensor = file.tensor(info.name)
+            tensor = shard.cut(name, file.tensor(info.name))
             if name in packed:
                 loaded = pack_state(name, tensor, *packed[name])
             elif not is_row_table(name):

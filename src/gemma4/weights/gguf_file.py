@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import FULL, SLIDING, ModelConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..model import CausalLM
 from ..quant.modules import (
     PackedModule,
@@ -29,6 +29,7 @@ from ..quant.modules import (
     packed_twin,
     replace_module,
 )
+from ..parallel.sharding import COLUMNS, EXPERTS, ROWS, WHOLE, Shard, cut_of
 from ..quant.packed import PackedTensor
 from ..runtime.tokenizer import SPECIAL_TOKENS, Tokenizer
 from .checkpoint import install
@@ -256,16 +257,17 @@ def dequantize(tensor: GGUFTensor) -> np.ndarray:
 
 
 def load_gguf_model(
-    path: str | Path, dtype: torch.dtype | None = None, progress: bool = True, quant: str | None = None, group: int = 0
+    path: str | Path, dtype: torch.dtype | None = None, progress: bool = True, quant: str | None = None, group: int = 0,
+    shard: Shard = WHOLE,
 ) -> tuple[CausalLM, GGUFCheckpoint]:
-    """The decoder of a GGUF file.
+    """The decoder of a GGUF file (or a rank's part of it: `shard`).
 
     By default the file's own types are kept: quantized and 16-bit matrices are re-packed for our
     kernels (no float copy), a quantized PLE table stays in the file, the rest is fp32. With `dtype`,
     every tensor is dequantized into it; with `quant`, dequantized and packed anew (bf16/int8/int4)."""
     checkpoint = open_gguf(path)
-    model = empty_model(checkpoint.config.text)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    expected = {name: tuple(t.shape) for name, t in empty_model(checkpoint.config.text).state_dict().items()}
+    model = empty_model(checkpoint.config.text, shard)
     native = dtype is None and quant is None
     packed = pack_modules(model, Scheme(quant, group)) if quant else {}
     state: dict[str, torch.Tensor] = {}
@@ -283,9 +285,9 @@ def load_gguf_model(
             if not isinstance(module, PackedModule):
                 module = packed_twin(module)
                 replace_module(model, module_name, module)
-            state.update(packed_state(key, _packed(t, expected[key])))
+            state.update(packed_state(key, _packed(*_raw_part(t, key, expected[key], shard), t.tensor_type.name)))
             continue
-        values = _transform(checkpoint, key)(torch.from_numpy(dequantize(t)).reshape(expected[key]))
+        values = shard.cut(key, _transform(checkpoint, key)(torch.from_numpy(dequantize(t)).reshape(expected[key])))
         if key in packed:
             state.update(pack_state(key, values, *packed[key]))
         else:
@@ -308,10 +310,29 @@ def _our_key(checkpoint: GGUFCheckpoint, t: GGUFTensor, expected: dict[str, tupl
     return key
 
 
-def _packed(t: GGUFTensor, shape: tuple[int, ...]) -> PackedTensor:
-    if t.tensor_type.name in BLOCK_BYTES:
-        return repack(t.data, t.tensor_type.name, shape)
+def _raw_part(t: GGUFTensor, key: str, shape: tuple[int, ...], shard: Shard) -> tuple[np.ndarray, tuple[int, ...]]:
+    """A rank's part of a tensor's raw data (uint8 [..., row bytes], or 16-bit [..., K]) and its
+    shape, cut in the memory map: whole rows, experts, or runs of whole blocks."""
+    data = t.data if t.tensor_type.name in BLOCK_BYTES else t.data.view(np.uint16).reshape(shape)
+    how = cut_of(key)
+    if how is None or shard.size == 1:
+        return data, shape
+    axis = {ROWS: -2, COLUMNS: -1, EXPERTS: 0}[how]
+    if how == COLUMNS and t.tensor_type.name in BLOCK_BYTES:
+        block_columns = 256 if t.tensor_type.name.endswith("_K") else 32
+        if (shape[-1] // shard.size) % block_columns:
+            raise ConfigError(f"tensor parallelism over {shard.size} ranks: {t.name} ({t.tensor_type.name}) would split inside its blocks of "
+                              f"{block_columns} columns; use fewer ranks")
+    part_shape = list(shape)
+    part_shape[axis] //= shard.size
+    size = data.shape[axis] // shard.size
+    return np.take(data, range(shard.rank * size, (shard.rank + 1) * size), axis=axis), tuple(part_shape)
+
+
+def _packed(data: np.ndarray, shape: tuple[int, ...], type_name: str) -> PackedTensor:
+    if type_name in BLOCK_BYTES:
+        return repack(data, type_name, shape)
     with warnings.catch_warnings():  # the map is read-only, and so are our weights
         warnings.simplefilter("ignore", UserWarning)
-        raw = torch.from_numpy(t.data.view(np.uint16)).reshape(shape)  # F16/BF16 stay in the memory map
-    return PackedTensor.of(raw.view(torch.float16 if t.tensor_type.name == "F16" else torch.bfloat16))
+        raw = torch.from_numpy(data).reshape(shape)  # F16/BF16 stay in the memory map
+    return PackedTensor.of(raw.view(torch.float16 if type_name == "F16" else torch.bfloat16))

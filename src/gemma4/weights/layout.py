@@ -14,6 +14,8 @@ from torch import nn
 
 from ..config import AudioConfig, ModelConfig, TextConfig, VisionConfig
 from ..model import CausalLM
+from ..model.layers import Experts
+from ..parallel.sharding import WHOLE, Shard
 
 TEXT_ONLY_PREFIX = "model."
 MULTIMODAL_PREFIX = "model.language_model."
@@ -81,9 +83,15 @@ def empty(build: Callable[[], M]) -> M:
             setattr(nn.init, name, initializer)
 
 
-def empty_model(text: TextConfig) -> CausalLM:
-    """The decoder, empty (see `empty`)."""
-    return empty(lambda: CausalLM(text))
+def empty_model(text: TextConfig, shard: Shard = WHOLE) -> CausalLM:
+    """The decoder, empty (see `empty`); or a rank's part of it: its share of heads and widths, and
+    its run of experts (parallel/sharding.py)."""
+    model = empty(lambda: CausalLM(shard.config(text)))
+    if text.enable_moe_block and shard.size > 1:
+        first, count = shard.experts(text)
+        for layer in model.model.layers:
+            layer.experts = empty(lambda: Experts(count, text.hidden_size, text.moe_intermediate_size or 0, first))
+    return model
 
 
 def text_tensors(text: TextConfig, prefix: str) -> list[TensorSpec]:

@@ -20,6 +20,7 @@ from ..model import CausalLM
 from ..quant.modules import SUFFIXES, Scheme, is_row_table, pack_modules
 from ..quant.packed import PackedTensor
 from .checkpoint import INDEX_NAME, QUANT_METHOD, Checkpoint, _checkpoint_name, install, load_model, open_checkpoint
+from ..parallel.sharding import WHOLE, Shard
 from .layout import decoder_prefix, empty_model
 
 SHARD_BYTES = 2 << 30
@@ -69,9 +70,10 @@ def _shards(state: dict[str, torch.Tensor]) -> list[list[str]]:
     return shards
 
 
-def load_quantized(checkpoint: Checkpoint, settings: dict) -> CausalLM:
-    """A checkpoint saved by save_quantized: packed tensors are memory-mapped as they are."""
-    model = empty_model(checkpoint.config.text)
+def load_quantized(checkpoint: Checkpoint, settings: dict, shard: Shard = WHOLE) -> CausalLM:
+    """A checkpoint saved by save_quantized: packed tensors are memory-mapped as they are (a shard's
+    parts of them copied out where they are not whole rows)."""
+    model = empty_model(checkpoint.config.text, shard)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     packed = pack_modules(model, Scheme(settings["kind"], settings.get("group_size", 0), tables=settings["kind"]))
     prefix = decoder_prefix(checkpoint.config)
@@ -86,7 +88,8 @@ def load_quantized(checkpoint: Checkpoint, settings: dict) -> CausalLM:
             for n in names:
                 if n in checkpoint.tensors:
                     checkpoint.file_of(n).advise_random(n)
-        held = PackedTensor.of(*tensors, dims=len(shape)) if name in packed else tensors[0]
+        held = shard.cut_packed(name, PackedTensor.of(*tensors, dims=len(shape))) if name in packed else shard.cut(name, tensors[0])
+        tensors = [held.codes, held.scales, held.offsets] if name in packed else [held]
         if tuple(held.shape) != shape:
             raise CheckpointError(f"{checkpoint.path}: tensor {stored!r} holds shape {list(held.shape)}, but config.json implies {list(shape)}")
         if isinstance(held, PackedTensor) and held.tileable and not is_row_table(name):

@@ -77,12 +77,15 @@ def synthesize(
     seed: int = 0,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    overrides: dict | None = None,
 ) -> Path:
-    """Write the named preset's checkpoint into `out_dir` (which must hold no checkpoint yet)."""
+    """Write the named preset's checkpoint into `out_dir` (which must hold no checkpoint yet),
+    with config.json's text fields `overrides` changed (say, more KV heads to split)."""
     out = Path(out_dir)
     if (out / "config.json").exists():
         raise Gemma4Error(f"{out} already holds a checkpoint (config.json); choose another folder")
     raw = preset_config(preset)
+    (raw.get("text_config", raw)).update(overrides or {})
     raw["dtype"] = str(dtype).removeprefix("torch.")
     config = ModelConfig.from_dict(raw)
     specs = checkpoint_tensors(config)

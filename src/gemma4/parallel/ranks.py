@@ -1,0 +1,123 @@
+"""The ranks one model runs on: torch.distributed's default process group (gloo on CPUs), as
+`torchrun` or the caller set it up, and the few collectives the engine needs from it.
+
+Every collective is bounded by the group's timeout, and a failure (a rank that died, or stopped
+answering) ends the job with one line naming this rank and what it lost, instead of a hang."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..errors import Gemma4Error
+from .sharding import SUMMED, Shard
+
+# How long a rank waits in any one collective before the job ends (loading the slowest rank's
+# shard happens before the first one, and a prompt's chunk is well within it).
+DEFAULT_TIMEOUT = timedelta(seconds=int(os.environ.get("GEMMA4_RANK_TIMEOUT", "300")))
+
+
+class RankFailure(Gemma4Error):
+    """Another rank died or stopped answering: the whole job ends."""
+
+
+@dataclass
+class Ranks:
+    """This process's place among `size` ranks, and what it has sent to the others."""
+
+    rank: int
+    size: int
+    reductions: int = 0  # all-reduces run
+    reduced_bytes: int = 0  # bytes of the tensors summed (each rank sends about 2 (size - 1) / size of them)
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.rank, self.size)
+
+    @classmethod
+    def join(cls, tp: int) -> Ranks:
+        """The ranks of the default process group, which must hold exactly `tp` of them."""
+        if tp < 1:
+            raise Gemma4Error(f"tp={tp}: the degree of tensor parallelism is a number of ranks, at least 1")
+        if tp == 1 and not (dist.is_available() and dist.is_initialized()):
+            return cls(0, 1)
+        if not (dist.is_available() and dist.is_initialized()):
+            raise Gemma4Error(
+                f"tp={tp} runs one process per rank: launch with `torchrun --nproc-per-node {tp} -m gemma4 ... --tp {tp}`, "
+                "or call torch.distributed.init_process_group on every rank before gemma4.load"
+            )
+        if dist.get_world_size() != tp:
+            raise Gemma4Error(f"tp={tp}, but the process group has {dist.get_world_size()} ranks: launch {tp} processes, or pass tp={dist.get_world_size()}")
+        return cls(dist.get_rank(), tp)
+
+    # --- collectives ----------------------------------------------------------------------
+    def sum(self, tensor: Tensor) -> Tensor:
+        """Sum `tensor` over ranks, in place (every rank gets the same bits)."""
+        self.reductions += 1
+        self.reduced_bytes += tensor.nbytes
+        self._run("summing a layer's output", dist.all_reduce, tensor)
+        return tensor
+
+    def agree(self, what: str, value: Any) -> None:
+        """Refuse to start unless every rank has the same `value` (say, a checkpoint's fingerprint)."""
+        values: list[Any] = [None] * self.size
+        self._run(f"comparing {what}", dist.all_gather_object, values, value)
+        for rank, other in enumerate(values):
+            if other != value:
+                raise Gemma4Error(f"rank {rank}'s {what} differs from rank {self.rank}'s: load the same checkpoint with the same options on every rank")
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's `value`, on every rank."""
+        box = [value]
+        self._run("receiving rank 0's orders", dist.broadcast_object_list, box, 0)
+        return box[0]
+
+    def seed_alike(self) -> None:
+        """Seed every rank's default generator with one seed from rank 0, so sampling without an
+        explicit seed draws the same tokens on every rank (their logits are the same bits)."""
+        torch.manual_seed(self.share(secrets.randbits(63) if self.rank == 0 else None))
+
+    def _run(self, doing: str, collective: Any, *args: Any) -> None:
+        try:
+            collective(*args)
+        except (RuntimeError, ValueError) as e:  # gloo's errors: DistBackendError (a RuntimeError) and kin
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RankFailure(f"rank {self.rank} of {self.size} lost the other ranks while {doing} ({reason}); the job ends") from None
+
+    # --- the model ------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        """Sum the partial outputs of this rank's shard (o_proj, down_proj, the experts) over ranks."""
+        if self.size == 1:
+            return
+        for name, module in model.named_modules():
+            if name.endswith(SUMMED):
+                module.register_forward_hook(lambda _module, _args, out: self.sum(out))
+
+
+ALONE = Ranks(0, 1)  # a model that runs in one process
+
+
+def fingerprint(path: str | Path) -> str:
+    """What identifies a checkpoint without reading its weights: config.json, and each file's
+    name, size, and first and last 64 KB (safetensors and GGUF headers sit at the start)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()) if path.is_dir() else [path]:
+        if not file.is_file():
+            continue
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as f:
+            digest.update(f.read(1 << 16))
+            f.seek(max(0, size - (1 << 16)))
+            digest.update(f.read())
+    return digest.hexdigest()

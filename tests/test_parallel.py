@@ -1,0 +1,163 @@
+"""Tensor and expert parallelism: tiny checkpoints over 2 and 4 local ranks (gloo, launched by the
+real `torchrun`) give the single-process model's logits to fp32 round-off and its greedy tokens
+exactly, each rank holding 1/N of the split weights and of the K/V cache.
+
+The checkpoints are the tiny presets with heads to split: the presets' single global KV head does
+not split, as E2B's does not (refused with a clear error)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gemma4
+from gemma4.errors import ConfigError, Gemma4Error
+from gemma4.parallel.sharding import Shard
+from gemma4.runtime.generate import teacher_forced_logits
+from gemma4.weights import synthesize
+from gemma4.weights.quantized import save_quantized
+
+transformers = pytest.importorskip("transformers")
+
+from conftest import reference_class  # noqa: E402
+from parallel_worker import held_bytes, ids  # noqa: E402
+
+HERE = Path(__file__).parent
+SPLITTABLE = dict(num_attention_heads=8, num_key_value_heads=4, num_global_key_value_heads=4, head_dim=32, global_head_dim=64, intermediate_size=256)
+MODELS = {"31b": ("tiny-31b", SPLITTABLE), "26b": ("tiny-26b-a4b", {**SPLITTABLE, "moe_intermediate_size": 64}), "e4b": ("tiny-e4b", {})}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    made = {}
+    for name, (preset, overrides) in MODELS.items():
+        made[name] = synthesize(preset, tmp_path_factory.mktemp(name), dtype=torch.float32, seed=7, progress=False, overrides=overrides)
+    for name in ("31b", "26b"):
+        made[f"{name}-int4"] = save_quantized(made[name], tmp_path_factory.mktemp(f"{name}-int4") / "q", "int4", progress=False)
+    return made
+
+
+def torchrun(ranks: int, jobs: list[dict], out: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    spec = out / "jobs.json"
+    spec.write_text(json.dumps(jobs))
+    env = {**os.environ, "GEMMA4_RANK_TIMEOUT": "60", "PYTHONPATH": str(HERE)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+               str(HERE / "parallel_worker.py"), str(out), str(spec)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+JOBS = [("31b", {"dtype": "fp32"}), ("26b", {"dtype": "fp32"}), ("31b-int4", {}), ("26b-int4", {}), ("31b", {"quant": "int4"})]
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def ranked(request, folders, tmp_path_factory) -> tuple[int, Path, list[dict]]:
+    """Every job run once over `ranks` processes; their results, per rank, in a folder."""
+    ranks = request.param
+    jobs = [{"name": f"{name}-{i}", "path": str(folders[name]), "load": load} for i, (name, load) in enumerate(JOBS)]
+    if ranks == 2:
+        jobs.append({"name": "e4b", "path": str(folders["e4b"]), "load": {"dtype": "fp32"}})  # PLE and KV sharing split too
+    out = tmp_path_factory.mktemp(f"tp{ranks}")
+    result = torchrun(ranks, jobs, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return ranks, out, jobs
+
+
+def results(out: Path, name: str, ranks: int) -> list[dict]:
+    return [torch.load(out / f"{name}-rank{r}.pt") for r in range(ranks)]
+
+
+def test_ranks_give_the_single_process_model(ranked):
+    ranks, out, jobs = ranked
+    for job in jobs:
+        single = gemma4.load(job["path"], progress=False, **job["load"])
+        per_rank = results(out, job["name"], ranks)
+        prompt = ids(4 * single.config.sliding_window + 5)
+        for got in per_rank:  # every rank has the whole answer, the same bits
+            for key in ("logits", "decode", "greedy", "batch", "sampled"):
+                assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(per_rank[0][key])), (job, key)
+        got = per_rank[0]
+        expected, expected_decode = single(prompt), teacher_forced_logits(single.lm, prompt[0].tolist())
+        greedy = single.generate(prompt[0, :9].tolist(), max_new_tokens=12, temperature=0)
+        batch = single.generate([prompt[0, :5].tolist(), prompt[1, :11].tolist()], max_new_tokens=6, temperature=0)
+        if job["load"].get("dtype") == "fp32":
+            # Against float64 truth: no further than the single process, give or take round-off; the same tokens.
+            reference = reference_class(Path(job["path"])).from_pretrained(
+                job["path"], dtype=torch.float64, attn_implementation="eager", experts_implementation="eager").eval()
+            with torch.no_grad():
+                truth = reference(input_ids=prompt).logits
+            for ours, theirs in ((got["logits"], expected), (got["decode"], expected_decode)):
+                single_error = (theirs.double() - truth[0 if ours.dim() == 2 else slice(None)]).abs().max().item()
+                assert (ours.double() - truth[0 if ours.dim() == 2 else slice(None)]).abs().max().item() <= max(3 * single_error, 1e-5), job
+            assert (got["greedy"], got["batch"]) == (greedy, batch), job
+        else:
+            # Packed: the same model, its partial sums added in another order. One-shot logits agree to round-off;
+            # the decode path's own rounding of activations (to ~1e-5 of each block's largest value) is discontinuous,
+            # so its steps agree to within that path's own distance from the one-shot model, and where a tiny random
+            # model's two best tokens are that close, greedy may take either.
+            assert (got["logits"] - expected).abs().max().item() <= 1e-3 * expected.abs().max().item(), job
+            noise = (expected_decode - expected[0]).abs().max().item()
+            assert (got["decode"] - expected_decode).abs().max().item() <= 3 * noise, job
+            steps = teacher_forced_logits(single.lm, single.one_bos(prompt[0, :9].tolist()) + got["greedy"])[-len(got["greedy"]) - 1 : -1]
+            chosen = steps.gather(1, torch.tensor(got["greedy"])[:, None])[:, 0]
+            assert (steps.max(-1).values - chosen).max().item() <= 3 * noise, job
+
+
+def test_each_rank_holds_its_share(ranked):
+    """1/N of the split weights and of the K/V cache per rank; the replicated rest whole."""
+    from gemma4.runtime.generate import Session
+
+    ranks, out, jobs = ranked
+    for job in jobs:
+        single = gemma4.load(job["path"], progress=False, **job["load"])
+        whole = held_bytes(single)
+        session = Session(single.lm, 256)
+        session.start_prompt(ids(4 * single.config.sliding_window + 5)[0].tolist())
+        for got in results(out, job["name"], ranks):
+            assert got["held"]["split"] * ranks == whole["split"], job
+            assert got["held"]["replicated"] == whole["replicated"], job
+            assert got["kv_bytes"] * ranks == session.nbytes(), job
+            assert got["reductions"] > 0
+
+
+def test_a_degree_the_heads_do_not_allow_is_refused(checkpoints):
+    """E2B's single KV head does not split: a clear error says how far the model does."""
+    from gemma4.config import ModelConfig
+
+    text = ModelConfig.from_file(checkpoints("tiny-e2b") / "config.json").text
+    with pytest.raises(ConfigError, match=r"KV heads of a layer \(1\) cannot be split 2 ways; this model splits over 1 ranks"):
+        Shard(0, 2).config(text)
+    with pytest.raises(Gemma4Error, match="torchrun --nproc-per-node 2"):
+        gemma4.load(checkpoints("tiny-e2b"), tp=2, progress=False)
+
+
+def test_a_dead_rank_ends_the_job_with_a_clear_error(folders, tmp_path):
+    """Under torchrun, the launcher ends the others and names the rank that died; ranks started
+    by hand (one per machine) find out in their next collective and say so, in one line."""
+    job = {"name": "die", "path": str(folders["31b"]), "load": {"dtype": "fp32"}, "mode": "die"}
+    result = torchrun(2, [job], tmp_path, timeout=200)
+    assert result.returncode != 0
+    assert "rank      : 1 (local_rank: 1)\n  exitcode  : 3" in result.stderr, result.stderr[-3000:]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GEMMA4_RANK_TIMEOUT": "60", "PYTHONPATH": str(HERE), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    command = [sys.executable, str(HERE / "parallel_worker.py"), str(tmp_path), str(tmp_path / "jobs.json")]
+    ranks = [subprocess.Popen(command, env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    errors = [rank.communicate(timeout=200)[1] for rank in ranks]
+    assert ranks[1].returncode == 3 and ranks[0].returncode != 0
+    assert "rank 0 of 2 lost the other ranks while summing a layer's output" in errors[0], errors[0][-3000:]
+
+
+def test_ranks_with_different_checkpoints_are_refused(folders, tmp_path):
+    jobs = [{"name": "mismatch", "path": str(folders["31b"]), "load": {"dtype": "fp32"}, "mode": "mismatch", "other": str(folders["31b-int4"])}]
+    result = torchrun(2, jobs, tmp_path, timeout=200)
+    assert result.returncode != 0
+    assert "checkpoint and options differs from rank" in result.stderr, result.stderr[-3000:]
