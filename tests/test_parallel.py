@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,51 @@ def test_ranks_with_different_checkpoints_are_refused(folders, tmp_path):
     result = torchrun(2, jobs, tmp_path, timeout=200)
     assert result.returncode != 0
     assert "checkpoint and options differs from rank" in result.stderr, result.stderr[-3000:]
+
+
+def test_the_server_answers_through_rank_0(folders):
+    """`torchrun --nproc-per-node 2 -m gemma4 serve MODEL --tp 2`: the official client gets what the
+    model answers alone — one prompt, a conversation that reuses and rolls back its cache (the other
+    rank's cache follows), and streams decoded together."""
+    import openai
+
+    from serving import Process, free_port
+
+    path = folders["31b"]
+    port = free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "gemma4", "serve", str(path),
+               "--port", str(port), "--tp", "2", "--dtype", "fp32", "--parallel", "2", "--context", "512"]
+    server = Process(command, port)
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+        name = client.models.list().data[0].id
+        alone = gemma4.load(path, dtype="fp32", context=512, progress=False)
+        text = client.completions.create(model=name, prompt="The capital of France is", max_tokens=8, temperature=0).choices[0].text
+        assert text == alone.generate("The capital of France is", 8, temperature=0)
+
+        system = {"role": "system", "content": "You answer questions. " * 12}  # many sliding windows (8): rolling back restores a snapshot
+        turns = [[system, {"role": "user", "content": "First question?"}], [system, {"role": "user", "content": "Another one?"}]]
+        for messages in turns * 2:
+            answer = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0)
+            alone.reset_chat()
+            assert answer.choices[0].message.content == alone.chat(messages, 6, temperature=0).content
+        assert answer.usage.prompt_tokens_details.cached_tokens > 0
+
+        results: dict[int, str] = {}
+
+        def stream(i: int) -> None:
+            chunks = client.chat.completions.create(model=name, messages=[{"role": "user", "content": f"Question {i}?"}], max_tokens=8,
+                                                    temperature=0, stream=True)
+            results[i] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        for i in range(3):
+            alone.reset_chat()
+            assert results[i] == alone.chat([{"role": "user", "content": f"Question {i}?"}], 8, temperature=0).content
+    finally:
+        log = server.stop()
+    assert "src/gemma4/" not in log and "gemma4: error" not in log, log[-3000:]  # torchrun itself reports its SIGTERM with a traceback

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import sys
@@ -140,6 +141,8 @@ def _add_weight_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-dtype", choices=KV_DTYPES, help="the K/V cache's dtype (default: fp16 with packed weights, else --dtype)")
     parser.add_argument("--fast-math", action="store_true",
                         help="packed matmuls round activations to 8 bits, as llama.cpp does: faster, but not the model's own answers")
+    parser.add_argument("--tp", type=int, default=1, metavar="N",
+                        help="split the model over N ranks (tensor parallelism), under `torchrun --nproc-per-node N -m gemma4`")
 
 
 def _add_quant_options(parser: argparse.ArgumentParser, help: str, default: str | None = None) -> None:
@@ -179,10 +182,35 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - a gemma4.Model
 
     if args.model is None:
         args.model = default_model_path()
-    return gemma4.load(
+    model = gemma4.load(
         args.model, dtype=args.dtype, context=args.context, prefill_chunk=args.prefill_chunk, quant=args.quant, group=args.group,
-        kv_dtype=args.kv_dtype, fast_math=args.fast_math,
+        kv_dtype=args.kv_dtype, fast_math=args.fast_math, tp=args.tp, progress=_talks_to_user(args),
     )
+    if model.ranks.size > 1 and model.ranks.rank == 0:  # the other ranks repeat its calls to the model until it exits
+        from ..parallel.follow import Leader
+
+        atexit.register(Leader(model.lm, model.ranks).close)
+    return model
+
+
+def _talks_to_user(args: argparse.Namespace) -> bool:
+    """Whether this process talks to the user: every process but the ranks that follow rank 0."""
+    return args.tp == 1 or int(os.environ.get("RANK", "0")) == 0
+
+
+def _follows(args: argparse.Namespace) -> bool:
+    """With --tp N (under torchrun), ranks other than 0 load their part of the model and repeat rank
+    0's calls to it until rank 0 exits; True there, once it has."""
+    if args.tp == 1:
+        return False
+    from ..parallel.follow import follow
+    from ..parallel.ranks import Ranks
+
+    if Ranks.start(args.tp).rank == 0:
+        return False
+    model = _load(args)
+    follow(model.lm, model.ranks)
+    return True
 
 
 def _print_answer(model, events) -> None:  # noqa: ANN001
@@ -213,6 +241,8 @@ def _print_stats(model, verbose: bool) -> None:  # noqa: ANN001
 def _run(args: argparse.Namespace) -> None:
     if args.prompt is None:  # `gemma4 run "prompt"`: the default model
         args.model, args.prompt = None, args.model
+    if _follows(args):
+        return
     model = _load(args)
     if args.raw or model.chat_format is None and model.chat_template is None:  # a base model continues text
         deltas = model.generate(args.prompt, args.max_new_tokens, stream=True, stop=args.stop or (), **_sampling(args))
@@ -238,6 +268,8 @@ CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT, /think (t
 
 
 def _chat(args: argparse.Namespace) -> None:
+    if _follows(args):
+        return
     model = _load(args)
     system, thinking, messages, attached = None, args.thinking, [], []
     print(f"gemma4 chat - {CHAT_HELP}", file=sys.stderr)
@@ -315,6 +347,8 @@ def _serve(args: argparse.Namespace) -> None:
         raise Gemma4Error(f"{args.model}: no such checkpoint folder or .gguf file")
     if args.parallel is not None and args.parallel < 1:
         raise Gemma4Error("--parallel must be at least 1")
+    if _follows(args):
+        return
     serve(lambda: _load(args), served_name(args.model), args.host, args.port, api_key, args.parallel, args.max_queue, args.metrics)
 
 

@@ -44,6 +44,15 @@ class Ranks:
         return Shard(self.rank, self.size)
 
     @classmethod
+    def start(cls, tp: int) -> Ranks:
+        """Join the job torchrun launched (its environment names the rendezvous), over gloo."""
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise Gemma4Error(f"--tp {tp} runs one process per rank: launch it as `torchrun --nproc-per-node {tp} -m gemma4 ... --tp {tp}`")
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=DEFAULT_TIMEOUT)
+        return cls.join(tp)
+
+    @classmethod
     def join(cls, tp: int) -> Ranks:
         """The ranks of the default process group, which must hold exactly `tp` of them."""
         if tp < 1:

@@ -75,7 +75,7 @@ class Batch:
         check_fits(max(len(p) for p in prompts), context)
         self.lm, self.chunk, self.pad_id = lm, prefill_chunk, pad_id
         self.ids, self.positions = left_pad(prompts, pad_id)
-        self.cache = ModelCache(lm.plan, len(prompts), context, lm.kv_dtype or lm.dtype)
+        self.cache = ModelCache.for_model(lm, len(prompts), context)
         self.next_position = self.positions[:, -1] + 1
         self.room = context - self.ids.shape[1]
 
@@ -122,7 +122,7 @@ class Session:
         self.reset()
 
     def reset(self) -> None:
-        self.cache = ModelCache(self.lm.plan, 1, self.context, self.lm.kv_dtype or self.lm.dtype)
+        self.cache = ModelCache.for_model(self.lm, 1, self.context)
         self.tokens: list[int] = []  # the tokens whose K/V the cache holds, in order
         self.keys: list[Hashable] = []  # and what identifies each (Prompt.keys)
         self.snapshots: dict[int, CacheSnapshot] = {}  # by length
@@ -150,7 +150,7 @@ class Session:
             self.cache.restore(self.snapshots[keep])
         else:
             assert keep == 0, "rewind to a point with no snapshot"
-            self.cache = ModelCache(self.lm.plan, 1, self.context, self.cache.dtype)
+            self.cache = ModelCache.for_model(self.lm, 1, self.context)
         self.tokens, self.keys = self.tokens[:keep], self.keys[:keep]
         self.snapshots = {n: snap for n, snap in self.snapshots.items() if n <= keep}
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -23,6 +24,9 @@ from torch import Tensor
 from ..config import FULL, SLIDING
 from ..model.int8_kv import Int8Tensor
 from ..plan import LayerPlan
+
+if TYPE_CHECKING:
+    from ..model import CausalLM
 
 DEFAULT_CHUNK = 256
 FP16_MAX = torch.finfo(torch.float16).max
@@ -77,6 +81,13 @@ class ModelCache:
         self._owners = {p.index: p for p in owners}
         self._pending: Tensor | None = None
         self._shared: dict[int, tuple[Tensor, Tensor]] = {}
+
+    @classmethod
+    def for_model(cls, lm: CausalLM, batch: int, context: int) -> ModelCache:
+        """A cache for `lm`, in its K/V dtype; of the kind the model names in `cache_type`, where it
+        names one (a model driven from rank 0 mirrors its caches on the other ranks: parallel/follow.py)."""
+        make = getattr(lm, "cache_type", None) or cls
+        return make(lm.plan, batch, context, lm.kv_dtype or lm.dtype)
 
     # --- KVStore -----------------------------------------------------------------------
     def begin(self, positions: Tensor) -> dict[str, Tensor]:
