@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import gemma4
+from gemma4.benchmark.peers import converter_script, gguf_for
 from gemma4.errors import ConfigError, Gemma4Error
 from gemma4.parallel.sharding import Shard
 from gemma4.runtime.generate import teacher_forced_logits
@@ -42,6 +43,9 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         made[name] = synthesize(preset, tmp_path_factory.mktemp(name), dtype=torch.float32, seed=7, progress=False, overrides=overrides)
     for name in ("31b", "26b"):
         made[f"{name}-int4"] = save_quantized(made[name], tmp_path_factory.mktemp(f"{name}-int4") / "q", "int4", progress=False)
+    if converter_script() is not None:  # llama.cpp's own files, kept in their types: split in the memory map
+        for kind in ("Q8_0", "Q4_0"):
+            made[f"31b-{kind}"] = gguf_for(made["31b"], kind)
     return made
 
 
@@ -62,6 +66,7 @@ def ranked(request, folders, tmp_path_factory) -> tuple[int, Path, list[dict]]:
     """Every job run once over `ranks` processes; their results, per rank, in a folder."""
     ranks = request.param
     jobs = [{"name": f"{name}-{i}", "path": str(folders[name]), "load": load} for i, (name, load) in enumerate(JOBS)]
+    jobs += [{"name": name, "path": str(folders[name]), "load": {}} for name in ("31b-Q8_0", "31b-Q4_0") if name in folders]
     if ranks == 2:
         jobs.append({"name": "e4b", "path": str(folders["e4b"]), "load": {"dtype": "fp32"}})  # PLE and KV sharing split too
     out = tmp_path_factory.mktemp(f"tp{ranks}")

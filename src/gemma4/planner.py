@@ -12,6 +12,7 @@ from typing import Any
 
 from .config import SLIDING, ModelConfig
 from .model.int8_kv import block_size
+from .parallel.sharding import WHOLE, Shard, cut_of
 from .plan import LayerPlan, build_plan
 from .runtime.kv_cache import DEFAULT_CHUNK, global_capacity
 from .quant.modules import UNPACKED
@@ -95,6 +96,7 @@ def plan_memory(
     pack_tables: bool = False,
     snapshots: int = 0,
     media: bool = False,
+    shard: Shard = WHOLE,
 ) -> dict[str, Any]:
     """Bytes by component: weights, KV cache by layer type, prefill activation peak, total resident.
 
@@ -103,17 +105,19 @@ def plan_memory(
     pack_tables (a checkpoint saved by `gemma4 quantize`). snapshots: ring-buffer copies each
     sequence keeps (`gemma4 serve` keeps runtime.generate.MAX_MARKS for its prefix cache). media: images,
     video or audio arrive, so the encoders are resident, and one image at the largest budget or a 30 s
-    clip is encoded at a time."""
+    clip is encoded at a time. shard: what one rank holds when the model is split over ranks (its parts
+    of the split matrices and of the K/V heads; the rest whole)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unsupported dtype {dtype!r}: use bf16, fp16 or fp32")
     if quant:  # packed weights compute in fp32 and keep K/V in fp16 (runtime.engine.Model.configure)
         dtype, kv_dtype = "fp32", kv_dtype or "fp16"
     text = config.text
     width, kv_dtype = DTYPE_BYTES[dtype], kv_dtype or dtype
-    plan = build_plan(text)
+    plan = build_plan(shard.config(text))
     weights: dict[str, int] = {}
     for spec in checkpoint_tensors(config):
-        weights[spec.component] = weights.get(spec.component, 0) + _stored_bytes(spec, width, quant, group, pack_tables)
+        stored = _stored_bytes(spec, width, quant, group, pack_tables)
+        weights[spec.component] = weights.get(spec.component, 0) + (stored // shard.size if _is_split(spec) else stored)
     # Encoders stay in the files until media arrive; then they compute in fp32 (fp32 activations) or
     # bf16, their matrices left as released (bf16) either way (weights.checkpoint.load_encoders).
     encoder_width = 4 if dtype == "fp32" else 2
@@ -151,6 +155,11 @@ def plan_memory(
         "runtime": RUNTIME_BYTES,
         "total_resident": resident,
     }
+
+
+def _is_split(spec: TensorSpec) -> bool:
+    """Whether ranks each hold a part of this decoder tensor (parallel/sharding.py)."""
+    return spec.component in ("attention", "mlp", "experts") and cut_of("model." + spec.name[spec.name.index("layers.") :]) is not None
 
 
 def _stored_bytes(spec: TensorSpec, width: int, quant: str | None, group: int, pack_tables: bool) -> int:

@@ -50,6 +50,7 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
+    from ..parallel.sharding import Shard
     from ..planner import savings_table, sweep
     from ..runtime.generate import MAX_MARKS
 
@@ -57,7 +58,8 @@ def _plan(args: argparse.Namespace) -> None:
     saved = config.raw.get("quantization_config") or {}  # a checkpoint `gemma4 quantize` wrote: planned as saved
     quant, group = saved.get("kind", args.quant), saved.get("group_size", args.group)
     options = dict(dtype=args.dtype, kv_dtype=args.kv_dtype, batch=args.parallel or args.batch, prefill_chunk=args.prefill_chunk,
-                   quant=quant, group=group, pack_tables=bool(saved), snapshots=MAX_MARKS if args.parallel else 0, media=args.media)
+                   quant=quant, group=group, pack_tables=bool(saved), snapshots=MAX_MARKS if args.parallel else 0, media=args.media,
+                   shard=Shard(0, args.tp))
     contexts = [2048, 8192, 32768, 131072, 262144] if args.sweep else [args.context]
     plans = sweep(config, contexts, **options)
     if not plans:
@@ -68,7 +70,8 @@ def _plan(args: argparse.Namespace) -> None:
         return
     gb = lambda n: f"{n / 1e9:8.3f} GB"  # noqa: E731
     for p in plans:
-        print(f"context {p['context']:>7} x batch {p['batch']}, weights {p['quant'] or p['dtype']}, KV {p['kv_dtype']}")
+        ranks = f", per rank of {args.tp}" if args.tp > 1 else ""
+        print(f"context {p['context']:>7} x batch {p['batch']}, weights {p['quant'] or p['dtype']}, KV {p['kv_dtype']}{ranks}")
         for component, n in p["weights"].items():
             if n:
                 print(f"  weights  {component:<26}{gb(n)}")
@@ -371,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--parallel", type=int, help="as `gemma4 serve --parallel N` holds it: N sequences, each with its prefix-cache snapshots")
     plan.add_argument("--media", action="store_true", help="images, video or audio arrive: the encoders resident, one encoded at a time")
     plan.add_argument("--prefill-chunk", type=int, default=512)
+    plan.add_argument("--tp", type=int, default=1, metavar="N", help="what each of N ranks holds, the model split over them (serve --tp N)")
     plan.add_argument("--sweep", action="store_true", help="a table over 2K, 8K, 32K, 128K, 256K where the model allows")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(run=_plan)

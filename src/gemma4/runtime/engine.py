@@ -422,6 +422,9 @@ class Model:
         from .kv_cache import global_capacity
 
         lines = [f"context: {self.context} tokens (model maximum {self.config.max_position_embeddings})"]
+        if self.ranks.size > 1:
+            lines.append(f"ranks: {self.ranks.size}, this one {self.ranks.rank}; heads, MLP widths and experts split over them (the figures"
+                         f" below are this rank's); {self.ranks.reductions} all-reduces of {self.ranks.reduced_bytes:,} B so far")
         table = getattr(self.lm.model, "embed_tokens_per_layer", None)
         if table is not None:
             lines.append(f"per-layer embeddings: {_table_placement(table)}")
