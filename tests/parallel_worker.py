@@ -45,10 +45,10 @@ def run(job: dict, out: Path, tp: int) -> None:
     session.start_prompt(prompt[0].tolist())
     result = {
         "logits": model(prompt),
-        "decode": teacher_forced_logits(model.lm, prompt[0].tolist()),  # the decode path: cached one-token steps
-        "greedy": model.generate(prompt[0, :9].tolist(), max_new_tokens=12, temperature=0),
-        "batch": model.generate([prompt[0, :5].tolist(), prompt[1, :11].tolist()], max_new_tokens=6, temperature=0),
-        "sampled": model.generate(prompt[1, :7].tolist(), max_new_tokens=12, temperature=1.0),  # no seed: ranks must agree
+        "decode": teacher_forced_logits(model.lm, prompt[0, : 2 * window + 3].tolist()),  # the decode path: cached one-token steps
+        "greedy": model.generate(prompt[0, :9].tolist(), max_new_tokens=8, temperature=0),
+        "batch": model.generate([prompt[0, :5].tolist(), prompt[1, :11].tolist()], max_new_tokens=4, temperature=0),
+        "sampled": model.generate(prompt[1, :7].tolist(), max_new_tokens=8, temperature=1.0),  # no seed: ranks must agree
         "held": held_bytes(model),
         "kv_bytes": session.nbytes(),
         "reductions": model.ranks.reductions,

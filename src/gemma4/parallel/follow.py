@@ -79,14 +79,14 @@ class MirroredCache(ModelCache):
 
     def snapshot(self) -> CacheSnapshot:
         snapshot = super().snapshot()
-        snapshot.mirror_id = next(self.orders.ids)  # type: ignore[attr-defined]
-        self.orders.queue("snapshot", self.id, snapshot.mirror_id)  # type: ignore[attr-defined]
-        weakref.finalize(snapshot, self.orders.queue, "free", snapshot.mirror_id)  # type: ignore[attr-defined]
+        snapshot.label = next(self.orders.ids)
+        self.orders.queue("snapshot", self.id, snapshot.label)
+        weakref.finalize(snapshot, self.orders.queue, "free", snapshot.label)
         return snapshot
 
     def restore(self, snapshot: CacheSnapshot) -> None:
         super().restore(snapshot)
-        self.orders.queue("restore", self.id, snapshot.mirror_id)  # type: ignore[attr-defined]
+        self.orders.queue("restore", self.id, snapshot.label)
 
     def truncate(self, keep: int) -> None:
         super().truncate(keep)
@@ -112,8 +112,11 @@ class Leader:
         self.orders.send((a["ids"], a["positions"], None if kv is None else [s.id for s in stores], a["keep"], a["media"]))
 
     def close(self) -> None:
-        """End the followers (they return from `follow`)."""
-        self.orders.send(STOP)
+        """End the followers (they return from `follow`); where they are gone already, nothing to do."""
+        try:
+            self.orders.send(STOP)
+        except RankFailure:
+            pass
 
 
 def follow(lm: CausalLM, ranks: Ranks) -> None:

@@ -86,14 +86,15 @@ class Shard:
         return self.rank * count, count
 
     def cut(self, name: str, tensor: Tensor) -> Tensor:
-        """This rank's part of float weight `name` (our parameter name): a view where it can be."""
+        """This rank's part of float weight `name` (our parameter name): a view of whole rows (still in the
+        memory map), else a copy (a column part read in place would touch every row's pages)."""
         how = cut_of(name)
         if how is None or self.size == 1:
             return tensor
         if how == FIRST_RANK:
             return tensor if self.rank == 0 else torch.zeros_like(tensor)
         axis = {ROWS: -2, COLUMNS: -1, EXPERTS: 0}[how] if tensor.dim() > 1 else -1
-        return tensor.chunk(self.size, axis)[self.rank] if tensor.shape[axis] % self.size == 0 else _indivisible(name, tensor.shape[axis], self.size)
+        return self._part(name, tensor, axis)
 
     def cut_packed(self, name: str, p: PackedTensor) -> PackedTensor:
         """This rank's part of packed weight `name`, cut along whole blocks (int4 tiles of 8 rows,

@@ -54,6 +54,7 @@ class CacheSnapshot:
     length: int
     rings: dict[int, _LayerKV]
     ring_positions: Tensor | None
+    label: int | None = None  # its name on other ranks, where they mirror this cache (parallel/follow.py)
 
     def nbytes(self) -> int:
         return sum(t.nbytes for kv in self.rings.values() for t in (kv.key, kv.value) if t is not None)

@@ -197,7 +197,8 @@ def load_model(
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", delay=1.0, disable=not progress, leave=False) as bar:
         for name, info in stored.items():
             file = checkpoint.file_of(info.name)
-            tensor = shard.cut(name, file.tensor(info.name))
+            whole = file.tensor(info.name)
+            tensor = shard.cut(name, whole)
             if name in packed:
                 loaded = pack_state(name, tensor, *packed[name])
             elif not is_row_table(name):
@@ -205,7 +206,7 @@ def load_model(
             else:
                 file.advise_random(info.name)
                 loaded = {name: tensor}
-            mapped = tensor.untyped_storage().data_ptr()
+            mapped = whole.untyped_storage().data_ptr()
             if all(t.untyped_storage().data_ptr() != mapped for t in loaded.values()):
                 file.release(info.name)  # converted: the file's pages need not stay resident
             state.update(loaded)
