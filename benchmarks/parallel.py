@@ -55,14 +55,15 @@ def worker(path: str, prompt_tokens: int, new_tokens: int, out: str) -> None:
     ids = torch.randint(3, model.config.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     model.generate(ids[:16], max_new_tokens=4, temperature=0)  # warm up
     ranks = model.ranks
-    before = ranks.reductions, ranks.reduced_bytes
+    counters = lambda: torch.tensor([ranks.reductions, ranks.reduced_bytes, ranks.gathered_bytes], dtype=torch.float64)  # noqa: E731
+    before = counters()
     model.generate(ids, max_new_tokens=1, temperature=0)  # the prompt alone: no decode step
-    prefill = ranks.reductions - before[0], ranks.reduced_bytes - before[1]
-    before = ranks.reductions, ranks.reduced_bytes
+    prefill = counters() - before
+    before = counters()
     model.generate(ids, max_new_tokens=new_tokens, temperature=0)
     stats = model.stats
     steps = stats.generated_tokens - 1  # decode steps: the first token comes from the prefill
-    decode = (ranks.reductions - before[0] - prefill[0]) / steps, (ranks.reduced_bytes - before[1] - prefill[1]) / steps
+    decode = ((counters() - before - prefill) / steps).tolist()
     held = {"split": 0, "replicated": 0}
     for name, tensor in model.lm.state_dict().items():
         held["split" if cut_of(name.removesuffix("_scale").removesuffix("_offset")) else "replicated"] += tensor.nbytes
@@ -70,12 +71,22 @@ def worker(path: str, prompt_tokens: int, new_tokens: int, out: str) -> None:
         "rank": model.ranks.rank, "ranks": tp, "load_seconds": load_seconds,
         "prefill_tokens_per_second": stats.prompt_tokens / stats.prefill_seconds,
         "decode_tokens_per_second": stats.decode_tokens_per_second,
-        "reductions_per_decode_token": decode[0], "reduced_bytes_per_decode_token": decode[1],
-        "reductions_per_prompt": prefill[0], "reduced_bytes_per_prompt_token": prefill[1] / stats.prompt_tokens,
+        "reductions_per_decode_token": decode[0], "reduced_bytes_per_decode_token": decode[1], "gathered_bytes_per_decode_token": decode[2],
+        "reduced_bytes_per_prompt_token": prefill[1].item() / stats.prompt_tokens,
         "held": held, "resident": resident(path),
     }
     Path(out, f"rank{report['rank']}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
+
+
+def split_share(alone: dict, folder: Path) -> float:
+    """The share of a decode step's weight reads that ranks split: the split layers and the LM head
+    (the tied embeddings, read whole for the logits; their lookup reads a row)."""
+    import gemma4
+
+    head = gemma4.load(folder, progress=False).lm.model.embed_tokens
+    head_bytes = sum(t.nbytes for t in head.state_dict().values())
+    return (alone["held"]["split"] + head_bytes) / (alone["held"]["split"] + alone["held"]["replicated"])
 
 
 def main() -> None:
@@ -114,7 +125,8 @@ def main() -> None:
         rows.append(reports)
         first = reports[0]
         print(f"{ranks} rank(s): prefill {first['prefill_tokens_per_second']:.1f} tok/s, decode {first['decode_tokens_per_second']:.2f} tok/s; "
-              f"a decode step sums {first['reductions_per_decode_token']:.0f} tensors over ranks ({first['reduced_bytes_per_decode_token'] / 1e3:.1f} KB), "
+              f"a decode step sums {first['reductions_per_decode_token']:.0f} tensors over ranks ({first['reduced_bytes_per_decode_token'] / 1e3:.1f} KB) "
+              f"and gathers {first['gathered_bytes_per_decode_token'] / 1e3:.1f} KB of logits per rank, "
               f"a prompt token {first['reduced_bytes_per_prompt_token'] / 1e3:.1f} KB; per rank: split weights {first['held']['split'] / 1e6:.0f} MB, "
               f"replicated {first['held']['replicated'] / 1e6:.0f} MB; resident {max(r['resident']['own'] for r in reports) / 1e6:.0f} MB own + "
               f"{max(r['resident']['mapped'] for r in reports) / 1e6:.0f} MB of the mapped checkpoint (peak {max(r['resident']['peak'] for r in reports) / 1e6:.0f} MB)",
@@ -122,15 +134,14 @@ def main() -> None:
     two = next((r[0] for r in rows if r[0]["ranks"] == 2), None)
     alone = next((r[0] for r in rows if r[0]["ranks"] == 1), None)
     if two and alone:
-        # Two machines, one rank each: a decode step's compute halves (each streams half the split weights; the
-        # replicated rest it still reads whole), and each all-reduce pays a fixed latency plus the ring's traffic,
-        # 2 (N-1)/N of the tensor per rank.
-        split_share = alone["held"]["split"] / (alone["held"]["split"] + alone["held"]["replicated"])
+        # Two machines, one rank each: the split part of a decode step's weight reads halves (the replicated rest
+        # is still read whole), and each all-reduce (and the logits' gather) pays a fixed latency plus its traffic:
+        # 2 (N-1)/N of a summed tensor per rank, a rank's logits once.
         step = 1 / alone["decode_tokens_per_second"]
-        compute = step * (1 - split_share / 2)
-        sent = two["reduced_bytes_per_decode_token"] * 2 * (2 - 1) / 2
+        compute = step * (1 - split_share(alone, folder) / 2)
+        sent = two["reduced_bytes_per_decode_token"] * 2 * (2 - 1) / 2 + two["gathered_bytes_per_decode_token"]
         for gbps in map(float, args.network_gbps.split(",")):
-            wire = two["reductions_per_decode_token"] * args.latency_us * 1e-6 + sent / (gbps * 1e9 / 8)
+            wire = (two["reductions_per_decode_token"] + 1) * args.latency_us * 1e-6 + sent / (gbps * 1e9 / 8)
             print(f"on paper, two machines like this one over {gbps:g} Gb/s ({args.latency_us:g} us per all-reduce): a {step * 1e3:.0f} ms "
                   f"decode step becomes {compute * 1e3:.0f} ms of compute + {wire * 1e3:.2f} ms on the wire: {1 / (compute + wire):.1f} tok/s "
                   f"({step / (compute + wire):.2f}x one machine)")

@@ -191,8 +191,10 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - a gemma4.Model
     )
     if model.ranks.size > 1 and model.ranks.rank == 0:  # the other ranks repeat its calls to the model until it exits
         from ..parallel.follow import Leader
+        from ..parallel.ranks import leave
 
-        atexit.register(Leader(model.lm, model.ranks).close)
+        atexit.register(leave)
+        atexit.register(Leader(model.lm, model.ranks).close)  # first: atexit runs last in, first out
     return model
 
 
@@ -207,12 +209,13 @@ def _follows(args: argparse.Namespace) -> bool:
     if args.tp == 1:
         return False
     from ..parallel.follow import follow
-    from ..parallel.ranks import Ranks
+    from ..parallel.ranks import Ranks, leave
 
     if Ranks.start(args.tp).rank == 0:
         return False
     model = _load(args)
     follow(model.lm, model.ranks)
+    leave()
     return True
 
 

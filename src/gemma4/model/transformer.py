@@ -219,8 +219,13 @@ class CausalLM(nn.Module):
     def plan(self) -> tuple[LayerPlan, ...]:
         return self.model.plan
 
+    def head(self, hidden: Tensor) -> Tensor:
+        """Hidden states against every vocabulary row: the tied embeddings, or lm_head. (Over several
+        ranks, each takes its rows and the parts are gathered: parallel/ranks.py sets its own.)"""
+        return self.model.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+
     def logits(self, hidden: Tensor) -> Tensor:
-        logits = self.model.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        logits = self.head(hidden)
         if (cap := self.config.final_logit_softcapping) is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits

@@ -3,10 +3,10 @@ model split over several ranks.
 
 Rank 0 runs the interface as if the model were whole. Each time it calls the decoder, the call
 (token ids, positions, which caches, media soft tokens) goes first to the other ranks as an order,
-and they make the same call on their parts, so their all-reduces meet rank 0's. Their caches
-mirror rank 0's: every cache rank 0 makes is a `MirroredCache`, whose rollbacks (truncate,
-snapshot, restore) and end of life travel with the next order. Followers compute no logits and
-sample nothing; rank 0 alone turns hidden states into tokens.
+and they make the same call on their parts, so their all-reduces (and the LM head's gather) meet
+rank 0's. Their caches mirror rank 0's: every cache rank 0 makes is a `MirroredCache`, whose
+rollbacks (truncate, snapshot, restore) and end of life travel with the next order. Followers
+sample nothing: they score their rows of the vocabulary, and rank 0 alone turns logits into tokens.
 
 Orders travel on a process group of their own, without a timeout: a server may sit idle for
 days. A rank 0 that exits sends a last order that ends the others; one that dies closes its
@@ -142,5 +142,7 @@ def follow(lm: CausalLM, ranks: Ranks) -> None:
         if call == STOP:
             return
         ids, positions, kv, keep, media = call
-        with torch.inference_mode():
-            lm.model(ids, positions, None if kv is None else [caches[i] for i in kv], keep, media)
+        with torch.inference_mode():  # as CausalLM.step and forward do: the decoder, then the LM head (whose rows are split)
+            hidden = lm.model(ids, positions, None if kv is None else [caches[i] for i in kv], keep, media)
+            if hidden is not None:
+                lm.logits(hidden)

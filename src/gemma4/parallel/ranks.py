@@ -16,10 +16,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor
 
 from ..errors import Gemma4Error
-from .sharding import SUMMED, Shard
+from ..model import CausalLM
+from ..quant.modules import PackedModule
+from ..quant.packed import PackedTensor
+from .sharding import ROWS, SUMMED, Shard
 
 # How long a rank waits in any one collective before the job ends (loading the slowest rank's
 # shard happens before the first one, and a prompt's chunk is well within it).
@@ -38,6 +42,7 @@ class Ranks:
     size: int
     reductions: int = 0  # all-reduces run
     reduced_bytes: int = 0  # bytes of the tensors summed (each rank sends about 2 (size - 1) / size of them)
+    gathered_bytes: int = 0  # bytes of logits this rank sent to the others
 
     @property
     def shard(self) -> Shard:
@@ -76,6 +81,13 @@ class Ranks:
         self._run("summing a layer's output", dist.all_reduce, tensor)
         return tensor
 
+    def gather(self, part: Tensor) -> Tensor:
+        """Every rank's `part`, concatenated along the last axis, in rank order."""
+        parts = [torch.empty_like(part) for _ in range(self.size)]
+        self.gathered_bytes += part.nbytes
+        self._run("gathering the logits", dist.all_gather, parts, part.contiguous())
+        return torch.cat(parts, dim=-1)
+
     def agree(self, what: str, value: Any) -> None:
         """Refuse to start unless every rank has the same `value` (say, a checkpoint's fingerprint)."""
         values: list[Any] = [None] * self.size
@@ -103,16 +115,49 @@ class Ranks:
             raise RankFailure(f"rank {self.rank} of {self.size} lost the other ranks while {doing} ({reason}); the job ends") from None
 
     # --- the model ------------------------------------------------------------------------
-    def attach(self, model: nn.Module) -> None:
-        """Sum the partial outputs of this rank's shard (o_proj, down_proj, the experts) over ranks."""
+    def attach(self, lm: CausalLM) -> None:
+        """Sum the partial outputs of this rank's shard (o_proj, down_proj, the experts) over ranks, and
+        score this rank's rows of the vocabulary."""
         if self.size == 1:
             return
-        for name, module in model.named_modules():
+        for name, module in lm.named_modules():
             if name.endswith(SUMMED):
                 module.register_forward_hook(lambda _module, _args, out: self.sum(out))
+        lm.head = VocabularyPart(lm, self)  # type: ignore[method-assign]
+
+
+class VocabularyPart:
+    """The LM head over this rank's rows of the vocabulary (a view of them: the other rows of a mapped
+    table are read only by the lookups of their tokens); the ranks' logits gathered."""
+
+    def __init__(self, lm: CausalLM, ranks: Ranks):
+        self.head = lm.model.embed_tokens if lm.lm_head is None else lm.lm_head
+        self.ranks = ranks
+        self._rows: Tensor | PackedTensor | None = None
+
+    @property
+    def rows(self) -> Tensor | PackedTensor:
+        """This rank's rows, made again when the packed head's settings change (fast math)."""
+        packed = self.head.packed("weight") if isinstance(self.head, PackedModule) else None
+        if self._rows is None or packed is not None and self._rows.fast_math != packed.fast_math:  # type: ignore[union-attr]
+            if packed is not None:
+                self._rows = self.ranks.shard.packed_part("the LM head", packed, ROWS)
+            else:
+                self._rows = self.ranks.shard.part("the LM head", self.head.weight, -2)  # type: ignore[arg-type]
+        return self._rows
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        rows = self.rows
+        return self.ranks.gather(rows.matmul(hidden) if isinstance(rows, PackedTensor) else F.linear(hidden, rows))
 
 
 ALONE = Ranks(0, 1)  # a model that runs in one process
+
+
+def leave() -> None:
+    """Close the process group (before exit: a rank torn down mid-connection may abort the others)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def fingerprint(path: str | Path) -> str:

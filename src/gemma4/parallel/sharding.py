@@ -8,9 +8,11 @@
 - The 26B-A4B's experts spread over ranks whole (expert parallelism): rank r holds a contiguous
   run of E/size experts and runs the tokens routed to them; the router is replicated, so every
   rank knows every token's choice and no token moves before the sum.
-- Everything else (embeddings and the tied LM head, the PLE table and projections, norms, the
-  router) is replicated: rows of the tables are read per token, and small matrices cost less
-  copied than communicated.
+- The LM head splits by vocabulary: each rank scores its rows and the logits are gathered (a
+  decode step reads 1/N of the tied embeddings instead of all of them, for 4 bytes a row sent).
+- Everything else (the embedding lookup, the PLE table and projections, norms, the router) is
+  replicated: rows of the tables are read per token, and small matrices cost less copied than
+  communicated.
 
 Row and column parts of o_proj and down_proj add up to the full product: the engine sums them
 over ranks (one all-reduce after attention, one after the MLP, one after the experts)."""
@@ -94,7 +96,7 @@ class Shard:
         if how == FIRST_RANK:
             return tensor if self.rank == 0 else torch.zeros_like(tensor)
         axis = {ROWS: -2, COLUMNS: -1, EXPERTS: 0}[how] if tensor.dim() > 1 else -1
-        return self._part(name, tensor, axis)
+        return self.part(name, tensor, axis)
 
     def cut_packed(self, name: str, p: PackedTensor) -> PackedTensor:
         """This rank's part of packed weight `name`, cut along whole blocks (int4 tiles of 8 rows,
@@ -102,6 +104,10 @@ class Shard:
         how = cut_of(name)
         if how is None or self.size == 1:
             return p
+        return self.packed_part(name, p, how)
+
+    def packed_part(self, name: str, p: PackedTensor, how: str) -> PackedTensor:
+        """This rank's part of packed weight `name`, split `how` (ROWS, COLUMNS or EXPERTS)."""
         N, K = p.shape[-2:]
         if how == EXPERTS:
             axis, scale_axis = 0, 0
@@ -117,10 +123,11 @@ class Shard:
                 self._check(name, K, 32, "columns", "int4 blocks of 32")
             axis = -2 if p.tiled else -1
             scale_axis = None if per_row else axis
-        part = lambda t, at: t if t is None or at is None else self._part(name, t, at)  # noqa: E731
+        part = lambda t, at: t if t is None or at is None else self.part(name, t, at)  # noqa: E731
         return replace(p, codes=part(p.codes, axis), scales=part(p.scales, scale_axis), offsets=part(p.offsets, scale_axis))
 
-    def _part(self, name: str, t: Tensor, axis: int) -> Tensor:
+    def part(self, name: str, t: Tensor, axis: int) -> Tensor:
+        """This rank's 1/size of `t` along `axis`: a view where it is contiguous, else a copy."""
         if t.shape[axis] % self.size:
             _indivisible(name, t.shape[axis], self.size)
         return t.chunk(self.size, axis)[self.rank].contiguous()
