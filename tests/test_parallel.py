@@ -225,3 +225,18 @@ def test_the_server_answers_through_rank_0(folders):
     finally:
         log = server.stop()
     assert "src/gemma4/" not in log and "gemma4: error" not in log, log[-3000:]  # torchrun itself reports its SIGTERM with a traceback
+
+
+def test_bench_runs_our_engine_over_ranks(folders):
+    """`gemma4 bench --tp 2`: our engine under torchrun, rank 0 reporting the weight bytes all ranks
+    read per token (the split parts once, each rank's replicated weights, the LM head's rows once)."""
+    def bench(*extra: str) -> dict:
+        command = [sys.executable, "-m", "gemma4", "bench", str(folders["31b"]), "--quant", "int4", "--engines", "gemma4", "--prompt-tokens", "16",
+                   "--new-tokens", "4", "--context", "64", "--json", *extra]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout)["engines"]
+
+    alone, split = bench()["gemma4 int4"], bench("--tp", "2")["gemma4 int4 --tp 2"]
+    assert split["ranks"] == 2 and split["decode_tok_s"] > 0 and 0 < split["fraction_of_bound"] <= 1.0
+    assert alone["weight_bytes_per_token"] < split["weight_bytes_per_token"] < 2 * alone["weight_bytes_per_token"]

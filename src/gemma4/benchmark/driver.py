@@ -6,6 +6,7 @@ it reads per token."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -33,6 +34,7 @@ class BenchOptions:
     engines: tuple[str, ...] = ENGINES
     fast_math: bool = False
     seed: int = 0
+    tp: int = 1  # ranks our engine runs on (torchrun on this machine; the threads shared among them)
 
 
 def memory_bandwidth(threads: int) -> float:
@@ -58,10 +60,12 @@ def prompts(vocab: int, options: BenchOptions) -> tuple[list[int], list[int]]:
 
 
 def run_engine(engine: str, job: dict[str, Any]) -> dict[str, Any]:
-    """One engine in a child process -> its measurements (or {"error": ...})."""
-    result = subprocess.run(
-        [sys.executable, "-m", "gemma4.benchmark.workers", engine, json.dumps(job)], capture_output=True, text=True, timeout=3600
-    )
+    """One engine in a child process (ours over several ranks: one per rank, under torchrun) -> its
+    measurements (or {"error": ...})."""
+    tp = job.get("tp", 1)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp), "-m"] if tp > 1 else [sys.executable, "-m"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, job["threads"] // tp))} if tp > 1 else None
+    result = subprocess.run([*launch, "gemma4.benchmark.workers", engine, json.dumps(job)], capture_output=True, text=True, timeout=3600, env=env)
     if result.returncode != 0:
         return {"error": (result.stderr.strip().splitlines() or ["exit code %d" % result.returncode])[-1]}
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -79,8 +83,9 @@ def benchmark(checkpoint: Path, options: BenchOptions) -> dict[str, Any]:
     for engine in options.engines:
         if engine == "gemma4":
             model = checkpoint if options.quant == "bf16" else quantized_for(checkpoint, options.quant)
-            job = {**base, "model": str(model), "quant": "bf16" if options.quant == "bf16" else None, "fast_math": options.fast_math}
-            label = f"gemma4 {options.quant}" + (" --fast-math" if options.fast_math else "")
+            job = {**base, "model": str(model), "quant": "bf16" if options.quant == "bf16" else None, "fast_math": options.fast_math,
+                   "tp": options.tp}
+            label = f"gemma4 {options.quant}" + (" --fast-math" if options.fast_math else "") + (f" --tp {options.tp}" if options.tp > 1 else "")
         elif engine == "transformers":
             if options.quant != "bf16":
                 continue  # transformers has no CPU kernel of our int8/int4 formats: compared at bf16 only

@@ -53,10 +53,15 @@ def gemma4_engine(job: dict[str, Any]) -> dict[str, Any]:
     import gemma4
     from gemma4.runtime.generate import Batch
 
-    torch.set_num_threads(job["threads"])
+    tp = job.get("tp", 1)
+    torch.set_num_threads(max(1, job["threads"] // tp))
+    if tp > 1:  # every rank runs the same steps (under torchrun); rank 0 reports for all
+        from gemma4.parallel.ranks import Ranks
+
+        Ranks.start(tp)
     started = time.perf_counter()
     model = gemma4.load(job["model"], dtype=job.get("dtype"), quant=job.get("quant"), context=job["context"], progress=False,
-                        fast_math=job.get("fast_math", False))
+                        fast_math=job.get("fast_math", False), tp=tp)
     load = time.perf_counter() - started
     batch: list[Batch] = []  # the sequence being run
     running = torch.zeros(1, dtype=torch.bool)
@@ -68,7 +73,26 @@ def gemma4_engine(job: dict[str, Any]) -> dict[str, Any]:
     def step(token: torch.Tensor) -> torch.Tensor:
         return batch[0].feed(token, running).argmax(-1)
 
-    return {**measure(job, load, start, step), "weight_bytes_per_token": decode_bytes(module_bytes(model.lm)), **encode_times(model)}
+    result = {**measure(job, load, start, step), "weight_bytes_per_token": decode_bytes(module_bytes(model.lm)), **encode_times(model)}
+    return result if tp == 1 else over_ranks(model, result)
+
+
+def over_ranks(model, result: dict[str, Any]) -> dict[str, Any] | None:  # noqa: ANN001 - a gemma4.Model
+    """Rank 0's figures with the weight bytes all ranks read per token (each its split part and its
+    rows of the LM head, the tied embeddings) and the largest peak; None on the other ranks."""
+    import torch.distributed as dist
+
+    from gemma4.parallel.ranks import leave
+
+    head = model.lm.model.embed_tokens if model.lm.lm_head is None else model.lm.lm_head
+    head_bytes = decode_bytes(module_bytes(head))
+    read = result["weight_bytes_per_token"] - head_bytes + head_bytes // model.ranks.size
+    everyone: list[Any] = [None] * model.ranks.size
+    dist.all_gather_object(everyone, (read, peak_rss_bytes()))
+    leave()
+    if model.ranks.rank:
+        return None
+    return {**result, "weight_bytes_per_token": sum(r for r, _ in everyone), "peak_rss_bytes": max(p for _, p in everyone), "ranks": model.ranks.size}
 
 
 def encode_times(model) -> dict[str, float]:  # noqa: ANN001 - a gemma4.Model
@@ -184,7 +208,9 @@ ENGINES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 def main() -> None:
     engine, job = sys.argv[1], json.loads(sys.argv[2])
     result = ENGINES[engine](job)
-    result["peak_rss_bytes"] = peak_rss_bytes()
+    if result is None:  # a rank that rank 0 reports for
+        return
+    result.setdefault("peak_rss_bytes", peak_rss_bytes())
     print(json.dumps(result), flush=True)
 
 

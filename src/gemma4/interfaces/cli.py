@@ -103,7 +103,8 @@ def _bench(args: argparse.Namespace) -> None:
     engines = tuple(e.strip() for e in args.engines.split(","))
     if unknown := [e for e in engines if e not in ENGINES]:
         raise Gemma4Error(f"unknown engine {unknown[0]!r}: choose from {', '.join(ENGINES)}")
-    options = BenchOptions(args.quant or "bf16", args.threads, args.context, args.prompt_tokens, args.new_tokens, engines, args.fast_math)
+    options = BenchOptions(args.quant or "bf16", args.threads, args.context, args.prompt_tokens, args.new_tokens, engines, args.fast_math,
+                           tp=args.tp)
     report = benchmark(_benchmark_checkpoint(args.model), options)
     table = markdown(report)
     print(json.dumps(report, indent=2) if args.json else table)
@@ -404,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--engines", default="gemma4,transformers,llama.cpp", help="comma-separated subset")
     bench.add_argument("--fast-math", action="store_true", help="our packed matmuls with 8-bit activations, as llama.cpp's")
+    bench.add_argument("--tp", type=int, default=1, metavar="N", help="our engine over N ranks on this machine (torchrun), sharing --threads")
     bench.add_argument("--json", action="store_true", help="print the full report as JSON")
     bench.add_argument("--results", metavar="FILE", help="append the Markdown table to FILE")
     bench.set_defaults(run=_bench)
