@@ -240,3 +240,19 @@ def test_bench_runs_our_engine_over_ranks(folders):
     alone, split = bench()["gemma4 int4"], bench("--tp", "2")["gemma4 int4 --tp 2"]
     assert split["ranks"] == 2 and split["decode_tok_s"] > 0 and 0 < split["fraction_of_bound"] <= 1.0
     assert alone["weight_bytes_per_token"] < split["weight_bytes_per_token"] < 2 * alone["weight_bytes_per_token"]
+
+
+def test_the_plan_per_rank_is_what_a_rank_holds(ranked):
+    """`gemma4 plan --tp N`: a rank's weights and K/V, planned, are what each rank held."""
+    from gemma4.config import ModelConfig
+    from gemma4.planner import plan_memory
+
+    ranks, out, jobs = ranked
+    for job in jobs:
+        if job["load"] != {"dtype": "fp32"}:
+            continue
+        config = ModelConfig.from_file(Path(job["path"]) / "config.json")
+        plan = plan_memory(config, 4 * config.text.sliding_window + 5, dtype="fp32", shard=Shard(0, ranks))
+        for got in results(out, job["name"], ranks):
+            assert sum(plan["weights"].values()) + plan["ple_table"]["bytes"] == got["held"]["split"] + got["held"]["replicated"], job
+            assert sum(plan["kv_cache"].values()) == got["kv_bytes"], job

@@ -96,16 +96,12 @@ class Ranks:
             if other != value:
                 raise Gemma4Error(f"rank {rank}'s {what} differs from rank {self.rank}'s: load the same checkpoint with the same options on every rank")
 
-    def share(self, value: Any) -> Any:
-        """Rank 0's `value`, on every rank."""
-        box = [value]
-        self._run("receiving rank 0's orders", dist.broadcast_object_list, box, 0)
-        return box[0]
-
     def seed_alike(self) -> None:
         """Seed every rank's default generator with one seed from rank 0, so sampling without an
         explicit seed draws the same tokens on every rank (their logits are the same bits)."""
-        torch.manual_seed(self.share(secrets.randbits(63) if self.rank == 0 else None))
+        box = [secrets.randbits(63) if self.rank == 0 else None]
+        self._run("receiving rank 0's seed", dist.broadcast_object_list, box, 0)
+        torch.manual_seed(box[0])
 
     def _run(self, doing: str, collective: Any, *args: Any) -> None:
         try:
