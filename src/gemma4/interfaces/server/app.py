@@ -21,7 +21,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ...errors import Gemma4Error
 from .jobs import Prepared, chat_messages, check_model, prepare_chat, prepare_completion
 from .metrics import Metrics
-from .outputs import End
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .responses import Completion, gather, stream
 from .served import ServedModel
