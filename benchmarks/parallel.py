@@ -64,6 +64,14 @@ def worker(path: str, prompt_tokens: int, new_tokens: int, out: str) -> None:
     stats = model.stats
     steps = stats.generated_tokens - 1  # decode steps: the first token comes from the prefill
     decode = ((counters() - before - prefill) / steps).tolist()
+    probe, latency = torch.zeros(model.config.hidden_size), 0.0  # one decode step's all-reduce, alone
+    if tp > 1:
+        for _ in range(20):
+            dist.all_reduce(probe)
+        started = time.perf_counter()
+        for _ in range(200):
+            dist.all_reduce(probe)
+        latency = (time.perf_counter() - started) / 200
     held = {"split": 0, "replicated": 0}
     for name, tensor in model.lm.state_dict().items():
         held["split" if cut_of(name.removesuffix("_scale").removesuffix("_offset")) else "replicated"] += tensor.nbytes
@@ -73,7 +81,7 @@ def worker(path: str, prompt_tokens: int, new_tokens: int, out: str) -> None:
         "decode_tokens_per_second": stats.decode_tokens_per_second,
         "reductions_per_decode_token": decode[0], "reduced_bytes_per_decode_token": decode[1], "gathered_bytes_per_decode_token": decode[2],
         "reduced_bytes_per_prompt_token": prefill[1].item() / stats.prompt_tokens,
-        "held": held, "resident": resident(path),
+        "held": held, "resident": resident(path), "all_reduce_seconds": latency,
     }
     Path(out, f"rank{report['rank']}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
@@ -129,7 +137,8 @@ def main() -> None:
               f"and gathers {first['gathered_bytes_per_decode_token'] / 1e3:.1f} KB of logits per rank, "
               f"a prompt token {first['reduced_bytes_per_prompt_token'] / 1e3:.1f} KB; per rank: split weights {first['held']['split'] / 1e6:.0f} MB, "
               f"replicated {first['held']['replicated'] / 1e6:.0f} MB; resident {max(r['resident']['own'] for r in reports) / 1e6:.0f} MB own + "
-              f"{max(r['resident']['mapped'] for r in reports) / 1e6:.0f} MB of the mapped checkpoint (peak {max(r['resident']['peak'] for r in reports) / 1e6:.0f} MB)",
+              f"{max(r['resident']['mapped'] for r in reports) / 1e6:.0f} MB of the mapped checkpoint (peak {max(r['resident']['peak'] for r in reports) / 1e6:.0f} MB); "
+              f"one all-reduce of a token's hidden state, alone: {first['all_reduce_seconds'] * 1e6:.0f} us",
               flush=True)
     two = next((r[0] for r in rows if r[0]["ranks"] == 2), None)
     alone = next((r[0] for r in rows if r[0]["ranks"] == 1), None)
@@ -140,9 +149,10 @@ def main() -> None:
         step = 1 / alone["decode_tokens_per_second"]
         compute = step * (1 - split_share(alone, folder) / 2)
         sent = two["reduced_bytes_per_decode_token"] * 2 * (2 - 1) / 2 + two["gathered_bytes_per_decode_token"]
-        for gbps in map(float, args.network_gbps.split(",")):
-            wire = (two["reductions_per_decode_token"] + 1) * args.latency_us * 1e-6 + sent / (gbps * 1e9 / 8)
-            print(f"on paper, two machines like this one over {gbps:g} Gb/s ({args.latency_us:g} us per all-reduce): a {step * 1e3:.0f} ms "
+        latencies = [(args.latency_us, "us per collective"), (two["all_reduce_seconds"] * 1e6, "us per collective, as between ranks here")]
+        for (latency_us, source), gbps in [(lat, g) for lat in latencies for g in map(float, args.network_gbps.split(","))]:
+            wire = (two["reductions_per_decode_token"] + 1) * latency_us * 1e-6 + sent / (gbps * 1e9 / 8)
+            print(f"on paper, two machines like this one over {gbps:g} Gb/s ({latency_us:.0f} {source}): a {step * 1e3:.0f} ms "
                   f"decode step becomes {compute * 1e3:.0f} ms of compute + {wire * 1e3:.2f} ms on the wire: {1 / (compute + wire):.1f} tok/s "
                   f"({step / (compute + wire):.2f}x one machine)")
 
