@@ -23,7 +23,7 @@ from ..errors import Gemma4Error
 from ..model import CausalLM
 from ..quant.modules import PackedModule
 from ..quant.packed import PackedTensor
-from .sharding import ROWS, SUMMED, Shard
+from .sharding import ROWS, Shard
 
 # How long a rank waits in any one collective before the job ends (loading the slowest rank's
 # shard happens before the first one, and a prompt's chunk is well within it).
@@ -112,14 +112,27 @@ class Ranks:
 
     # --- the model ------------------------------------------------------------------------
     def attach(self, lm: CausalLM) -> None:
-        """Sum the partial outputs of this rank's shard (o_proj, down_proj, the experts) over ranks, and
-        score this rank's rows of the vocabulary."""
+        """Sum the partial outputs of this rank's shard over ranks, one all-reduce per block: after
+        attention's o_proj, after the MLP's down_proj; in a hybrid MoE layer, the dense branch's and the
+        experts' partial sums together, once the experts have run (the layer reads neither before).
+        And score this rank's rows of the vocabulary."""
         if self.size == 1:
             return
-        for name, module in lm.named_modules():
-            if name.endswith(SUMMED):
-                module.register_forward_hook(lambda _module, _args, out: self.sum(out))
+        for layer in lm.model.layers:
+            layer.self_attn.o_proj.register_forward_hook(lambda _module, _args, out: self.sum(out))
+            if hasattr(layer, "experts"):
+                dense: list[Tensor] = []
+                layer.mlp.register_forward_hook(lambda _module, _args, out, dense=dense: dense.append(out))
+                layer.experts.register_forward_hook(lambda _module, _args, out, dense=dense: self.sum_both(dense.pop(), out))
+            else:
+                layer.mlp.down_proj.register_forward_hook(lambda _module, _args, out: self.sum(out))
         lm.head = VocabularyPart(lm, self)  # type: ignore[method-assign]
+
+    def sum_both(self, dense: Tensor, routed: Tensor) -> Tensor:
+        """Sum two partial outputs over ranks in one all-reduce: `dense` in place, `routed` returned."""
+        both = self.sum(torch.cat((dense.reshape(-1), routed.reshape(-1))))
+        dense.copy_(both[: dense.numel()].view_as(dense))
+        return both[dense.numel() :].view_as(routed)
 
 
 class VocabularyPart:

@@ -15,7 +15,8 @@
   communicated.
 
 Row and column parts of o_proj and down_proj add up to the full product: the engine sums them
-over ranks (one all-reduce after attention, one after the MLP, one after the experts)."""
+over ranks, one all-reduce after attention and one after the MLP (a hybrid MoE layer's dense
+branch and experts together)."""
 
 from __future__ import annotations
 
@@ -42,8 +43,6 @@ _CUTS = {
     "mlp.down_proj": COLUMNS,
     "experts": EXPERTS,
 }
-# Modules whose outputs are partial sums, to be summed over ranks.
-SUMMED = ("self_attn.o_proj", "mlp.down_proj", "experts")
 
 
 @dataclass(frozen=True)
