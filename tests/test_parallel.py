@@ -1,6 +1,7 @@
 """Tensor and expert parallelism: tiny checkpoints over 2 and 4 local ranks (gloo, launched by the
-real `torchrun`) give the single-process model's logits to fp32 round-off and its greedy tokens
-exactly, each rank holding 1/N of the split weights and of the K/V cache.
+real `torchrun`) give the single-process model's logits to fp32 round-off and, in fp32, its greedy
+tokens exactly (packed decoding: within that path's own rounding), each rank holding 1/N of the
+split weights and of the K/V cache.
 
 The checkpoints are the tiny presets with heads to split: the presets' single global KV head does
 not split, as E2B's does not (refused with a clear error)."""
