@@ -45,7 +45,7 @@ def worker(path: str, prompt_tokens: int, new_tokens: int, out: str) -> None:
     import torch.distributed as dist
 
     import gemma4
-    from gemma4.parallel.sharding import cut_of
+    from gemma4.parallel.sharding import held_bytes
 
     dist.init_process_group("gloo")
     tp = dist.get_world_size()
@@ -72,9 +72,7 @@ def worker(path: str, prompt_tokens: int, new_tokens: int, out: str) -> None:
         for _ in range(200):
             dist.all_reduce(probe)
         latency = (time.perf_counter() - started) / 200
-    held = {"split": 0, "replicated": 0}
-    for name, tensor in model.lm.state_dict().items():
-        held["split" if cut_of(name.removesuffix("_scale").removesuffix("_offset")) else "replicated"] += tensor.nbytes
+    held = held_bytes(model.lm)
     report = {
         "rank": model.ranks.rank, "ranks": tp, "load_seconds": load_seconds,
         "prefill_tokens_per_second": stats.prompt_tokens / stats.prefill_seconds,

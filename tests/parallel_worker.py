@@ -18,18 +18,8 @@ import torch
 import torch.distributed as dist
 
 import gemma4
-from gemma4.parallel.sharding import cut_of
+from gemma4.parallel.sharding import held_bytes
 from gemma4.runtime.generate import Session, teacher_forced_logits
-
-
-def held_bytes(model: gemma4.Model) -> dict[str, int]:
-    """Bytes of weights this rank holds, split and replicated."""
-    held = {"split": 0, "replicated": 0}
-    for name, tensor in model.lm.state_dict().items():
-        for suffix in ("_scale", "_offset"):
-            name = name.removesuffix(suffix)
-        held["split" if cut_of(name) else "replicated"] += tensor.nbytes
-    return held
 
 
 def ids(length: int, rows: int = 2) -> torch.Tensor:
@@ -49,7 +39,7 @@ def run(job: dict, out: Path, tp: int) -> None:
         "greedy": model.generate(prompt[0, :9].tolist(), max_new_tokens=8, temperature=0),
         "batch": model.generate([prompt[0, :5].tolist(), prompt[1, :11].tolist()], max_new_tokens=4, temperature=0),
         "sampled": model.generate(prompt[1, :7].tolist(), max_new_tokens=8, temperature=1.0),  # no seed: ranks must agree
-        "held": held_bytes(model),
+        "held": held_bytes(model.lm),
         "kv_bytes": session.nbytes(),
         "reductions": model.ranks.reductions,
     }

@@ -23,7 +23,7 @@ import torch
 import gemma4
 from gemma4.benchmark.peers import converter_script, gguf_for
 from gemma4.errors import ConfigError, Gemma4Error
-from gemma4.parallel.sharding import Shard
+from gemma4.parallel.sharding import Shard, held_bytes
 from gemma4.runtime.generate import teacher_forced_logits
 from gemma4.weights import synthesize
 from gemma4.weights.quantized import save_quantized
@@ -31,7 +31,7 @@ from gemma4.weights.quantized import save_quantized
 transformers = pytest.importorskip("transformers")
 
 from conftest import reference_class  # noqa: E402
-from parallel_worker import held_bytes, ids  # noqa: E402
+from parallel_worker import ids  # noqa: E402
 
 HERE = Path(__file__).parent
 SPLITTABLE = dict(num_attention_heads=8, num_key_value_heads=4, num_global_key_value_heads=4, head_dim=32, global_head_dim=64, intermediate_size=256)
@@ -133,7 +133,7 @@ def test_each_rank_holds_its_share(ranked):
     ranks, out, jobs = ranked
     for job in jobs:
         single = alone(job["path"], json.dumps(job["load"]))
-        whole = held_bytes(single)
+        whole = held_bytes(single.lm)
         session = Session(single.lm, 256)
         session.start_prompt(ids(4 * single.config.sliding_window + 5)[0].tolist())
         for got in results(out, job["name"], ranks):

@@ -23,14 +23,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import TextConfig
 from ..errors import ConfigError
 from ..quant import int4
+from ..quant.modules import SUFFIXES
 from ..quant.packed import PackedTensor
 
 ROWS, COLUMNS, EXPERTS, FIRST_RANK = "rows", "columns", "experts", "first rank"
+AXIS = {ROWS: -2, COLUMNS: -1, EXPERTS: 0}  # of a weight [experts..., N, K]
 
 # Module of a layer -> how its weight splits.
 _CUTS = {
@@ -94,7 +96,7 @@ class Shard:
             return tensor
         if how == FIRST_RANK:
             return tensor if self.rank == 0 else torch.zeros_like(tensor)
-        axis = {ROWS: -2, COLUMNS: -1, EXPERTS: 0}[how] if tensor.dim() > 1 else -1
+        axis = AXIS[how] if tensor.dim() > 1 else -1
         return self.part(name, tensor, axis)
 
     def cut_packed(self, name: str, p: PackedTensor) -> PackedTensor:
@@ -152,6 +154,16 @@ def cut_of(name: str) -> str | None:
     if how == COLUMNS and parts[-1] == "bias":
         return FIRST_RANK  # a bias of a summed product is added once
     return how
+
+
+def held_bytes(lm: nn.Module) -> dict[str, int]:
+    """Bytes of weights a model (or a rank's part of one) holds: in tensors split over ranks, and replicated."""
+    held = {"split": 0, "replicated": 0}
+    for name, tensor in lm.state_dict().items():
+        for suffix in SUFFIXES[1:]:  # a packed weight's scales and offsets split with it
+            name = name.removesuffix(suffix)
+        held["split" if cut_of(name) else "replicated"] += tensor.nbytes
+    return held
 
 
 def _indivisible(name: str, size: int, ranks: int) -> Tensor:

@@ -206,9 +206,7 @@ def load_model(
             else:
                 file.advise_random(info.name)
                 loaded = {name: tensor}
-            mapped = whole.untyped_storage().data_ptr()
-            if all(t.untyped_storage().data_ptr() != mapped for t in loaded.values()):
-                file.release(info.name)  # converted: the file's pages need not stay resident
+            file.release_unless_kept(info.name, whole, loaded.values())  # converted or copied: the file's pages need not stay resident
             state.update(loaded)
             bar.update(info.end - info.start)
     install(model, state)

@@ -29,7 +29,7 @@ from ..quant.modules import (
     packed_twin,
     replace_module,
 )
-from ..parallel.sharding import COLUMNS, EXPERTS, ROWS, WHOLE, Shard, cut_of
+from ..parallel.sharding import AXIS, COLUMNS, WHOLE, Shard, cut_of
 from ..quant.packed import PackedTensor
 from ..runtime.tokenizer import SPECIAL_TOKENS, Tokenizer
 from .checkpoint import install
@@ -317,7 +317,7 @@ def _raw_part(t: GGUFTensor, key: str, shape: tuple[int, ...], shard: Shard) -> 
     how = cut_of(key)
     if how is None or shard.size == 1:
         return data, shape
-    axis = {ROWS: -2, COLUMNS: -1, EXPERTS: 0}[how]
+    axis = AXIS[how]
     if how == COLUMNS and t.tensor_type.name in BLOCK_BYTES:
         block_columns = 256 if t.tensor_type.name.endswith("_K") else 32
         if (shape[-1] // shard.size) % block_columns:

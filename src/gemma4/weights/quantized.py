@@ -91,8 +91,8 @@ def load_quantized(checkpoint: Checkpoint, settings: dict, shard: Shard = WHOLE)
         held = shard.cut_packed(name, PackedTensor.of(*tensors, dims=len(shape))) if name in packed else shard.cut(name, tensors[0])
         parts = [held.codes, held.scales, held.offsets] if name in packed else [held]
         for n, whole, part in zip(names, tensors, parts):
-            if part is not None and part.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr():
-                checkpoint.file_of(n).release(n)  # a rank's copied part: the file's pages need not stay resident
+            if whole is not None:  # a rank's copied part: the file's pages need not stay resident
+                checkpoint.file_of(n).release_unless_kept(n, whole, [part])
         tensors = parts
         if tuple(held.shape) != shape:
             raise CheckpointError(f"{checkpoint.path}: tensor {stored!r} holds shape {list(held.shape)}, but config.json implies {list(shape)}")

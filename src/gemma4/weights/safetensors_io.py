@@ -73,6 +73,12 @@ class SafetensorsFile:
         if self._map is not None:
             self._map.madvise(mmap.MADV_DONTNEED, *self._pages(name))
 
+    def release_unless_kept(self, name: str, whole: torch.Tensor, kept: Iterable[torch.Tensor | None]) -> None:
+        """`release` tensor `name` (mapped as `whole`) unless one of `kept` is still a view of it."""
+        mapped = whole.untyped_storage().data_ptr()
+        if all(t is None or t.untyped_storage().data_ptr() != mapped for t in kept):
+            self.release(name)
+
     def advise_random(self, name: str) -> None:
         """Tell the kernel a tensor is read by scattered rows (the PLE table): no read-ahead, and
         none of it cached beforehand (a freshly written or copied file sits in the page cache in
