@@ -107,8 +107,8 @@ UNPACKED = "router.proj"
 
 
 def packable(name: str, module: nn.Module) -> bool:
-    """Matrices and embedding tables, but for UNPACKED."""
-    if isinstance(module, (ScaledEmbedding, Experts)):
+    """Matrices and embedding tables, but for UNPACKED; a packed twin takes its next tensor (the experts' second) packed too."""
+    if isinstance(module, (ScaledEmbedding, Experts, PackedModule)):
         return True
     return isinstance(module, nn.Linear) and module.bias is None and not name.endswith(UNPACKED)
 

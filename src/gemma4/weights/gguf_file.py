@@ -88,10 +88,22 @@ DERIVED = ("rope_freqs.weight",)
 _PATTERNS = [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v) for k, v in TENSOR_NAMES.items()]
 
 
+_OUR_PATTERNS = [(re.compile("^" + re.escape(v).replace(r"\{i\}", r"(\d+)") + "$"), k) for k, v in TENSOR_NAMES.items()]
+
+
 def our_name(gguf_name: str) -> str | None:
-    for pattern, ours in _PATTERNS:
-        if m := pattern.match(gguf_name):
-            return ours.replace("{i}", m.group(1)) if m.groups() else ours
+    return _renamed(gguf_name, _PATTERNS)
+
+
+def gguf_name(our_name: str) -> str | None:
+    """llama.cpp's name for one of our decoder tensors (relative to the decoder: `layers.0.mlp...`)."""
+    return _renamed(our_name, _OUR_PATTERNS)
+
+
+def _renamed(name: str, patterns: list[tuple[re.Pattern[str], str]]) -> str | None:
+    for pattern, target in patterns:
+        if m := pattern.match(name):
+            return target.replace("{i}", m.group(1)) if m.groups() else target
     return None
 
 

@@ -24,7 +24,7 @@ DEFAULT_SHARD_BYTES = 5 * 10**9  # save_pretrained's customary 5 GB shards
 GENERATION_CONFIG = {"bos_token_id": 2, "eos_token_id": [1, 106, 50], "pad_token_id": 0, "do_sample": True, "top_k": 64, "top_p": 0.95}
 
 
-def _values(spec: TensorSpec, seed: int) -> Iterator[torch.Tensor]:
+def tensor_values(spec: TensorSpec, seed: int) -> Iterator[torch.Tensor]:
     """Seeded per tensor name, so any tensor can be regenerated alone. Norm weights, scales and
     scalars are drawn around 1 (not left at 1, which would hide a misplaced one)."""
     generator = torch.Generator().manual_seed(zlib.crc32(spec.name.encode()) ^ seed)
@@ -99,7 +99,7 @@ def synthesize(
     total = sum(s.numel for s in specs) * dtype.itemsize
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {preset}", disable=not progress) as bar:
         for shard, name in zip(shards, names):
-            tensors = [TensorToWrite(s.name, s.shape, dtype, lambda s=s: _values(s, seed)) for s in shard]
+            tensors = [TensorToWrite(s.name, s.shape, dtype, lambda s=s: tensor_values(s, seed)) for s in shard]
             write_safetensors(out / name, tensors, {"format": "pt"}, on_bytes=bar.update)
     if len(shards) > 1:
         index = {
