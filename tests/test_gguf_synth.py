@@ -1,7 +1,7 @@
 """`gemma4 synth PRESET OUT.gguf` writes what llama.cpp's own converter and quantizer write for the
 synthetic checkpoint of the same preset and seed: the same metadata, tensors, types, order and
 blocks, bit for bit. Checked on tiny configs that reach each of the quantizer's type rules (a Q6_K
-embedding, Q8_0 and F16 fallbacks, PLE and double-wide MLPs, Q8_0 and BF16 files); llama.cpp runs
+embedding, Q8_0 and F16 fallbacks, PLE and double-wide MLPs, and Q8_0 files); llama.cpp runs
 the file, and our engine loads it as the model it is."""
 
 from __future__ import annotations
@@ -31,26 +31,40 @@ CASES = {
     "26b-like, Q4_0 with a Q6_K embedding": ("tiny-26b-a4b", WIDE_26B, "q4_0"),
     "26b-like, Q4_0 with Q8_0 and F16 fallbacks": ("tiny-26b-a4b", {}, "q4_0"),
     "e2b-like (PLE, double-wide MLP), Q8_0": ("tiny-e2b", {}, "q8_0"),
-    "31b-like, BF16": ("tiny-31b", {}, "bf16"),
 }
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """made(case) -> (the synthetic bf16 checkpoint folder, our GGUF of it), written once."""
+    cache: dict[str, tuple] = {}
+
+    def make(case: str):
+        if case not in cache:
+            preset, overrides, kind = CASES[case]
+            root = tmp_path_factory.mktemp("synth")
+            folder = synthesize(preset, root / "hf", dtype=torch.bfloat16, seed=7, overrides=overrides, progress=False)
+            cache[case] = folder, synthesize_gguf(preset, root / "ours.gguf", kind, seed=7, overrides=overrides, progress=False)
+        return cache[case]
+
+    return make
 
 
 def llama_cpp_pipeline(folder, target, kind: str):
     """The checkpoint through llama.cpp: its converter to BF16, then its quantizer."""
     script = converter_script()
-    bf16 = target.with_suffix(".bf16.gguf") if kind != "bf16" else target
+    bf16 = target.with_suffix(".bf16.gguf")
     env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")}
     result = subprocess.run([sys.executable, str(script), str(folder), "--outfile", str(bf16), "--outtype", "bf16"],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    if kind != "bf16":
-        code = (
-            "import llama_cpp, sys\n"
-            "p = llama_cpp.llama_model_quantize_default_params()\n"
-            f"p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_{kind.upper()}\n"
-            "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))\n"
-        )
-        assert subprocess.run([sys.executable, "-c", code, str(bf16), str(target)], capture_output=True, timeout=600).returncode == 0
+    code = (
+        "import llama_cpp, sys\n"
+        "p = llama_cpp.llama_model_quantize_default_params()\n"
+        f"p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_{kind.upper()}\n"
+        "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code, str(bf16), str(target)], capture_output=True, timeout=600).returncode == 0
     return target
 
 
@@ -60,27 +74,23 @@ def fields(reader) -> dict:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_synthetic_gguf_is_what_llama_cpp_writes(tmp_path, case):
+def test_synthetic_gguf_is_what_llama_cpp_writes(tmp_path, made, case):
     import gguf
 
-    preset, overrides, kind = CASES[case]
-    folder = synthesize(preset, tmp_path / "hf", dtype=torch.bfloat16, seed=7, overrides=overrides, progress=False)
+    kind = CASES[case][2]
+    folder, path = made(case)
     theirs = gguf.GGUFReader(llama_cpp_pipeline(folder, tmp_path / "theirs.gguf", kind))
-    ours = gguf.GGUFReader(synthesize_gguf(preset, tmp_path / "ours.gguf", kind, seed=7, overrides=overrides, progress=False))
+    ours = gguf.GGUFReader(path)
     assert fields(ours) == fields(theirs)
-    if kind != "bf16":  # the quantizer's order (the converter's own follows the checkpoint's files)
-        assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
-    by_name = {t.name: t for t in theirs.tensors}
-    assert by_name.keys() == {t.name for t in ours.tensors}
-    for a in ours.tensors:
-        b = by_name[a.name]
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
         assert (a.tensor_type, list(a.shape)) == (b.tensor_type, list(b.shape)), a.name
         assert np.array_equal(np.asarray(a.data).view(np.uint8), np.asarray(b.data).view(np.uint8)), a.name
     types = {t.tensor_type.name for t in ours.tensors}
-    assert {"q4_0": {"Q4_0", "F32"}, "q8_0": {"Q8_0", "F32"}, "bf16": {"BF16", "F32"}}[kind] <= types
+    assert {"q4_0": {"Q4_0", "F32"}, "q8_0": {"Q8_0", "F32"}}[kind] <= types
 
 
-def test_llama_cpp_runs_it_and_we_read_the_same_model(tmp_path):
+def test_llama_cpp_runs_it_and_we_read_the_same_model(made):
     """llama.cpp loads and runs the file. We read it as the synthetic checkpoint with each weight
     rounded to its block type: dequantized, exactly that model; kept in its own types (every matrix
     and both expert stacks packed), the same model to round-off. (Tiny random models amplify
@@ -88,12 +98,11 @@ def test_llama_cpp_runs_it_and_we_read_the_same_model(tmp_path):
     agreement is tested on F32 files in test_gguf.py, and this file equals its own bit for bit.)"""
     from gemma4.weights.gguf_file import dequantize, open_gguf, our_name
 
-    path = synthesize_gguf("tiny-26b-a4b", tmp_path / "m.gguf", "q4_0", seed=3, overrides=WIDE_26B, progress=False)
+    folder, path = made("26b-like, Q4_0 with a Q6_K embedding")
     ids = [2, *range(1000, 1024)]
     ran = llama({"model": str(path), "logits_of": ids, "greedy": [ids], "new_tokens": 8})
     assert np.isfinite(ran["logits"]).all() and len(ran["greedy"][0]) == 8
 
-    folder = synthesize("tiny-26b-a4b", tmp_path / "hf", dtype=torch.bfloat16, seed=3, overrides=WIDE_26B, progress=False)
     expected = gemma4.load(folder, dtype=torch.float32, progress=False)
     state = expected.lm.state_dict()
     with torch.no_grad():
@@ -111,7 +120,7 @@ def test_llama_cpp_runs_it_and_we_read_the_same_model(tmp_path):
 
 
 def test_refusals(tmp_path):
-    with pytest.raises(Gemma4Error, match="one of q4_0, q8_0, bf16, not 'int4'"):
+    with pytest.raises(Gemma4Error, match="one of q4_0, q8_0, not 'int4'"):
         synthesize_gguf("tiny-31b", tmp_path / "m.gguf", "int4")
     (tmp_path / "there.gguf").write_bytes(b"")
     with pytest.raises(Gemma4Error, match="already exists"):

@@ -22,6 +22,7 @@ from ..errors import Gemma4Error
 from .peers import LLAMA_CPP_TYPE, gguf_for, llama_cpp_installed, quantized_for
 
 ENGINES = ("gemma4", "transformers", "llama.cpp")
+FILE_TYPES = "file's types"  # a GGUF file's engines keep its tensors as they are stored
 
 
 @dataclass
@@ -72,30 +73,42 @@ def run_engine(engine: str, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def benchmark(checkpoint: Path, options: BenchOptions) -> dict[str, Any]:
+    """`checkpoint`: a folder (ours packed as `options.quant`, llama.cpp on its converter's GGUF of the
+    same type class), or a GGUF file both engines load as it is (ours in the file's own types, or
+    repacked as `options.quant` when that is not FILE_TYPES)."""
     from ..weights import open_checkpoint
+    from ..weights.gguf_file import open_gguf
 
-    config = open_checkpoint(checkpoint).config
+    gguf_file = checkpoint.suffix == ".gguf"
+    config = (open_gguf if gguf_file else open_checkpoint)(checkpoint).config
     long_prompt, short_prompt = prompts(config.text.vocab_size, options)
     base = {"prompt": long_prompt, "short_prompt": short_prompt, "new_tokens": options.new_tokens,
-            "threads": options.threads, "context": options.context}
+            "threads": options.threads, "context": options.context,
+            "routed_fraction": (config.text.top_k_experts or 0) / config.text.num_experts if config.text.enable_moe_block else 1.0}
     bandwidth = memory_bandwidth(options.threads)
     rows: dict[str, dict[str, Any]] = {}
     for engine in options.engines:
         if engine == "gemma4":
-            model = checkpoint if options.quant == "bf16" else quantized_for(checkpoint, options.quant)
-            job = {**base, "model": str(model), "quant": "bf16" if options.quant == "bf16" else None, "fast_math": options.fast_math,
-                   "tp": options.tp}
+            if gguf_file:
+                model, quant = checkpoint, None if options.quant == FILE_TYPES else options.quant
+            else:
+                model = checkpoint if options.quant == "bf16" else quantized_for(checkpoint, options.quant)
+                quant = "bf16" if options.quant == "bf16" else None
+            job = {**base, "model": str(model), "quant": quant, "fast_math": options.fast_math, "tp": options.tp}
             label = f"gemma4 {options.quant}" + (" --fast-math" if options.fast_math else "") + (f" --tp {options.tp}" if options.tp > 1 else "")
         elif engine == "transformers":
-            if options.quant != "bf16":
-                continue  # transformers has no CPU kernel of our int8/int4 formats: compared at bf16 only
+            if options.quant != "bf16" or gguf_file:
+                continue  # transformers has no CPU kernel of our int8/int4 formats (nor GGUF's): compared at bf16 only
             job, label = {**base, "model": str(checkpoint), "torch_dtype": "bfloat16"}, "transformers bf16"
         elif engine == "llama.cpp":
             if not llama_cpp_installed():
                 print("gemma4 bench: llama.cpp skipped: llama-cpp-python is not installed (scripts/build_llama_cpp.sh)", file=sys.stderr)
                 continue
-            type_name = LLAMA_CPP_TYPE[options.quant]
-            job, label = {**base, "model": str(gguf_for(checkpoint, type_name))}, f"llama.cpp {type_name}"
+            if gguf_file:
+                job, label = {**base, "model": str(checkpoint)}, f"llama.cpp {FILE_TYPES}"
+            else:
+                type_name = LLAMA_CPP_TYPE[options.quant]
+                job, label = {**base, "model": str(gguf_for(checkpoint, type_name))}, f"llama.cpp {type_name}"
         else:
             raise Gemma4Error(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
         print(f"gemma4 bench: running {label}...", file=sys.stderr, flush=True)

@@ -11,6 +11,7 @@ import time
 
 STARTED = time.perf_counter()  # before the heavy imports: cold start counts them
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
@@ -65,15 +66,22 @@ def gemma4_engine(job: dict[str, Any]) -> dict[str, Any]:
     load = time.perf_counter() - started
     batch: list[Batch] = []  # the sequence being run
     running = torch.zeros(1, dtype=torch.bool)
+    routed = RoutedExperts(model.lm)
 
     def start(prompt: list[int]) -> torch.Tensor:
         batch[:] = [Batch(model.lm, [prompt], job["context"], model.prefill_chunk, 0)]
         return batch[0].start()[0].argmax(-1)
 
     def step(token: torch.Tensor) -> torch.Tensor:
-        return batch[0].feed(token, running).argmax(-1)
+        with routed.counting():
+            return batch[0].feed(token, running).argmax(-1)
 
-    result = {**measure(job, load, start, step), "weight_bytes_per_token": decode_bytes(module_bytes(model.lm)), **encode_times(model)}
+    timings = measure(job, load, start, step)
+    dense = decode_bytes(module_bytes(model.lm), experts=0.0)
+    result = {**timings, "weight_bytes_per_token": dense + routed.bytes_per_step(), **encode_times(model)}
+    if routed.layers:  # what the routing read, beside what a token's top_k of the experts would
+        result["routed_expert_bytes_per_token"] = routed.bytes_per_step()
+        result["top_k_expert_bytes_per_token"] = decode_bytes(module_bytes(model.lm), job["routed_fraction"]) - dense
     return result if tp == 1 else over_ranks(model, result)
 
 
@@ -136,12 +144,50 @@ def _encode_times(model) -> dict[str, float]:  # noqa: ANN001 - a gemma4.Model
 
 
 PLE_TABLES = ("embed_tokens_per_layer", "per_layer_token_embd")  # HF and GGUF names: a token reads one row
+EXPERTS = ("experts.", "_exps.weight")  # HF and GGUF names of the routed experts' stacks
 
 
-def decode_bytes(named_sizes: Iterable[tuple[str, int]]) -> int:
+def decode_bytes(named_sizes: Iterable[tuple[str, int]], experts: float = 1.0) -> int:
     """Weight bytes one decode step reads: every weight once (the token embedding as the tied LM
-    head), except the PLE table."""
-    return sum(size for name, size in named_sizes if not any(table in name for table in PLE_TABLES))
+    head), except the PLE table; of the experts' stacks, the fraction `experts` (top_k / num_experts
+    for a token routed to top_k of them)."""
+    total = 0.0
+    for name, size in named_sizes:
+        if not any(table in name for table in PLE_TABLES):
+            total += size * (experts if any(stack in name for stack in EXPERTS) else 1.0)
+    return int(total)
+
+
+class RoutedExperts:
+    """The expert weight bytes decode steps read, as routed: while `counting()`, each MoE layer's
+    experts module is watched, and a step reads the distinct experts it runs (those this rank holds), whole."""
+
+    def __init__(self, lm) -> None:  # noqa: ANN001 - a CausalLM
+        self.layers = [layer for layer in lm.model.layers if hasattr(layer, "experts")]
+        self.read = 0
+        self.steps = 0
+        self._on = False
+        for layer in self.layers:
+            layer.experts.register_forward_hook(self._ran)
+
+    def _ran(self, experts, inputs, _) -> None:  # noqa: ANN001 - Experts or PackedExperts, (x, weights, ids)
+        if self._on:
+            held = experts.gate_up_proj.shape[0]
+            ids = inputs[2].unique()
+            ran = ((ids >= experts.first) & (ids < experts.first + held)).sum().item()
+            self.read += ran * sum(size for _, size in module_bytes(experts)) // held
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[None]:
+        self._on = True
+        try:
+            yield
+        finally:
+            self._on = False
+            self.steps += 1
+
+    def bytes_per_step(self) -> int:
+        return self.read // max(1, self.steps)
 
 
 def module_bytes(module) -> Iterator[tuple[str, int]]:  # noqa: ANN001 - an nn.Module
@@ -170,7 +216,7 @@ def transformers_engine(job: dict[str, Any]) -> dict[str, Any]:
         past[0] = None
         return forward(torch.tensor([prompt]))
 
-    return {**measure(job, load, start, forward), "weight_bytes_per_token": decode_bytes(module_bytes(model))}
+    return {**measure(job, load, start, forward), "weight_bytes_per_token": decode_bytes(module_bytes(model), job["routed_fraction"])}
 
 
 def llama_cpp_engine(job: dict[str, Any]) -> dict[str, Any]:
@@ -194,8 +240,9 @@ def llama_cpp_engine(job: dict[str, Any]) -> dict[str, Any]:
 
     from gemma4.weights.gguf_header import read_gguf
 
-    stored = ((t.name, t.data.nbytes) for t in read_gguf(Path(job["model"]))[1])
-    return {**measure(job, load, start, lambda token: feed([token])), "weight_bytes_per_token": decode_bytes(stored)}
+    stored = [(t.name, t.data.nbytes) for t in read_gguf(Path(job["model"]))[1]]
+    # its routing is not watched: counted as a token's top_k of the experts
+    return {**measure(job, load, start, lambda token: feed([token])), "weight_bytes_per_token": decode_bytes(stored, job["routed_fraction"])}
 
 
 ENGINES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {

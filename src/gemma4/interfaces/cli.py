@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config import ModelConfig
 from ..errors import Gemma4Error
 from ..quant.packed import KINDS
+from ..weights.gguf_synth import GGUF_KINDS
 from ..weights.presets import PRESETS, preset_config
 
 KV_DTYPES = ["bf16", "fp16", "fp32", "int8"]
@@ -92,20 +93,27 @@ def _plan(args: argparse.Namespace) -> None:
 def _synth(args: argparse.Namespace) -> None:
     from ..weights import synthesize
     from ..weights.checkpoint import resolve_dtype
+    from ..weights.gguf_synth import synthesize_gguf
 
-    out = synthesize(args.preset, args.out_dir, dtype=resolve_dtype(args.dtype), seed=args.seed)
+    if args.out.endswith(".gguf"):  # one file in llama.cpp's layout, as its converter + quantizer write it
+        out = synthesize_gguf(args.preset, args.out, args.quant or "q4_0", seed=args.seed)
+    elif args.quant:
+        raise Gemma4Error(f"--quant is for a GGUF file (OUT ending in .gguf); {args.out} is a checkpoint folder (use --dtype)")
+    else:
+        out = synthesize(args.preset, args.out, dtype=resolve_dtype(args.dtype), seed=args.seed)
     print(f"wrote {args.preset} to {out}")
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from ..benchmark.driver import ENGINES, BenchOptions, benchmark, markdown
+    from ..benchmark.driver import ENGINES, FILE_TYPES, BenchOptions, benchmark, markdown
 
     engines = tuple(e.strip() for e in args.engines.split(","))
     if unknown := [e for e in engines if e not in ENGINES]:
         raise Gemma4Error(f"unknown engine {unknown[0]!r}: choose from {', '.join(ENGINES)}")
-    options = BenchOptions(args.quant or "bf16", args.threads, args.context, args.prompt_tokens, args.new_tokens, engines, args.fast_math,
+    checkpoint = _benchmark_checkpoint(args.model)
+    options = BenchOptions(args.quant or (FILE_TYPES if checkpoint.suffix == ".gguf" else "bf16"), args.threads, args.context, args.prompt_tokens, args.new_tokens, engines, args.fast_math,
                            tp=args.tp)
-    report = benchmark(_benchmark_checkpoint(args.model), options)
+    report = benchmark(checkpoint, options)
     table = markdown(report)
     print(json.dumps(report, indent=2) if args.json else table)
     if args.results:
@@ -114,8 +122,8 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _benchmark_checkpoint(model: str) -> Path:
-    """A checkpoint folder, or a preset synthesized (once) into the cache."""
-    if Path(model).is_dir():
+    """A checkpoint folder, a GGUF file, or a preset synthesized (once) into the cache."""
+    if Path(model).is_dir() or (model.endswith(".gguf") and Path(model).is_file()):
         return Path(model)
     if model not in PRESETS:
         raise Gemma4Error(f"{model}: not a checkpoint folder nor a preset ({', '.join(PRESETS)})")
@@ -385,8 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = commands.add_parser("synth", help="write a synthetic checkpoint with a real model's exact layout")
     synth.add_argument("preset", choices=list(PRESETS), metavar="PRESET", help=", ".join(PRESETS))
-    synth.add_argument("out_dir", metavar="OUT_DIR")
+    synth.add_argument("out", metavar="OUT_DIR | OUT.gguf", help="a checkpoint folder, or one GGUF file in llama.cpp's layout")
     synth.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    synth.add_argument("--quant", choices=list(GGUF_KINDS), help="the GGUF file's type, as llama-quantize makes it (default q4_0)")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=_synth)
 
@@ -397,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.set_defaults(run=_quantize)
 
     bench = commands.add_parser("bench", help="load, prefill and decode speed and memory, beside transformers and llama.cpp")
-    bench.add_argument("model", metavar="MODEL", help=f"checkpoint folder, or a preset to synthesize ({', '.join(PRESETS)})")
-    bench.add_argument("--quant", choices=list(KINDS), default="bf16", help="our weights (llama.cpp gets F16, Q8_0, Q4_0)")
+    bench.add_argument("model", metavar="MODEL", help=f"checkpoint folder, .gguf file (both engines load it), or a preset to synthesize ({', '.join(PRESETS)})")
+    bench.add_argument("--quant", choices=list(KINDS), help="our weights (default bf16, llama.cpp gets F16, Q8_0, Q4_0; a .gguf: the file's own types)")
     bench.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     bench.add_argument("--context", type=int, default=4096)
     bench.add_argument("--prompt-tokens", type=int, default=512)

@@ -5,6 +5,8 @@ step in float32, sums taken in its order, so the blocks come out equal bit for b
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -19,7 +21,10 @@ def quantize_blocks(values: Tensor, type_name: str) -> np.ndarray:
         return _q6_k(values.reshape(-1, 256))
     import gguf
 
-    return gguf.quants.quantize(values.reshape(-1, BLOCK[type_name][0]).numpy(), gguf.GGMLQuantizationType[type_name])
+    # in rows of up to 8192 values: gguf quantizes 16 rows per numpy call, so narrow rows cost Python overhead
+    row = math.gcd(values.numel(), 8192)
+    blocks = gguf.quants.quantize(values.reshape(-1, row).numpy(), gguf.GGMLQuantizationType[type_name])
+    return blocks.reshape(-1, BLOCK[type_name][1])
 
 
 def _over(numerator: float, t: Tensor) -> Tensor:

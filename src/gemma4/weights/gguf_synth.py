@@ -35,7 +35,7 @@ from .synth import GENERATION_CONFIG, tensor_values
 from .synth_tokenizer import write_tokenizer
 
 # what users ask for -> (llama.cpp's file type number, the type its matrices get)
-GGUF_KINDS = {"q4_0": (2, "Q4_0"), "q8_0": (7, "Q8_0"), "bf16": (32, "BF16")}
+GGUF_KINDS = {"q4_0": (2, "Q4_0"), "q8_0": (7, "Q8_0")}
 VISIBLE_TOKENS = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>'}
 NEVER_QUANTIZED = ("ffn_gate_inp.weight", "per_layer_model_proj")  # llama-quantize keeps these as converted
 
@@ -87,8 +87,7 @@ def tensor_plan(config: ModelConfig, kind: str) -> list[GGUFTensorPlan]:
         name = gguf_name(spec.name.removeprefix(prefix))
         if name is None:
             raise Gemma4Error(f"no llama.cpp name for {spec.name}")
-        type_name = converted_type(name, spec.shape) if target == "BF16" else quantized_type(name, spec.shape, target)
-        plans.append(GGUFTensorPlan(name, spec.shape, type_name, spec))
+        plans.append(GGUFTensorPlan(name, spec.shape, quantized_type(name, spec.shape, target), spec))
     if (rope := _global_rope(config)) is not None:
         plans.append(GGUFTensorPlan("rope_freqs.weight", (rope.head_dim // 2,), "F32", None))
     layer = lambda p: int(p.name.split(".")[1]) if p.name.startswith("blk.") else -1  # noqa: E731
@@ -98,7 +97,7 @@ def tensor_plan(config: ModelConfig, kind: str) -> list[GGUFTensorPlan]:
 def synthesize_gguf(
     preset: str, out: str | Path, kind: str = "q4_0", seed: int = 0, overrides: dict | None = None, progress: bool = True
 ) -> Path:
-    """Write the named preset's decoder as one GGUF file of `kind` (q4_0, q8_0, bf16): the weights
+    """Write the named preset's decoder as one GGUF file of `kind` (q4_0, q8_0): the weights
     of `synthesize(preset, ..., seed=seed)`, as llama.cpp's converter and quantizer would store them."""
     if kind not in GGUF_KINDS:
         raise Gemma4Error(f"a synthetic GGUF is written as one of {', '.join(GGUF_KINDS)}, not {kind!r}")
