@@ -55,21 +55,23 @@ def assert_matmul(packed: PackedTensor, x: torch.Tensor) -> None:
 
 
 def expected_matmul(packed: PackedTensor, x: torch.Tensor) -> torch.Tensor:
-    """What the kernels compute, in plain PyTorch. int4 tiles, and int8 in groups of 32 or more,
+    """What the kernels compute, in plain PyTorch. int4 tiles, and int8 in groups of 16 or 32s,
     round the activations per 32 for their integer dot products (rounded_activations); the
     offsets see the exact sums."""
     w = packed.dequantize().double()
     if not rounds_activations(packed):
         return (x.double() @ w.T).float()
     rounded = rounded_activations(x, packed.fast_math).double()
-    if packed.offsets is None:
+    if packed.offsets is None and packed.kind == "int8":
         return (rounded @ w.T).float()
-    scaled = PackedTensor(packed.kind, packed.codes, packed.scales, None, packed.group, packed.tiled).dequantize().double()
+    no_offsets = torch.zeros_like(packed.scales)  # (int4 without offsets would be the Q4_0 grid)
+    scaled = PackedTensor(packed.kind, packed.codes, packed.scales, no_offsets, packed.group, packed.tiled).dequantize().double()
     return (rounded @ scaled.T + x.double() @ (w - scaled).T).float()
 
 
 def rounds_activations(packed: PackedTensor) -> bool:
-    return packed.tiled or (packed.kind == "int8" and packed.group_size % 32 == 0)
+    g = packed.group_size
+    return packed.tiled or (packed.kind == "int8" and (g % 32 == 0 or (g == 16 and packed.shape[-1] % 32 == 0)))
 
 
 def rounded_activations(x: torch.Tensor, fast_math: bool) -> torch.Tensor:

@@ -97,6 +97,7 @@ def plan_memory(
     snapshots: int = 0,
     media: bool = False,
     shard: Shard = WHOLE,
+    stored: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Bytes by component: weights, KV cache by layer type, prefill activation peak, total resident.
 
@@ -106,7 +107,8 @@ def plan_memory(
     sequence keeps (`gemma4 serve` keeps runtime.generate.MAX_MARKS for its prefix cache). media: images,
     video or audio arrive, so the encoders are resident, and one image at the largest budget or a 30 s
     clip is encoded at a time. shard: what one rank holds when the model is split over ranks (its parts
-    of the split matrices and of the K/V heads; the rest whole)."""
+    of the split matrices and of the K/V heads; the rest whole). stored: bytes per tensor as loaded,
+    where the checkpoint fixes them (a GGUF file kept in its own types; `quant` names it then)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unsupported dtype {dtype!r}: use bf16, fp16 or fp32")
     if quant:  # packed weights compute in fp32 and keep K/V in fp16 (runtime.engine.Model.configure)
@@ -116,8 +118,8 @@ def plan_memory(
     plan = build_plan(shard.config(text))
     weights: dict[str, int] = {}
     for spec in checkpoint_tensors(config):
-        stored = _stored_bytes(spec, width, quant, group, pack_tables)
-        weights[spec.component] = weights.get(spec.component, 0) + (stored // shard.size if _is_split(spec) else stored)
+        held = stored[spec.name] if stored and spec.name in stored else _stored_bytes(spec, width, quant, group, pack_tables)
+        weights[spec.component] = weights.get(spec.component, 0) + (held // shard.size if _is_split(spec) else held)
     # Encoders stay in the files until media arrive; then they compute in fp32 (fp32 activations) or
     # bf16, their matrices left as released (bf16) either way (weights.checkpoint.load_encoders).
     encoder_width = 4 if dtype == "fp32" else 2

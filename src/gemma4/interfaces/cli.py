@@ -58,9 +58,15 @@ def _plan(args: argparse.Namespace) -> None:
     config = _model_config(args.model)
     saved = config.raw.get("quantization_config") or {}  # a checkpoint `gemma4 quantize` wrote: planned as saved
     quant, group = saved.get("kind", args.quant), saved.get("group_size", args.group)
-    options = dict(dtype=args.dtype, kv_dtype=args.kv_dtype, batch=args.parallel or args.batch, prefill_chunk=args.prefill_chunk,
+    stored = None
+    if args.model.endswith(".gguf") and quant is None and args.dtype is None:  # loaded in the file's own types
+        from ..benchmark.driver import FILE_TYPES
+        from ..weights.gguf_file import gguf_loaded_bytes
+
+        quant, stored = FILE_TYPES, gguf_loaded_bytes(args.model)
+    options = dict(dtype=args.dtype or "bf16", kv_dtype=args.kv_dtype, batch=args.parallel or args.batch, prefill_chunk=args.prefill_chunk,
                    quant=quant, group=group, pack_tables=bool(saved), snapshots=MAX_MARKS if args.parallel else 0, media=args.media,
-                   shard=Shard(0, args.tp))
+                   shard=Shard(0, args.tp), stored=stored)
     contexts = [2048, 8192, 32768, 131072, 262144] if args.sweep else [args.context]
     plans = sweep(config, contexts, **options)
     if not plans:
@@ -379,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="the memory a model will need: weights, KV cache, activations")
     plan.add_argument("model", metavar="MODEL", help=f"checkpoint folder, .gguf file, or a preset ({', '.join(PRESETS)})")
     plan.add_argument("--context", type=int, default=8192)
-    plan.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    plan.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 (a .gguf: its own types)")
     plan.add_argument("--kv-dtype", choices=KV_DTYPES, help="default: --dtype (fp16 with --quant)")
     _add_quant_options(plan, "packed weights, as `run --quant` loads them")
     plan.add_argument("--batch", type=int, default=1)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,7 +55,8 @@ def bind_matmul(kind: str, codes: Tensor, scales: Tensor | None, offsets: Tensor
     per call cost ~5 us each (a small matmul: 17.6 -> 13 us).
       bf16 / f16: codes [N, K].
       int8: codes [N, K]; scales/offsets fp32 [N, K/group].
-      int4 tiles (quant/int4.py): codes [N/8, K/32, 128]; scales/offsets fp16 or fp32 [N/8, K/group, 8].
+      int4 tiles (quant/int4.py): codes [N/8, K/32, 128]; scales/offsets fp16 or fp32 [N/8, K/group, 8]
+        (no offsets: the Q4_0 grid, w = scale (code - 8)).
     int8 in groups of 32s and int4 run on integer products over x rounded to two int8 halves (exact to
     ~1e-5 of each 32 values' largest); `fast` keeps only the high half, as llama.cpp does (changes answers)."""
     assert _lib is not None
@@ -129,6 +131,16 @@ def dequantize_int4(codes: Tensor, scales: Tensor, offsets: Tensor | None, group
     return out
 
 
+def tile_q4_0(blocks: np.ndarray, N: int, K: int) -> tuple[Tensor, Tensor]:
+    """GGUF Q4_0 blocks (uint8, contiguous, [N, K/32 * 18] bytes) of an [N, K] weight, N a multiple of
+    8 -> int4 tiles [N/8, K/32, 128] and their fp16 scales [N/8, K/32, 8] (no offsets: the Q4_0 grid)."""
+    codes = torch.empty(N // 8, K // 32, 128, dtype=torch.uint8)
+    scales = torch.empty(N // 8, K // 32, 8, dtype=torch.float16)
+    assert blocks.flags.c_contiguous and blocks.nbytes == N * K // 32 * 18
+    _lib.tile_q4_0(blocks.ctypes.data, _ptr(codes), _ptr(scales), N, K, torch.get_num_threads())  # type: ignore[union-attr]
+    return codes, scales
+
+
 def read_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes per second `threads` threads read from RAM, best of `repeats` passes over a buffer far
     larger than the caches, read as the weight kernels read."""
@@ -142,13 +154,14 @@ def read_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) ->
 
 
 if _lib is not None:
-    for _name in ("matmul_16bit", "matmul_int8", "matmul_int4", "dequantize_int4", "rms_norm", "rms_norm_rotary", "attend_one_query"):
+    for _name in ("matmul_16bit", "matmul_int8", "matmul_int4", "dequantize_int4", "tile_q4_0", "rms_norm", "rms_norm_rotary", "attend_one_query"):
         getattr(_lib, _name).restype = None
     _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     _lib.matmul_16bit.argtypes = [_p, _p, _p, _i64, _i64, _i64, _int, _int]
     _lib.matmul_int8.argtypes = [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int, _int]
     _lib.matmul_int4.argtypes = [_p, _p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int, _int]
     _lib.dequantize_int4.argtypes = [_p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int]
+    _lib.tile_q4_0.argtypes = [_p, _p, _p, _i64, _i64, _int]
     _lib.read_memory.restype = ctypes.c_int64
     _lib.read_memory.argtypes = [_p, _i64, _int]
     _lib.rms_norm.argtypes = [_p, _p, _p, _i64, _i64, ctypes.c_float, ctypes.c_float]

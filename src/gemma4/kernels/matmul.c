@@ -107,47 +107,52 @@ static float offset_term(const float *offsets, const float *sums, int64_t n, int
     return s;
 }
 
-/* Each token's dot products with one row of int8 codes in groups of a multiple of 32, on exact integer
- * multiply-adds over the rounded activations (simd.h): 32 weights per maddubs instead of converting
- * each to fp32 (which bounds the speed by instructions, not bytes). Every token is computed as it
- * would be alone, so a batch changes no one's answer. */
+/* Each token's dot products with one row of int8 codes in groups of 16 (GGUF Q6_K) or a multiple of
+ * 32, on exact integer multiply-adds over the rounded activations (simd.h): 32 weights per maddubs
+ * instead of converting each to fp32 (which bounds the speed by instructions, not bytes: Q6_K's LM
+ * head of the 26B-A4B read at 7 GB/s that way). Every token is computed as it would be alone, so a
+ * batch changes no one's answer. */
+#ifdef GEMMA4_AVX2
+/* One 32-block's integer dot products, 8 lanes of 4 columns each (lanes 0-3: columns 0-15). */
+static inline __m256i block_dot(const int8_t *w, const int8_t *high, const int8_t *low) {
+    PREFETCH(w);
+    /* maddubs multiplies unsigned by signed: |w| (-128 reads as 128) times x with w's sign */
+    __m256i wv = _mm256_loadu_si256((const __m256i *)w), magnitude = _mm256_sign_epi8(wv, wv);
+    __m256i xv = _mm256_loadu_si256((const __m256i *)high);
+    /* 16-bit pairs of 128 * 127 at most: no saturation on the maddubs path */
+    __m256i dot = dot_bytes(_mm256_setzero_si256(), magnitude, _mm256_sign_epi8(xv, wv));
+    if (low) dot = dot_bytes(times_low_steps(dot), magnitude, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)low), wv));
+    return dot;
+}
+#endif
+
 static void int8_rows(const RoundedActivations *a, const int8_t *w, const float *scales, const float *offsets, const float *sums,
                       float *y, int64_t M, int64_t N, int64_t K, int64_t group, int threads) {
-    int64_t G = K / group, blocks = group / 32;
+    int64_t G = K / group, B = K / 32;
     const float unit = a->low ? 1.f / LOW_STEPS : 1.f;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = w + n * K;
+        const float *scale = scales + n * G;
         for (int64_t m = 0; m < M; m++) {
             const int8_t *high = a->high + m * K, *low = a->low ? a->low + m * K : NULL;
-            const float *step = a->step + m * (K / 32);
+            const float *step = a->step + m * B;
 #ifdef GEMMA4_AVX2
             __m256 acc = _mm256_setzero_ps();
-            for (int64_t g = 0; g < G; g++) {
-                float s = scales[n * G + g] * unit;
-                for (int64_t b = g * blocks; b < (g + 1) * blocks; b++) {
-                    PREFETCH(row + b * 32);
-                    /* maddubs multiplies unsigned by signed: |w| (-128 reads as 128) times x with w's sign */
-                    __m256i wv = _mm256_loadu_si256((const __m256i *)(row + b * 32)), magnitude = _mm256_sign_epi8(wv, wv);
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(high + b * 32));
-                    /* 16-bit pairs of 128 * 127 at most: no saturation on the maddubs path */
-                    __m256i dot = dot_bytes(_mm256_setzero_si256(), magnitude, _mm256_sign_epi8(xv, wv));
-                    if (low) {
-                        __m256i rest = _mm256_loadu_si256((const __m256i *)(low + b * 32));
-                        dot = dot_bytes(times_low_steps(dot), magnitude, _mm256_sign_epi8(rest, wv));
-                    }
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * step[b]), acc);
-                }
+            for (int64_t b = 0; b < B; b++) {
+                __m256i dot = block_dot(row + b * 32, high + b * 32, low ? low + b * 32 : NULL);
+                __m256 s = group == 16 ? _mm256_set_m128(_mm_set1_ps(scale[2 * b + 1] * unit), _mm_set1_ps(scale[2 * b] * unit))
+                                       : _mm256_set1_ps(scale[b * 32 / group] * unit);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(step[b])), acc);
             }
             float total = hsum(acc);
 #else
             float total = 0.f;
-            for (int64_t g = 0; g < G; g++) {
-                float s = scales[n * G + g] * unit;
-                for (int64_t b = g * blocks; b < (g + 1) * blocks; b++) {
+            for (int64_t b = 0; b < B; b++) {
+                for (int64_t k0 = b * 32; k0 < b * 32 + 32; k0 += 16) {  /* each 16 columns under their group's scale */
                     int32_t dot = 0;
-                    for (int64_t k = b * 32; k < b * 32 + 32; k++) dot += row[k] * (high[k] * (low ? LOW_STEPS : 1) + (low ? low[k] : 0));
-                    total += dot * (s * step[b]);
+                    for (int64_t k = k0; k < k0 + 16; k++) dot += row[k] * (high[k] * (low ? LOW_STEPS : 1) + (low ? low[k] : 0));
+                    total += dot * (scale[k0 / group] * unit * step[b]);
                 }
             }
 #endif
@@ -161,14 +166,14 @@ void matmul_int8(const float *x, const int8_t *w, const float *scales, const flo
     int64_t G = K / group;
     float *sums = offsets ? (float *)malloc(M * G * sizeof(float)) : NULL;
     if (offsets) group_sums(x, sums, M, K, group);
-    if (group % 32 == 0) {
+    if (group % 32 == 0 || (group == 16 && K % 32 == 0)) {
         RoundedActivations a = round_activations(x, M, K, fast);
         int8_rows(&a, w, scales, offsets, sums, y, M, N, K, group, threads);
         release_activations(a);
         free(sums);
         return;
     }
-    /* groups of 8 or 16 (GGUF Q6_K): fp32 products, accumulators in registers */
+    /* groups of 8 (tiny rows only): fp32 products, accumulators in registers */
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = w + n * K;

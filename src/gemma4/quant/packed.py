@@ -9,7 +9,8 @@ One format per kind, with w = scale[n, g] * code + offset[n, g] over groups of `
         (GGUF Q4_K); in tiles of 8 rows for matmuls, in rows for row-read tables (quant/int4.py).
         "q4_0" quantizes onto llama.cpp's Q4_0 grid (symmetric, groups of 32: offset = -8 scale),
         the grid Google's quantization-aware checkpoints were trained for; it is stored as int4.
-Offsets are optional (symmetric int8 has none). Leading dimensions stack experts."""
+Offsets are optional: int8 without them is symmetric, int4 without them is the Q4_0 grid (offset
+-8 scale, implied: GGUF Q4_0 loads so). Leading dimensions stack experts."""
 
 from __future__ import annotations
 
@@ -96,9 +97,12 @@ class PackedTensor:
         codes = self.codes[rows]
         n = codes.shape[0]
         values = int4.unpack(codes) if self.kind == "int4" else codes
-        w = values.float().view(n, -1, self.group_size) * self.scales[rows, :, None].float()  # type: ignore[index]
+        scales = self.scales[rows, :, None].float()  # type: ignore[index]
+        w = values.float().view(n, -1, self.group_size) * scales
         if self.offsets is not None:
             w += self.offsets[rows, :, None].float()
+        elif self.kind == "int4":
+            w += -8 * scales
         return w.view(n, -1)
 
     def rows(self, ids: Tensor) -> Tensor:

@@ -298,14 +298,26 @@ def load_gguf_model(
                 module = packed_twin(module)
                 replace_module(model, module_name, module)
             state.update(packed_state(key, _packed(*_raw_part(t, key, expected[key], shard), t.tensor_type.name)))
+            if type_name in BLOCK_BYTES:  # (16-bit matrices are used in the map as they are)
+                t.release()
             continue
         values = shard.cut(key, _transform(checkpoint, key)(torch.from_numpy(dequantize(t)).reshape(expected[key])))
+        t.release()
         if key in packed:
             state.update(pack_state(key, values, *packed[key]))
         else:
             state[key] = values.to(dtype or torch.float32)
     install(model, state)
     return model.eval(), checkpoint
+
+
+def gguf_loaded_bytes(path: str | Path) -> dict[str, int]:
+    """Bytes each tensor takes once `load_gguf_model` keeps it in the file's own type, by our checkpoint name."""
+    from .gguf_repack import loaded_nbytes
+
+    checkpoint = open_gguf(path)
+    expected = {name: tuple(t.shape) for name, t in empty_model(checkpoint.config.text).state_dict().items()}
+    return {_our_key(checkpoint, t, expected): loaded_nbytes(t.tensor_type.name, tuple(t.torch_shape)) for t in checkpoint.tensors if t.name not in DERIVED}
 
 
 def _our_key(checkpoint: GGUFCheckpoint, t: GGUFTensor, expected: dict[str, tuple[int, ...]]) -> str:
@@ -343,7 +355,7 @@ def _raw_part(t: GGUFTensor, key: str, shape: tuple[int, ...], shard: Shard) -> 
 
 def _packed(data: np.ndarray, shape: tuple[int, ...], type_name: str) -> PackedTensor:
     if type_name in BLOCK_BYTES:
-        return repack(data, type_name, shape)
+        return repack(data, type_name, shape, tiled=True)
     with warnings.catch_warnings():  # the map is read-only, and so are our weights
         warnings.simplefilter("ignore", UserWarning)
         raw = torch.from_numpy(data).reshape(shape)  # F16/BF16 stay in the memory map

@@ -6,6 +6,7 @@ Type tables and dequantization still come from the `gguf` package."""
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,17 @@ class GGUFTensor:
     shape: tuple[int, ...]  # ggml order: innermost dimension first
     tensor_type: Any  # gguf.GGMLQuantizationType
     data: np.ndarray  # raw: typed for float types, uint8 rows of blocks for quantized ones
+    start: int = 0  # where the data starts in the file
 
     @property
     def torch_shape(self) -> tuple[int, ...]:
         return tuple(reversed(self.shape))
+
+    def release(self) -> None:
+        """Drop this tensor's pages from the process once a copy has replaced them (clean pages of a
+        read-only map: read again, they come back from the file), so loading holds the copy alone."""
+        start = self.start - self.start % mmap.PAGESIZE
+        self.data._mmap.madvise(mmap.MADV_DONTNEED, start, self.start + self.data.nbytes - start)  # type: ignore[attr-defined]
 
 
 class _Cursor:
@@ -107,5 +115,5 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
             data = raw.view(np.dtype(qtype.name.lower().replace("f", "float"))).reshape(rows)
         else:
             data = raw.reshape(*rows[:-1], row_bytes)
-        tensors.append(GGUFTensor(name, dims, qtype, data))
+        tensors.append(GGUFTensor(name, dims, qtype, data, start + offset))
     return fields, tensors

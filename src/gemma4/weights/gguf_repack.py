@@ -7,10 +7,13 @@ Block layouts follow ggml-quants.c; tests check each against gguf.quants.dequant
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from ..quant import int4
 from ..quant.packed import PackedTensor
 
@@ -68,16 +71,21 @@ def _q6_k(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.int8), d * sc.astype(np.float32)
 
 
-def repack(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> PackedTensor:
-    """Raw blocks (uint8 [..., row bytes]) of a tensor of `shape` -> a PackedTensor of that shape."""
+def repack(data: np.ndarray, type_name: str, shape: tuple[int, ...], tiled: bool = False) -> PackedTensor:
+    """Raw blocks (uint8 [..., row bytes]) of a tensor of `shape` -> a PackedTensor of that shape
+    (int4 in the matmul kernel's tiles where `tiled` and the rows allow)."""
+    *rows, K = shape
+    if tiled and type_name == "Q4_0" and kernels.available() and int4.tileable(rows[-1]):
+        codes, scales = kernels.tile_q4_0(np.ascontiguousarray(data), math.prod(rows), K)
+        stacked = lambda t: t.view(*rows[:-1], rows[-1] // 8, *t.shape[1:])  # noqa: E731 - experts [E, N/8, ...]
+        return PackedTensor.of(stacked(codes), stacked(scales), dims=len(shape))
     b = np.ascontiguousarray(data).reshape(-1, BLOCK_BYTES[type_name])
-    offsets = None
+    offsets = None  # (int4: the Q4_0 grid)
     if type_name == "Q8_0":
         codes, scales, group = b[:, 2:].view(np.int8), _f16(b, 0), 32
     elif type_name in ("Q4_0", "Q4_1"):
-        d = _f16(b, 0)
-        codes, scales, group = b[:, -16:], d, 32  # already our int4 layout
-        offsets = -8 * d if type_name == "Q4_0" else _f16(b, 2)
+        codes, scales, group = b[:, -16:], _f16(b, 0), 32  # already our int4 layout
+        offsets = None if type_name == "Q4_0" else _f16(b, 2)
     elif type_name in ("Q5_0", "Q5_1"):
         d, qh = _f16(b, 0), b[:, -20:-16]
         codes, scales, group = _low_high(b[:, -16:]) | (_bits(qh, 32) << 4), d, 32
@@ -97,13 +105,25 @@ def repack(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> PackedTe
         (codes, scales), group = _q6_k(b), 16
     else:
         raise ValueError(f"no packed form for {type_name}")
-    *rows, K = shape
     to_torch = lambda a, width: torch.from_numpy(np.ascontiguousarray(a).reshape(*rows, width))  # noqa: E731
     codes_t = to_torch(codes.astype(np.uint8 if type_name in ("Q4_0", "Q4_1", "Q4_K") else np.int8), -1)
     G = K // group
-    exact_in_f16 = type_name in ("Q4_0", "Q4_1") and all(np.isfinite(a.astype(np.float16)).all() for a in (scales, offsets))
-    dtype = np.float16 if exact_in_f16 else np.float32  # (Q4_0's offset -8 d overflows fp16 only past |d| 8188)
-    return PackedTensor.of(codes_t, to_torch(scales.astype(dtype), G), None if offsets is None else to_torch(offsets.astype(dtype), G))
+    dtype = np.float16 if type_name in ("Q4_0", "Q4_1") else np.float32  # (the file's own fp16 values)
+    return PackedTensor.of(codes_t, to_torch(scales.astype(dtype), G), None if offsets is None else to_torch(offsets.astype(dtype), G), dims=len(shape))
+
+
+# Bytes per column of what `repack` makes of each type: codes, then each 32- (Q6_K: 16-) column
+# group's scale and offset where it has one (fp16 for Q4_0/Q4_1, fp32 otherwise; Q4_0's is implied).
+_LOADED_BYTES_PER_COLUMN = {
+    "F32": 4, "F16": 2, "BF16": 2,
+    "Q8_0": 1 + 4 / 32, "Q4_0": 0.5 + 2 / 32, "Q4_1": 0.5 + 4 / 32, "Q4_K": 0.5 + 8 / 32,
+    "Q5_0": 1 + 4 / 32, "Q5_1": 1 + 8 / 32, "Q5_K": 1 + 8 / 32, "Q6_K": 1 + 4 / 16,
+}
+
+
+def loaded_nbytes(type_name: str, shape: tuple[int, ...]) -> int:
+    """Bytes a GGUF tensor of this type takes once loaded in its own type (float32 for F32)."""
+    return int(np.prod(shape) * _LOADED_BYTES_PER_COLUMN[type_name])
 
 
 class BlockRows(nn.Module):
