@@ -313,3 +313,24 @@ def test_q4_0_equals_the_gguf_quantizer_bit_for_bit():
     assert ours.group == 32 and torch.equal(ours.dequantize(), theirs)
     repacked = repack(blocks.reshape(-1), "Q4_0", (64, 256))
     assert torch.equal(repacked.dequantize(), theirs)
+
+
+def test_one_token_runs_its_experts_in_one_kernel_call_with_the_same_sums():
+    """A decode step's top-k experts go through one routed int4 call per projection: bit for bit the
+    per-expert loop's answer, experts held elsewhere (expert parallelism) left out as there."""
+    from gemma4.model.layers import Experts
+    from gemma4.quant.modules import PackedExperts, packed_state
+
+    torch.manual_seed(0)
+    experts, hidden, width = 6, 64, 32
+    module = PackedExperts(first=2)  # holds experts 2..7
+    stacks = {"gate_up_proj": torch.randn(experts, 2 * width, hidden), "down_proj": torch.randn(experts, hidden, width)}
+    for name, weight in stacks.items():
+        for key, value in packed_state(name, quantize(weight, "int4", 32)).items():
+            setattr(module, key, value)
+    assert all(module.packed(name).routable for name in stacks)
+    x = torch.randn(1, hidden)
+    for ids in ([[7, 2, 5]], [[3, 0, 6, 1]], [[0, 1]]):
+        ids = torch.tensor(ids)
+        weights = torch.rand(ids.shape).softmax(-1)
+        assert torch.equal(module(x, weights, ids), Experts.forward(module, x, weights, ids)), ids

@@ -1,5 +1,6 @@
 """The compiled kernels, loaded with ctypes: matmuls over packed weights (matmul.c, int4.c), the
-small fused operations of a decode step (decode.c), a memory bandwidth probe (bandwidth.c).
+small fused operations of a decode step (decode.c), GGUF blocks into packed layouts (gguf.c), a
+memory bandwidth probe (bandwidth.c).
 
 The shared library is built by the package's install step (setup.py). Where it is missing (no
 compiler, or a source checkout never built), `available()` is False and callers use PyTorch
@@ -70,7 +71,7 @@ def bind_matmul(kind: str, codes: Tensor, scales: Tensor | None, offsets: Tensor
     else:
         N, K = codes.shape[0] * 8, codes.shape[1] * 32
         f16 = int(scales is not None and scales.dtype == torch.float16)
-        call, fixed, tail = _lib.matmul_int4, (_ptr(codes), _ptr(scales), _ptr(offsets), f16), (group, int(fast))
+        call, fixed, tail = _lib.matmul_int4, (_ptr(codes), _ptr(scales), _ptr(offsets), f16, None), (group, int(fast))
 
     def matmul(x: Tensor) -> Tensor:
         M = x.shape[0]
@@ -79,6 +80,18 @@ def bind_matmul(kind: str, codes: Tensor, scales: Tensor | None, offsets: Tensor
         return y
 
     return matmul
+
+
+def routed_int4_matmul(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int, fast: bool, experts: Tensor) -> Tensor:
+    """x fp32 [M, K] contiguous, row m through expert experts[m] (int64 [M]) of an int4 tiled stack:
+    codes [E, N/8, K/32, 128], scales/offsets [E, N/8, K/group, 8] -> fp32 [M, N]. Each row is
+    computed as bind_matmul's kernel computes it alone."""
+    assert _lib is not None and experts.dtype == torch.int64 and experts.is_contiguous()
+    M, N, K = x.shape[0], codes.shape[1] * 8, codes.shape[2] * 32
+    y = torch.empty(M, N)
+    f16 = int(scales.dtype == torch.float16)
+    _lib.matmul_int4(_ptr(x), _ptr(codes), _ptr(scales), _ptr(offsets), f16, _ptr(experts), _ptr(y), M, N, K, group, int(fast), torch.get_num_threads())
+    return y
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float) -> Tensor:
@@ -141,6 +154,16 @@ def tile_q4_0(blocks: np.ndarray, N: int, K: int) -> tuple[Tensor, Tensor]:
     return codes, scales
 
 
+def unpack_q6_k(blocks: np.ndarray) -> tuple[Tensor, Tensor]:
+    """GGUF Q6_K blocks (uint8, contiguous, 210 bytes each) -> int8 codes [blocks, 256] and fp32
+    scales [blocks, 16] (w = scale * code per 16 columns)."""
+    count = blocks.nbytes // 210
+    assert blocks.flags.c_contiguous and blocks.nbytes == count * 210
+    codes, scales = torch.empty(count, 256, dtype=torch.int8), torch.empty(count, 16)
+    _lib.unpack_q6_k(blocks.ctypes.data, _ptr(codes), _ptr(scales), count, torch.get_num_threads())  # type: ignore[union-attr]
+    return codes, scales
+
+
 def read_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes per second `threads` threads read from RAM, best of `repeats` passes over a buffer far
     larger than the caches, read as the weight kernels read."""
@@ -154,14 +177,15 @@ def read_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) ->
 
 
 if _lib is not None:
-    for _name in ("matmul_16bit", "matmul_int8", "matmul_int4", "dequantize_int4", "tile_q4_0", "rms_norm", "rms_norm_rotary", "attend_one_query"):
+    for _name in ("matmul_16bit", "matmul_int8", "matmul_int4", "dequantize_int4", "tile_q4_0", "unpack_q6_k", "rms_norm", "rms_norm_rotary", "attend_one_query"):
         getattr(_lib, _name).restype = None
     _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     _lib.matmul_16bit.argtypes = [_p, _p, _p, _i64, _i64, _i64, _int, _int]
     _lib.matmul_int8.argtypes = [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int, _int]
-    _lib.matmul_int4.argtypes = [_p, _p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int, _int]
+    _lib.matmul_int4.argtypes = [_p, _p, _p, _p, _int, _p, _p, _i64, _i64, _i64, _i64, _int, _int]
     _lib.dequantize_int4.argtypes = [_p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int]
     _lib.tile_q4_0.argtypes = [_p, _p, _p, _i64, _i64, _int]
+    _lib.unpack_q6_k.argtypes = [_p, _p, _p, _i64, _int]
     _lib.read_memory.restype = ctypes.c_int64
     _lib.read_memory.argtypes = [_p, _i64, _int]
     _lib.rms_norm.argtypes = [_p, _p, _p, _i64, _i64, ctypes.c_float, ctypes.c_float]

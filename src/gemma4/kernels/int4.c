@@ -16,7 +16,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "simd.h"
 
@@ -96,24 +95,43 @@ static void tile_dot(const uint8_t *tile, const int8_t *high, const int8_t *low,
 }
 #endif
 
-void matmul_int4(const float *x, const uint8_t *codes, const void *scales, const void *offsets, int f16, float *y, int64_t M,
-                 int64_t N, int64_t K, int64_t group, int fast, int threads) {
-    int64_t G = K / group, blocks = group / 32, tile_stride = (K / 32) * TILE_BYTES;
+/* Tile row t of a weight against token m of the rounded activations, into y[m, 8t .. 8t + 8). */
+static inline void tile_row(const uint8_t *tiles, const void *scales, const void *offsets, int f16, const RoundedActivations *a,
+                            const float *sums, float *y, int64_t t, int64_t m, int64_t N, int64_t K, int64_t group) {
+    int64_t G = K / group, width = f16 ? 2 : 4;
+    const uint8_t *tile = tiles + t * (K / 32) * TILE_BYTES;
+    const void *s = (const char *)scales + t * G * 8 * width, *o = offsets ? (const char *)offsets + t * G * 8 * width : NULL;
+    const int8_t *high = a->high + m * K, *low = a->low ? a->low + m * K : NULL;
+    const float *step = a->step + m * (K / 32), *sum = sums + m * G;
+#ifdef GEMMA4_AVX2
+    _mm256_storeu_ps(y + m * N + t * 8, tile_dot(tile, high, low, step, sum, s, o, f16, G, group / 32));
+#else
+    tile_dot(tile, high, low, step, sum, s, o, f16, G, group / 32, y + m * N + t * 8);
+#endif
+}
+
+/* x [M, K] -> y [M, N]. experts NULL: every token through the one weight. Otherwise the weight is a
+ * stack of them ([E, N/8, K/32, 128], scales and offsets [E, N/8, G, 8]) and token m goes through
+ * expert experts[m]: a decode step's top-k experts in one parallel pass rather than one pass each
+ * (each pass's fork and join cost about what a 26B-A4B expert's matmul does); its tiles are handed
+ * out in runs of 16 as threads come free (static halves left one thread waiting: 10-20 % slower). */
+void matmul_int4(const float *x, const uint8_t *codes, const void *scales, const void *offsets, int f16, const int64_t *experts,
+                 float *y, int64_t M, int64_t N, int64_t K, int64_t group, int fast, int threads) {
+    int64_t G = K / group, T = N / 8, width = f16 ? 2 : 4;
     RoundedActivations a = round_activations(x, M, K, fast);
     float *sums = (float *)malloc(M * G * sizeof(float));  /* what the offsets multiply: sum_k (s q_k + o) x_k = s sum q_k x_k + o sum x_k */
     group_sums(x, sums, M, K, group);
+    if (experts == NULL) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < N / 8; t++) {
-        const void *s = (const char *)scales + t * G * 8 * (f16 ? 2 : 4);
-        const void *o = offsets ? (const char *)offsets + t * G * 8 * (f16 ? 2 : 4) : NULL;
-        for (int64_t m = 0; m < M; m++) {
-            const int8_t *high = a.high + m * K, *low = a.low ? a.low + m * K : NULL;
-            const float *step = a.step + m * (K / 32), *sum = sums + m * G;
-#ifdef GEMMA4_AVX2
-            _mm256_storeu_ps(y + m * N + t * 8, tile_dot(codes + t * tile_stride, high, low, step, sum, s, o, f16, G, blocks));
-#else
-            tile_dot(codes + t * tile_stride, high, low, step, sum, s, o, f16, G, blocks, y + m * N + t * 8);
-#endif
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t m = 0; m < M; m++) tile_row(codes, scales, offsets, f16, &a, sums, y, t, m, N, K, group);  /* the tile stays in L1 */
+    } else {
+        int64_t codes_per_expert = T * (K / 32) * TILE_BYTES, values_per_expert = T * G * 8 * width;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
+        for (int64_t i = 0; i < M * T; i++) {
+            int64_t m = i / T, e = experts[m];
+            tile_row(codes + e * codes_per_expert, (const char *)scales + e * values_per_expert,
+                     offsets ? (const char *)offsets + e * values_per_expert : NULL, f16, &a, sums, y, i % T, m, N, K, group);
         }
     }
     release_activations(a);
@@ -136,23 +154,6 @@ void dequantize_int4(const uint8_t *codes, const void *scales, const void *offse
                 uint8_t byte = piece[b * TILE_BYTES + j];
                 o[b * 32 + j] = s * (byte & 15) + z;
                 o[b * 32 + 16 + j] = s * (byte >> 4) + z;
-            }
-        }
-    }
-}
-
-/* GGUF Q4_0 blocks of an [N, K] weight (N a multiple of 8; each block an fp16 scale, then 16 bytes of
- * codes already in our nibble order) straight into tiles and their fp16 scales [N/8, K/32, 8]. One
- * pass at memory speed: numpy's strided copies took most of a minute over the 26B-A4B's 14 GB. */
-void tile_q4_0(const uint8_t *blocks, uint8_t *codes, uint16_t *scales, int64_t N, int64_t K, int threads) {
-    int64_t B = K / 32;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < N / 8; t++) {
-        for (int row = 0; row < 8; row++) {
-            const uint8_t *block = blocks + (t * 8 + row) * B * 18;
-            for (int64_t b = 0; b < B; b++, block += 18) {
-                memcpy(scales + (t * B + b) * 8 + row, block, 2);
-                memcpy(codes + (t * B + b) * TILE_BYTES + (row % 4) * 32 + (row / 4) * 16, block + 2, 16);
             }
         }
     }

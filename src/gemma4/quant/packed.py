@@ -124,6 +124,15 @@ class PackedTensor:
         y = (streaming(flat) if streaming is not None else self._dense_matmul(flat)).view(*lead, -1)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
+    @property
+    def routable(self) -> bool:
+        """A stack of int4 tiles that `routed_matmul` takes."""
+        return self.kind == "int4" and self.tiled and self.codes.dim() == 4 and self.codes.is_contiguous() and kernels.available()
+
+    def routed_matmul(self, x: Tensor, experts: Tensor) -> Tensor:
+        """Row m of x (fp32 [M, K], contiguous) through matrix experts[m] of this stack -> fp32 [M, N]."""
+        return kernels.routed_int4_matmul(x, self.codes, self.scales, self.offsets, self.group_size, self.fast_math, experts)  # type: ignore[arg-type]
+
     @cached_property
     def _streaming_kernel(self) -> kernels.Matmul | None:
         """The compiled kernel bound to these weights, where it takes them."""

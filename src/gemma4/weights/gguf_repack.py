@@ -102,14 +102,14 @@ def repack(data: np.ndarray, type_name: str, shape: tuple[int, ...], tiled: bool
         if type_name == "Q4_K":
             codes = int4.pack(torch.from_numpy(np.ascontiguousarray(codes))).numpy()
     elif type_name == "Q6_K":
-        (codes, scales), group = _q6_k(b), 16
+        (codes, scales), group = [t.numpy() for t in kernels.unpack_q6_k(b)] if kernels.available() else _q6_k(b), 16
     else:
         raise ValueError(f"no packed form for {type_name}")
     to_torch = lambda a, width: torch.from_numpy(np.ascontiguousarray(a).reshape(*rows, width))  # noqa: E731
-    codes_t = to_torch(codes.astype(np.uint8 if type_name in ("Q4_0", "Q4_1", "Q4_K") else np.int8), -1)
+    codes_t = to_torch(codes.astype(np.uint8 if type_name in ("Q4_0", "Q4_1", "Q4_K") else np.int8, copy=False), -1)
     G = K // group
     dtype = np.float16 if type_name in ("Q4_0", "Q4_1") else np.float32  # (the file's own fp16 values)
-    return PackedTensor.of(codes_t, to_torch(scales.astype(dtype), G), None if offsets is None else to_torch(offsets.astype(dtype), G), dims=len(shape))
+    return PackedTensor.of(codes_t, to_torch(scales.astype(dtype, copy=False), G), None if offsets is None else to_torch(offsets.astype(dtype, copy=False), G), dims=len(shape))
 
 
 # Bytes per column of what `repack` makes of each type: codes, then each 32- (Q6_K: 16-) column
