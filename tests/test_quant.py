@@ -153,6 +153,8 @@ def test_gguf_blocks_repack_without_loss(type_name):
     assert np.array_equal(packed.dequantize().numpy(), expected)
     tiled = packed.as_tiles()  # as a matrix is held (int4 types)
     assert np.array_equal(tiled.dequantize().numpy(), expected)
+    stack = repack(np.stack([raw, raw[::-1]]), type_name, (2, N, K), tiled=True).as_tiles()  # experts, as the loader holds them (Q4_0: tiled in C)
+    assert stack.tiled == tiled.tiled and all(np.array_equal(stack[e].dequantize().numpy(), w) for e, w in enumerate([expected, expected[::-1]]))
     x = torch.randn(1, K)
     torch.testing.assert_close(tiled.matmul(x), expected_matmul(tiled, x), atol=2e-3, rtol=1e-4)
 
