@@ -7,8 +7,6 @@
 
 #include "simd.h"
 
-#define TILE_BYTES 128 /* int4 tiles: kernels/int4.c */
-
 /* GGUF Q4_0 blocks of an [N, K] weight (N a multiple of 8; each block an fp16 scale, then 16 bytes of
  * codes already in our nibble order) straight into tiles and their fp16 scales [N/8, K/32, 8];
  * the Q4_0 grid needs no offsets (w = d (code - 8)). */

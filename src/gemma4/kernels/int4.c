@@ -19,8 +19,6 @@
 
 #include "simd.h"
 
-#define TILE_BYTES 128 /* one 32-column block of 8 rows */
-
 static inline float group_value(const void *values, int64_t at, int f16) {
     return f16 ? half_to_float(((const uint16_t *)values)[at]) : ((const float *)values)[at];
 }

@@ -42,6 +42,8 @@ static inline __m256 load_bf16(const uint16_t *w) {
 }
 #endif
 
+#define TILE_BYTES 128 /* int4 tiles (quant/int4.py): one 32-column block of 8 rows */
+
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
     float f;

@@ -278,7 +278,7 @@ def load_gguf_model(
     kernels (no float copy), a quantized PLE table stays in the file, the rest is fp32. With `dtype`,
     every tensor is dequantized into it; with `quant`, dequantized and packed anew (bf16/int8/int4)."""
     checkpoint = open_gguf(path)
-    expected = {name: tuple(t.shape) for name, t in empty_model(checkpoint.config.text).state_dict().items()}
+    expected = _expected_shapes(checkpoint)
     model = empty_model(checkpoint.config.text, shard)
     native = dtype is None and quant is None
     packed = pack_modules(model, Scheme(quant, group)) if quant else {}
@@ -316,8 +316,13 @@ def gguf_loaded_bytes(path: str | Path) -> dict[str, int]:
     from .gguf_repack import loaded_nbytes
 
     checkpoint = open_gguf(path)
-    expected = {name: tuple(t.shape) for name, t in empty_model(checkpoint.config.text).state_dict().items()}
+    expected = _expected_shapes(checkpoint)
     return {_our_key(checkpoint, t, expected): loaded_nbytes(t.tensor_type.name, tuple(t.torch_shape)) for t in checkpoint.tensors if t.name not in DERIVED}
+
+
+def _expected_shapes(checkpoint: GGUFCheckpoint) -> dict[str, tuple[int, ...]]:
+    """Our parameter shapes for the model the metadata describes (whole, before any shard's cut)."""
+    return {name: tuple(t.shape) for name, t in empty_model(checkpoint.config.text).state_dict().items()}
 
 
 def _our_key(checkpoint: GGUFCheckpoint, t: GGUFTensor, expected: dict[str, tuple[int, ...]]) -> str:
