@@ -32,7 +32,7 @@ static inline __m256 load_group_values(const void *values, int64_t at, int f16) 
  * Integer sums per block: high half < 32 * 15 * 127 * LOW_STEPS + low half < 2^24, exact in fp32. */
 static inline __m256 tile_dot(const uint8_t *tile, const int8_t *high, const int8_t *low, const float *step, const float *sums,
                               const void *scales, const void *offsets, int f16, int64_t G, int64_t blocks) {
-    const __m256i nibble = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
     const float unit = low ? 1.f / LOW_STEPS : 1.f;
     __m256 acc = _mm256_setzero_ps(), offset_acc = acc;
     for (int64_t g = 0; g < G; g++) {
@@ -51,9 +51,7 @@ static inline __m256 tile_dot(const uint8_t *tile, const int8_t *high, const int
             for (int c = 0; c < 4; c++) {
                 __m256i v = _mm256_loadu_si256((const __m256i *)(tile + 32 * c));
                 __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-                /* 16-bit pairs of 15 * 127: no saturation on the maddubs path */
-                rows[c] = dot_bytes(dot_bytes(zero, lo, x0), hi, x1);
-                if (low) rows[c] = dot_bytes(dot_bytes(times_low_steps(rows[c]), lo, r0), hi, r1);
+                rows[c] = rounded_dot(2, low != NULL, lo, x0, r0, hi, x1, r1);
             }
             __m256i dots = _mm256_hadd_epi32(_mm256_hadd_epi32(rows[0], rows[1]), _mm256_hadd_epi32(rows[2], rows[3]));
             group_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(step[b] * unit), group_acc);

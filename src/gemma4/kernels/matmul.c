@@ -118,11 +118,9 @@ static inline __m256i block_dot(const int8_t *w, const int8_t *high, const int8_
     PREFETCH(w);
     /* maddubs multiplies unsigned by signed: |w| (-128 reads as 128) times x with w's sign */
     __m256i wv = _mm256_loadu_si256((const __m256i *)w), magnitude = _mm256_sign_epi8(wv, wv);
-    __m256i xv = _mm256_loadu_si256((const __m256i *)high);
-    /* 16-bit pairs of 128 * 127 at most: no saturation on the maddubs path */
-    __m256i dot = dot_bytes(_mm256_setzero_si256(), magnitude, _mm256_sign_epi8(xv, wv));
-    if (low) dot = dot_bytes(times_low_steps(dot), magnitude, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)low), wv));
-    return dot;
+    __m256i signed_high = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)high), wv);
+    __m256i signed_low = low ? _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)low), wv) : signed_high;
+    return rounded_dot(1, low != NULL, magnitude, signed_high, signed_low, magnitude, signed_high, signed_low);
 }
 #endif
 

@@ -19,17 +19,6 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* acc + the sums of 4 adjacent unsigned x signed byte products per 32-bit lane: one AVX-VNNI
- * instruction where the CPU has it (a compile for this CPU finds out), else maddubs and madd
- * (whose 16-bit pair sums the callers keep below saturation: the same result). */
-static inline __m256i dot_bytes(__m256i acc, __m256i u, __m256i s) {
-#ifdef __AVXVNNI__
-    return _mm256_dpbusd_avx_epi32(acc, u, s);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-#endif
-}
-
 /* Weight bytes ahead of the load to ask for: measured on this kind of machine, one sequential
  * stream per thread with a software prefetch reads ~20 % faster than the hardware prefetcher alone,
  * and 4 KB ahead 3-8 % faster again than 1 KB (all of full-size E2B's matrices, bf16 and int4). */
@@ -91,6 +80,30 @@ static inline void group_sums(const float *x, float *sums, int64_t M, int64_t K,
 /* LOW_STEPS x per 32-bit lane, as 256 x - 2 x (two shifts: no 10-cycle mullo): the high half's
  * integer sums brought to the low half's step. */
 static inline __m256i times_low_steps(__m256i x) { return _mm256_sub_epi32(_mm256_slli_epi32(x, 8), _mm256_slli_epi32(x, 1)); }
+
+/* Per 32-bit lane (4 adjacent bytes), the integer dot products of unsigned bytes with both rounded
+ * halves, LOW_STEPS (u . high) + (u . low), or u . high alone without the low half, over one byte
+ * vector (u0) or two (u0 and u1, which must be int4 codes: |u| <= 15). With AVX-VNNI (a compile for
+ * this CPU finds out) a multiply-add instruction per product; without, maddubs leaves 16-bit pair
+ * sums (at most 2 * 128 * 127, or for two int4 vectors added 4 * 15 * 127: no saturation), and one
+ * madd per half widens them already weighted: 5 instructions per half-pair where widening each
+ * product first took 9 (on this kind of machine the exact int4 decode was bound by instructions). */
+static inline __m256i rounded_dot(int pairs, int has_low, __m256i u0, __m256i high0, __m256i low0, __m256i u1, __m256i high1, __m256i low1) {
+#ifdef __AVXVNNI__
+    __m256i dot = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u0, high0);
+    if (pairs == 2) dot = _mm256_dpbusd_avx_epi32(dot, u1, high1);
+    if (!has_low) return dot;
+    dot = _mm256_dpbusd_avx_epi32(times_low_steps(dot), u0, low0);
+    return pairs == 2 ? _mm256_dpbusd_avx_epi32(dot, u1, low1) : dot;
+#else
+    __m256i high = _mm256_maddubs_epi16(u0, high0);
+    if (pairs == 2) high = _mm256_add_epi16(high, _mm256_maddubs_epi16(u1, high1));
+    if (!has_low) return _mm256_madd_epi16(high, _mm256_set1_epi16(1));
+    __m256i low = _mm256_maddubs_epi16(u0, low0);
+    if (pairs == 2) low = _mm256_add_epi16(low, _mm256_maddubs_epi16(u1, low1));
+    return _mm256_add_epi32(_mm256_madd_epi16(high, _mm256_set1_epi16(LOW_STEPS)), _mm256_madd_epi16(low, _mm256_set1_epi16(1)));
+#endif
+}
 #endif
 
 typedef struct {
