@@ -16,7 +16,7 @@ class OptionalBuildExt(build_ext):
 
 kernels = Extension(
     "gemma4.kernels._kernels",
-    sources=["src/gemma4/kernels/matmul.c", "src/gemma4/kernels/int4.c", "src/gemma4/kernels/decode.c", "src/gemma4/kernels/bandwidth.c", "src/gemma4/kernels/gguf.c"],
+    sources=["src/gemma4/kernels/matmul.c", "src/gemma4/kernels/int4.c", "src/gemma4/kernels/decode.c", "src/gemma4/kernels/bandwidth.c", "src/gemma4/kernels/gguf.c", "src/gemma4/kernels/quantize.c"],
     depends=["src/gemma4/kernels/simd.h"],
     extra_compile_args=["-O3", "-march=native", "-fopenmp"],
     extra_link_args=["-fopenmp"],

@@ -126,12 +126,30 @@ def test_int8_error_is_half_a_step():
 
 
 def test_int4_fit_beats_min_max_rounding_in_every_group():
+    torch.manual_seed(0)
     w = torch.randn(64, 256) + torch.randn(64, 256).pow(3) * 0.1  # heavy tails, as real weights have
     fitted = (quantize(w, "int4", 32).dequantize() - w).view(64, -1, 32).square().sum(-1)
     groups = w.view(64, -1, 32)
     low, step = groups.amin(-1, keepdim=True), (groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / 15
     min_max = (torch.round((groups - low) / step) * step + low - groups).square().sum(-1)
-    assert (fitted <= min_max * (1 + 1e-5)).all() and fitted.sum() < 0.9 * min_max.sum()
+    # (the fit is stored in fp16, which can cost a group whose fit is min-max's a few 1e-3)
+    assert (fitted <= min_max * (1 + 1e-2)).all() and fitted.sum() < 0.9 * min_max.sum()
+
+
+@pytest.mark.parametrize("kind", ["int4", "q4_0"])
+def test_the_compiled_quantizers_fit_as_the_pytorch_ones(kind, monkeypatch):
+    """kernels/quantize.c against the PyTorch fallback: Q4_0 bit for bit, int4 the same fit (sums
+    added in another order may pick another clipping of a near tie: the same error to round-off)."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) + torch.randn(64, 256).pow(3) * 0.1
+    compiled = quantize(w, kind)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    fallback = quantize(w, kind)
+    if kind == "q4_0":
+        assert all(torch.equal(a, b) for a, b in zip((compiled.codes, compiled.scales, compiled.offsets), (fallback.codes, fallback.scales, fallback.offsets)))
+        return
+    errors = [(p.dequantize() - w).view(64, -1, 64).square().sum(-1) for p in (compiled, fallback)]
+    assert (errors[0] <= errors[1] * (1 + 1e-3)).all() and abs(errors[0].sum() / errors[1].sum() - 1) < 1e-4
 
 
 @pytest.mark.parametrize("type_name", list(BLOCK_BYTES))

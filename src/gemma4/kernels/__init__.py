@@ -1,6 +1,6 @@
 """The compiled kernels, loaded with ctypes: matmuls over packed weights (matmul.c, int4.c), the
-small fused operations of a decode step (decode.c), GGUF blocks into packed layouts (gguf.c), a
-memory bandwidth probe (bandwidth.c).
+small fused operations of a decode step (decode.c), GGUF blocks into packed layouts (gguf.c), the
+int4 quantizers (quantize.c), a memory bandwidth probe (bandwidth.c).
 
 The shared library is built by the package's install step (setup.py). Where it is missing (no
 compiler, or a source checkout never built), `available()` is False and callers use PyTorch
@@ -164,6 +164,30 @@ def unpack_q6_k(blocks: np.ndarray) -> tuple[Tensor, Tensor]:
     return codes, scales
 
 
+def fit_int4(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w fp32 [..., G, size] contiguous -> the fitted int4 scales and offsets, fp32 [..., G]."""
+    scales, offsets = torch.empty(w.shape[:-1]), torch.empty(w.shape[:-1])
+    _lib.fit_int4(_ptr(w), scales.numel(), w.shape[-1], _ptr(scales), _ptr(offsets), torch.get_num_threads())  # type: ignore[union-attr]
+    return scales, offsets
+
+
+def code_int4(w: Tensor, scales: Tensor, offsets: Tensor) -> Tensor:
+    """w fp32 [..., G, size] contiguous under scales and offsets fp32 [..., G] -> int4 codes in the
+    row layout, uint8 [..., G * size / 2]."""
+    codes = torch.empty(*w.shape[:-2], w.shape[-2] * w.shape[-1] // 2, dtype=torch.uint8)
+    scales, offsets = scales.float().contiguous(), offsets.float().contiguous()
+    _lib.code_int4(_ptr(w), scales.numel(), w.shape[-1], _ptr(scales), _ptr(offsets), _ptr(codes), torch.get_num_threads())  # type: ignore[union-attr]
+    return codes
+
+
+def fit_q4_0(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w fp32 [..., G, 32] contiguous -> Q4_0 scales fp32 [..., G] and codes in the row layout, uint8 [..., G * 16]."""
+    scales = torch.empty(w.shape[:-1])
+    codes = torch.empty(*w.shape[:-2], w.shape[-2] * 16, dtype=torch.uint8)
+    _lib.fit_q4_0(_ptr(w), scales.numel(), _ptr(scales), _ptr(codes), torch.get_num_threads())  # type: ignore[union-attr]
+    return scales, codes
+
+
 def read_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes per second `threads` threads read from RAM, best of `repeats` passes over a buffer far
     larger than the caches, read as the weight kernels read."""
@@ -177,7 +201,7 @@ def read_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) ->
 
 
 if _lib is not None:
-    for _name in ("matmul_16bit", "matmul_int8", "matmul_int4", "dequantize_int4", "tile_q4_0", "unpack_q6_k", "rms_norm", "rms_norm_rotary", "attend_one_query"):
+    for _name in ("matmul_16bit", "matmul_int8", "matmul_int4", "dequantize_int4", "tile_q4_0", "unpack_q6_k", "fit_int4", "code_int4", "fit_q4_0", "rms_norm", "rms_norm_rotary", "attend_one_query"):
         getattr(_lib, _name).restype = None
     _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     _lib.matmul_16bit.argtypes = [_p, _p, _p, _i64, _i64, _i64, _int, _int]
@@ -186,6 +210,9 @@ if _lib is not None:
     _lib.dequantize_int4.argtypes = [_p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int]
     _lib.tile_q4_0.argtypes = [_p, _p, _p, _i64, _i64, _int]
     _lib.unpack_q6_k.argtypes = [_p, _p, _p, _i64, _int]
+    _lib.fit_int4.argtypes = [_p, _i64, _i64, _p, _p, _int]
+    _lib.code_int4.argtypes = [_p, _i64, _i64, _p, _p, _p, _int]
+    _lib.fit_q4_0.argtypes = [_p, _i64, _p, _p, _int]
     _lib.read_memory.restype = ctypes.c_int64
     _lib.read_memory.argtypes = [_p, _i64, _int]
     _lib.rms_norm.argtypes = [_p, _p, _p, _i64, _i64, ctypes.c_float, ctypes.c_float]

@@ -181,8 +181,8 @@ def _quantize_rows(weight: Tensor, kind: str, group: int | None) -> PackedTensor
         scales = w.abs().amax(-1).clamp_min(1e-30) / 127
         codes = torch.round(w / scales[..., None]).clamp(-127, 127).to(torch.int8)
         return PackedTensor("int8", codes.flatten(-2).contiguous(), scales.contiguous(), None, group)
-    scales, offsets, codes = _fit_q4_0(w) if kind == "q4_0" else _fit_int4(w)
-    return PackedTensor("int4", int4.pack(codes.flatten(-2)), scales.contiguous(), offsets.contiguous(), group)
+    scales, offsets, codes = _fit_q4_0(w.contiguous()) if kind == "q4_0" else _fit_int4(w.contiguous())
+    return PackedTensor("int4", codes, scales.contiguous(), offsets.contiguous(), group)
 
 
 def fit_group(K: int, kind: str, group: int | None) -> tuple[str, int]:
@@ -218,19 +218,36 @@ def packed_nbytes(shape: tuple[int, ...], kind: str, group: int | None = None) -
 def _fit_q4_0(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """llama.cpp's Q4_0 per group [..., G, 32], step for step as `gguf`'s quantizer takes it (so the
     result equals its bit for bit): d = (the value of largest magnitude) / -8, codes trunc(w / d + 8.5)
-    in 0..15; stored as scale d and offset -8 d in fp16 (w = d (code - 8), exactly)."""
-    top = torch.gather(w, -1, w.abs().argmax(-1, keepdim=True))
-    d = top / -8
-    inverse = torch.where(d == 0, 0.0, 1 / d)
-    codes = torch.trunc(w * inverse + 8.5).clamp(0, 15).to(torch.uint8)
-    scale = d[..., 0].half()
+    in 0..15; stored as scale d and offset -8 d in fp16 (w = d (code - 8), exactly), codes packed."""
+    if kernels.available():  # the same steps in one pass (kernels/quantize.c)
+        d, codes = kernels.fit_q4_0(w)
+    else:
+        top = torch.gather(w, -1, w.abs().argmax(-1, keepdim=True))
+        d = top / -8
+        inverse = torch.where(d == 0, 0.0, 1 / d)
+        codes = int4.pack(torch.trunc(w * inverse + 8.5).clamp(0, 15).to(torch.uint8).flatten(-2))
+        d = d[..., 0]
+    scale = d.half()
     return scale, scale * -8, codes
 
 
-def _fit_int4(w: Tensor, shrinks: tuple[float, ...] = (1.0, 0.94, 0.88, 0.82)) -> tuple[Tensor, Tensor, Tensor]:
-    """Per group [..., G, size]: the (scale, offset, codes) with the least squared error among ranges
-    clipped towards the group's mean, each refitted by least squares given its codes (16 levels make
-    min/max a poor fit: outliers stretch every step)."""
+def _fit_int4(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per group [..., G, size]: the (scale, offset) with the least squared error among ranges clipped
+    towards the group's mean, each refitted by least squares given its codes (16 levels make min/max
+    a poor fit: outliers stretch every step); codes packed for the stored scale and offset."""
+    scale, low = kernels.fit_int4(w) if kernels.available() else _search_int4(w)  # the same fit in one pass (kernels/quantize.c)
+    # stored in fp16 (4.5 bits per weight at group 64, as Q4_0's), unless out of its range
+    if torch.isfinite(scale.half()).all() and torch.isfinite(low.half()).all():
+        scale, low = scale.half(), low.half()
+    if kernels.available():
+        return scale, low, kernels.code_int4(w, scale, low)
+    s, z = scale.float()[..., None], low.float()[..., None]
+    codes = torch.where(s > 0, torch.round((w - z) / s), 0).clamp(0, 15)
+    return scale, low, int4.pack(codes.to(torch.uint8).flatten(-2))
+
+
+def _search_int4(w: Tensor, shrinks: tuple[float, ...] = (1.0, 0.94, 0.88, 0.82)) -> tuple[Tensor, Tensor]:
+    """_fit_int4's search in PyTorch, fp32 [..., G] scales and offsets."""
     best = None
     center = w.mean(-1, keepdim=True)
     for shrink in shrinks:
@@ -242,16 +259,13 @@ def _fit_int4(w: Tensor, shrinks: tuple[float, ...] = (1.0, 0.94, 0.88, 0.82)) -
         codes = torch.round((w - low) / scale).clamp(0, 15)
         error = (codes * scale + low - w).square().sum(-1, keepdim=True)
         if best is None:
-            best = [error, scale, low, codes]
+            best = [error, scale, low]
         else:
             better = error < best[0]
-            best = [torch.where(better, new, old) for new, old in zip((error, scale, low, codes), best)]
-    _, scale, low, _ = best  # type: ignore[misc]
-    # stored in fp16 (4.5 bits per weight at group 64, as Q4_0's), unless out of its range
-    if torch.isfinite(scale.half()).all() and torch.isfinite(low.half()).all():
-        scale, low = scale.half(), low.half()
-    codes = torch.where(scale > 0, torch.round((w - low.float()) / scale.float()), 0).clamp(0, 15)  # for the stored values
-    return scale[..., 0], low[..., 0], codes.to(torch.uint8)
+            best = [torch.where(better, new, old) for new, old in zip((error, scale, low), best)]
+    _, scale, low = best  # type: ignore[misc]
+    return scale[..., 0], low[..., 0]
+
 
 def _least_squares(w: Tensor, codes: Tensor, scale: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
     """The scale and offset minimising |codes * scale + offset - w|^2 per group (kept where degenerate)."""
