@@ -8,7 +8,8 @@ One format per kind, with w = scale[n, g] * code + offset[n, g] over groups of `
   int4: 4-bit codes in 32-column blocks, scales and offsets in fp16 (ours, GGUF Q4_0/Q4_1) or fp32
         (GGUF Q4_K); in tiles of 8 rows for matmuls, in rows for row-read tables (quant/int4.py).
         "q4_0" quantizes onto llama.cpp's Q4_0 grid (symmetric, groups of 32: offset = -8 scale),
-        the grid Google's quantization-aware checkpoints were trained for; it is stored as int4.
+        the grid Google's quantization-aware checkpoints were trained for; it is stored as int4
+        without offsets.
 Offsets are optional: int8 without them is symmetric, int4 without them is the Q4_0 grid (offset
 -8 scale, implied: GGUF Q4_0 loads so). Leading dimensions stack experts."""
 
@@ -182,7 +183,7 @@ def _quantize_rows(weight: Tensor, kind: str, group: int | None) -> PackedTensor
         codes = torch.round(w / scales[..., None]).clamp(-127, 127).to(torch.int8)
         return PackedTensor("int8", codes.flatten(-2).contiguous(), scales.contiguous(), None, group)
     scales, offsets, codes = _fit_q4_0(w.contiguous()) if kind == "q4_0" else _fit_int4(w.contiguous())
-    return PackedTensor("int4", codes, scales.contiguous(), offsets.contiguous(), group)
+    return PackedTensor("int4", codes, scales.contiguous(), None if offsets is None else offsets.contiguous(), group)
 
 
 def fit_group(K: int, kind: str, group: int | None) -> tuple[str, int]:
@@ -206,7 +207,9 @@ def packed_row_bytes(K: int, kind: str, group: int | None = None) -> list[int]:
         return [2 * K]
     kind, group = fit_group(K, kind, group)
     groups = K // (group or K)
-    return [K, 4 * groups] if kind == "int8" else [K // 2, 2 * groups, 2 * groups]
+    if kind == "int8":
+        return [K, 4 * groups]
+    return [K // 2, 2 * groups] if kind == "q4_0" else [K // 2, 2 * groups, 2 * groups]  # (Q4_0's offsets are implied)
 
 
 def packed_nbytes(shape: tuple[int, ...], kind: str, group: int | None = None) -> int:
@@ -215,10 +218,10 @@ def packed_nbytes(shape: tuple[int, ...], kind: str, group: int | None = None) -
     return math.prod(lead) * sum(packed_row_bytes(K, kind, group))
 
 
-def _fit_q4_0(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _fit_q4_0(w: Tensor) -> tuple[Tensor, None, Tensor]:
     """llama.cpp's Q4_0 per group [..., G, 32], step for step as `gguf`'s quantizer takes it (so the
     result equals its bit for bit): d = (the value of largest magnitude) / -8, codes trunc(w / d + 8.5)
-    in 0..15; stored as scale d and offset -8 d in fp16 (w = d (code - 8), exactly), codes packed."""
+    in 0..15; stored as the scale d in fp16 and no offsets (the grid's -8 d is implied), codes packed."""
     if kernels.available():  # the same steps in one pass (kernels/quantize.c)
         d, codes = kernels.fit_q4_0(w)
     else:
@@ -227,8 +230,7 @@ def _fit_q4_0(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         inverse = torch.where(d == 0, 0.0, 1 / d)
         codes = int4.pack(torch.trunc(w * inverse + 8.5).clamp(0, 15).to(torch.uint8).flatten(-2))
         d = d[..., 0]
-    scale = d.half()
-    return scale, scale * -8, codes
+    return d.half(), None, codes
 
 
 def _fit_int4(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
