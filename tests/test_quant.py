@@ -336,22 +336,55 @@ def test_q4_0_equals_the_gguf_quantizer_bit_for_bit():
     assert torch.equal(repacked.dequantize(), theirs)
 
 
-def test_one_token_runs_its_experts_in_one_kernel_call_with_the_same_sums():
-    """A decode step's top-k experts go through one routed int4 call per projection: bit for bit the
-    per-expert loop's answer, experts held elsewhere (expert parallelism) left out as there."""
-    from gemma4.model.layers import Experts
+def _packed_experts(first: int = 2):
+    """int4 experts 2..7 of a stack of 8 (expert parallelism's slice), small shapes."""
     from gemma4.quant.modules import PackedExperts, packed_state
 
     torch.manual_seed(0)
     experts, hidden, width = 6, 64, 32
-    module = PackedExperts(first=2)  # holds experts 2..7
+    module = PackedExperts(first=first)
     stacks = {"gate_up_proj": torch.randn(experts, 2 * width, hidden), "down_proj": torch.randn(experts, hidden, width)}
     for name, weight in stacks.items():
         for key, value in packed_state(name, quantize(weight, "int4", 32)).items():
             setattr(module, key, value)
     assert all(module.packed(name).routable for name in stacks)
+    return module, hidden
+
+
+def test_one_token_runs_its_experts_in_one_kernel_call_with_the_same_sums():
+    """A decode step's top-k experts go through one routed int4 call per projection: bit for bit the
+    per-expert loop's answer, experts held elsewhere (expert parallelism) left out as there."""
+    from gemma4.model.layers import Experts
+
+    module, hidden = _packed_experts()
     x = torch.randn(1, hidden)
     for ids in ([[7, 2, 5]], [[3, 0, 6, 1]], [[0, 1]]):
         ids = torch.tensor(ids)
         weights = torch.rand(ids.shape).softmax(-1)
         assert torch.equal(module(x, weights, ids), Experts.forward(module, x, weights, ids)), ids
+
+
+@pytest.mark.parametrize("routed_max_rows", [64, 3])
+def test_a_prompt_runs_its_experts_grouped_each_token_as_alone(routed_max_rows, monkeypatch):
+    """A prompt chunk's token-expert pairs go through the routed kernel grouped by expert: each token's
+    answer is bit for bit what it gets alone (a decode step's), and the dense per-expert loop's to
+    round-off; an expert given more rows than ROUTED_MAX_ROWS runs the dense matmul instead."""
+    from gemma4.model.layers import Experts
+    from gemma4.quant import modules
+
+    monkeypatch.setattr(modules, "ROUTED_MAX_ROWS", routed_max_rows)
+    module, hidden = _packed_experts()
+    x = torch.randn(12, hidden)
+    others = torch.tensor([0, 1, 2, 3, 5, 6, 7])
+    ids = torch.stack([torch.cat([torch.tensor([4]), others[torch.randperm(7)[:2]]]) for _ in range(12)])  # expert 4 in demand
+    weights = torch.rand(ids.shape).softmax(-1)
+    together = module(x, weights, ids)
+    alone = torch.cat([module(x[t : t + 1], weights[t : t + 1], ids[t : t + 1]) for t in range(12)])
+    dense = Experts.forward(module, x, weights, ids)  # (rows > 8: dequantized, fp32 matmuls)
+    within = dict(rtol=0, atol=1e-4 * dense.abs().max().item())  # the activations' two-half rounding
+    if routed_max_rows >= 12:
+        assert torch.equal(together, alone)
+    else:  # expert 4's 12 rows went through the dense matmul: the same to round-off
+        assert not torch.equal(together, alone)
+        torch.testing.assert_close(together, alone, **within)
+    torch.testing.assert_close(together, dense, **within)

@@ -107,10 +107,12 @@ static inline void tile_row(const uint8_t *tiles, const void *scales, const void
 }
 
 /* x [M, K] -> y [M, N]. experts NULL: every token through the one weight. Otherwise the weight is a
- * stack of them ([E, N/8, K/32, 128], scales and offsets [E, N/8, G, 8]) and token m goes through
- * expert experts[m]: a decode step's top-k experts in one parallel pass rather than one pass each
- * (each pass's fork and join cost about what a 26B-A4B expert's matmul does); its tiles are handed
- * out in runs of 16 as threads come free (static halves left one thread waiting: 10-20 % slower). */
+ * stack of them ([E, N/8, K/32, 128], scales and offsets [E, N/8, G, 8]) and row m goes through
+ * expert experts[m]: a decode step's top-k experts, or a prompt chunk's token-expert pairs sorted by
+ * expert, in one parallel pass rather than one pass each (each pass's fork and join cost about what a
+ * 26B-A4B expert's one-token matmul does). Rows of one expert (a run) share each tile's trip through
+ * L1, as a single weight's rows do; (run, tile) pairs are handed out 16 at a time as threads come
+ * free (static halves left one thread waiting: 10-20 % slower). */
 void matmul_int4(const float *x, const uint8_t *codes, const void *scales, const void *offsets, int f16, const int64_t *experts,
                  float *y, int64_t M, int64_t N, int64_t K, int64_t group, int fast, int threads) {
     int64_t G = K / group, T = N / 8, width = f16 ? 2 : 4;
@@ -122,13 +124,19 @@ void matmul_int4(const float *x, const uint8_t *codes, const void *scales, const
         for (int64_t t = 0; t < T; t++)
             for (int64_t m = 0; m < M; m++) tile_row(codes, scales, offsets, f16, &a, sums, y, t, m, N, K, group);  /* the tile stays in L1 */
     } else {
+        int64_t *starts = (int64_t *)malloc((M + 1) * sizeof(int64_t)), runs = 0;  /* run r: rows starts[r] .. starts[r + 1] */
+        for (int64_t m = 0; m < M; m++)
+            if (m == 0 || experts[m] != experts[m - 1]) starts[runs++] = m;
+        starts[runs] = M;
         int64_t codes_per_expert = T * (K / 32) * TILE_BYTES, values_per_expert = T * G * 8 * width;
 #pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
-        for (int64_t i = 0; i < M * T; i++) {
-            int64_t m = i / T, e = experts[m];
-            tile_row(codes + e * codes_per_expert, (const char *)scales + e * values_per_expert,
-                     offsets ? (const char *)offsets + e * values_per_expert : NULL, f16, &a, sums, y, i % T, m, N, K, group);
+        for (int64_t i = 0; i < runs * T; i++) {
+            int64_t r = i / T, e = experts[starts[r]];
+            for (int64_t m = starts[r]; m < starts[r + 1]; m++)
+                tile_row(codes + e * codes_per_expert, (const char *)scales + e * values_per_expert,
+                         offsets ? (const char *)offsets + e * values_per_expert : NULL, f16, &a, sums, y, i % T, m, N, K, group);
         }
+        free(starts);
     }
     release_activations(a);
     free(sums);
