@@ -13,13 +13,10 @@ from torch import Tensor, nn
 
 from ..model.layers import Experts, gelu_tanh
 from ..model.transformer import ScaledEmbedding, TextModel
+from . import packed as packing
 from .packed import DEFAULT_GROUP, PackedTensor, quantize
 
 SUFFIXES = ("", "_scale", "_offset")
-# Rows of one expert up to which the routed kernel beats dequantizing it for a dense matmul (26B-A4B
-# experts on 2 Zen 3 cores: 1.5-2.3x faster at 16-32 rows, even at 64, behind at 128; a 512-token
-# prompt chunk gives each of 128 experts ~32)
-ROUTED_MAX_ROWS = 64
 
 
 class PackedModule(nn.Module):
@@ -66,9 +63,10 @@ class PackedExperts(PackedModule):
         self.first = first
 
     def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-        """Experts.forward. On int4 tiles the token-expert pairs go through one routed kernel call per
-        projection, grouped by expert (each expert's rows computed as the one-token kernel computes
-        them); an expert given more than ROUTED_MAX_ROWS of a prompt's rows runs a dense matmul instead."""
+        """Experts.forward, with each expert's rows computed as a single weight's would be: up to
+        STREAMING_MAX_ROWS of them by the one-token kernel (on int4 tiles all such experts' rows in one
+        routed call per projection), more by a dense matmul, exact. The token-expert pairs are sorted by
+        expert, so an expert's rows are one slice and each token sums its experts in the loop's order."""
         stacks = [self.packed(name) for name in self.packed_names]
         if not all(p.routable for p in stacks):
             return Experts.forward(self, x, weights, ids)
@@ -82,15 +80,16 @@ class PackedExperts(PackedModule):
             return out
         rows = x.float().expand(len(experts), -1).contiguous() if x.shape[0] == 1 else x.float()[tokens]
         counts = torch.bincount(experts)
-        if int(counts.max()) <= ROUTED_MAX_ROWS:  # (a decode step always: masks cost ~5 % of it)
+        if int(counts.max()) <= packing.STREAMING_MAX_ROWS:  # (a decode step always: masks cost ~5 % of it)
             y = self._routed(rows, experts, *stacks)
         else:
             y = torch.empty_like(rows)
-            routed = counts[experts] <= ROUTED_MAX_ROWS
-            if routed.any():
-                y[routed] = self._routed(rows[routed].contiguous(), experts[routed].contiguous(), *stacks)
-            for expert in experts[~routed].unique().tolist():
-                mine = experts == expert
+            streamed = counts[experts] <= packing.STREAMING_MAX_ROWS
+            if streamed.any():
+                y[streamed] = self._routed(rows[streamed].contiguous(), experts[streamed].contiguous(), *stacks)
+            ends = counts.cumsum(0).tolist()
+            for expert in (counts > packing.STREAMING_MAX_ROWS).nonzero().flatten().tolist():
+                mine = slice(ends[expert] - int(counts[expert]), ends[expert])
                 gate, up = self.project(rows[mine], "gate_up_proj", expert).chunk(2, dim=-1)
                 y[mine] = self.project(gelu_tanh(gate) * up, "down_proj", expert)
         y = (y * share[:, None]).to(out.dtype)
