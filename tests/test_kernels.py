@@ -30,7 +30,7 @@ def test_rms_norm_equals_the_operators(with_scale, offset):
         torch.testing.assert_close(norm(x), torch_rms_norm(x, norm.weight, 1e-6, offset), atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("heads,kv_heads,slots,dim", [(8, 1, 512, 256), (4, 2, 37, 32), (2, 2, 5, 16)])
+@pytest.mark.parametrize("heads,kv_heads,slots,dim", [(8, 1, 512, 256), (4, 2, 37, 32), (2, 2, 5, 16), (12, 1, 29, 64)])
 def test_one_query_attention_equals_sdpa(heads, kv_heads, slots, dim):
     """Grouped queries, a masked cache slice of a larger buffer (as a global layer's), two sequences."""
     torch.manual_seed(1)

@@ -60,28 +60,45 @@ static void dots(const float *q, const void *k, int64_t k0, int kind, const uint
 #endif
 }
 
+#ifdef GEMMA4_AVX2
+/* weighted_sum's columns d .. d + 8 C for queries g0 .. g0 + n (n C <= 8 sums in registers). */
+static inline void weighted_columns(const float *p, const void *v, int64_t v0, int kind, const uint16_t *scales, int64_t block,
+                                    const uint8_t *mask, int64_t s0, int64_t s1, float *part, int64_t g0, int64_t n, int64_t group,
+                                    int64_t d, int C, int64_t D, int64_t width) {
+    int64_t blocks = D / block;
+    __m256 acc[8];
+    for (int i = 0; i < n * C; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t s = s0; s < s1; s++) {
+        if (!mask[s]) continue;
+        const float *ps = p + (s - s0) * group + g0;
+        for (int c = 0; c < C; c++) {
+            __m256 vv = kv_load8(v, v0 + s * D + d + 8 * c, kind, block_scale(scales ? scales + s * blocks : NULL, d + 8 * c, block));
+            for (int64_t g = 0; g < n; g++) acc[g * C + c] = _mm256_fmadd_ps(_mm256_set1_ps(ps[g]), vv, acc[g * C + c]);
+        }
+    }
+    for (int64_t g = 0; g < n; g++)
+        for (int c = 0; c < C; c++) _mm256_storeu_ps(part + (g0 + g) * width + 2 + d + 8 * c, acc[g * C + c]);
+}
+#endif
+
 /* part[g] outputs (at offset 2 of each `width`, zeroed by the caller) = sum over allowed slots s of
- * p[s, g] * v[s] (v's slot s at element v0 + s D, its int8 scales at scales + s D / block):
- * eight columns of v at a time against every query, the sums held in registers. */
+ * p[s, g] * v[s] (v's slot s at element v0 + s D, its int8 scales at scales + s D / block), each
+ * output's sum over s in order. A pass over the slots takes 32 columns (a 16-bit row's cache line)
+ * where few queries share the KV head, 8 where many do: the sums stay in registers. */
 static void weighted_sum(const float *p, const void *v, int64_t v0, int kind, const uint16_t *scales, int64_t block,
                          const uint8_t *mask, int64_t s0, int64_t s1, float *part, int64_t group, int64_t D, int64_t width) {
-    int64_t blocks = D / block;
 #ifdef GEMMA4_AVX2
     for (int64_t g0 = 0; g0 < group; g0 += 8) {
         int64_t n = group - g0 < 8 ? group - g0 : 8;
-        for (int64_t d = 0; d < D; d += 8) {
-            __m256 acc[8];
-            for (int64_t g = 0; g < n; g++) acc[g] = _mm256_setzero_ps();
-            for (int64_t s = s0; s < s1; s++) {
-                if (!mask[s]) continue;
-                __m256 vv = kv_load8(v, v0 + s * D + d, kind, block_scale(scales ? scales + s * blocks : NULL, d, block));
-                const float *ps = p + (s - s0) * group + g0;
-                for (int64_t g = 0; g < n; g++) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(ps[g]), vv, acc[g]);
-            }
-            for (int64_t g = 0; g < n; g++) _mm256_storeu_ps(part + (g0 + g) * width + 2 + d, acc[g]);
+        int C = n <= 2 && D % 32 == 0 ? 4 : n <= 4 && D % 16 == 0 ? 2 : 1;  /* literal C: each case its own unrolled copy */
+        for (int64_t d = 0; d < D; d += 8 * C) {
+            if (C == 4) weighted_columns(p, v, v0, kind, scales, block, mask, s0, s1, part, g0, n, group, d, 4, D, width);
+            else if (C == 2) weighted_columns(p, v, v0, kind, scales, block, mask, s0, s1, part, g0, n, group, d, 2, D, width);
+            else weighted_columns(p, v, v0, kind, scales, block, mask, s0, s1, part, g0, n, group, d, 1, D, width);
         }
     }
 #else
+    int64_t blocks = D / block;
     for (int64_t s = s0; s < s1; s++) {
         if (!mask[s]) continue;
         for (int64_t g = 0; g < group; g++)
