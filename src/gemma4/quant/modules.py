@@ -87,9 +87,9 @@ class PackedExperts(PackedModule):
             streamed = counts[experts] <= packing.STREAMING_MAX_ROWS
             if streamed.any():
                 y[streamed] = self._routed(rows[streamed].contiguous(), experts[streamed].contiguous(), *stacks)
-            ends = counts.cumsum(0).tolist()
+            bounds = [0, *counts.cumsum(0).tolist()]  # expert e's rows: bounds[e] .. bounds[e + 1]
             for expert in (counts > packing.STREAMING_MAX_ROWS).nonzero().flatten().tolist():
-                mine = slice(ends[expert] - int(counts[expert]), ends[expert])
+                mine = slice(bounds[expert], bounds[expert + 1])
                 gate, up = self.project(rows[mine], "gate_up_proj", expert).chunk(2, dim=-1)
                 y[mine] = self.project(gelu_tanh(gate) * up, "down_proj", expert)
         y = (y * share[:, None]).to(out.dtype)
