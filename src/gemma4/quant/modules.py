@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..model.layers import Experts, gelu_tanh
 from ..model.transformer import ScaledEmbedding, TextModel
-from . import packed as packing
+from . import packed as packing  # STREAMING_MAX_ROWS read at call time, as packed.py reads it (tests set it)
 from .packed import DEFAULT_GROUP, PackedTensor, quantize
 
 SUFFIXES = ("", "_scale", "_offset")
