@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import gemma4
-from gemma4.runtime.generate import PromptTooLong, generate_ids
+from gemma4.model import one_token
+from gemma4.runtime.generate import PromptTooLong, Session, decode_step, generate_ids, teacher_forced_logits
 from gemma4.runtime.sampling import SamplingParams, filter_logits, penalize_repetition, sample
 
 from conftest import TINY_PRESETS, reference_class
@@ -37,6 +38,31 @@ def test_greedy_batch_equals_reference_generate(checkpoints, preset):
         input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
     )[:, width:]
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("preset,options", [("tiny-e2b", {"dtype": "fp32"}), ("tiny-e2b", {"quant": "int4", "kv_dtype": "int8"}),
+                                            ("tiny-31b", {"quant": "int8"}), ("tiny-gemma3", {"quant": "bf16"})])
+def test_decode_steps_without_the_modules_are_the_modules_bit_for_bit(checkpoints, monkeypatch, preset, options):
+    """A decode step's layers run as direct kernel calls (model/one_token.py) where they can (the 31B's
+    K=V layers cannot, and run as modules beside them): the same logits, bit for bit, for one sequence
+    and for sessions decoded together (a cache per row)."""
+    lm = gemma4.load(checkpoints(preset), progress=False, **options).lm
+    ids = prompts_of(2 * lm.config.sliding_window + 3)[0]
+    bind, taken = one_token.bind, []
+    monkeypatch.setattr(one_token, "bind", lambda layer, rows: taken.append(bind(layer, rows)) or taken[-1])
+
+    def decoded() -> tuple[torch.Tensor, torch.Tensor]:
+        sessions = [Session(lm, 64) for _ in range(3)]
+        for n, session in enumerate(sessions):
+            session.start_prompt(ids[: 5 + n])
+        together = torch.stack([decode_step(lm, sessions, ids[i : i + 3]) for i in range(4)])
+        return teacher_forced_logits(lm, ids), together
+
+    direct = decoded()
+    assert any(b is not None for b in taken)
+    monkeypatch.setattr(one_token, "bind", lambda layer, rows: None)
+    modules = decoded()
+    assert all(torch.equal(a, b) for a, b in zip(direct, modules))
 
 
 def test_stop_ids_and_banned_ids(checkpoints):

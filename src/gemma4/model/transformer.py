@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..config import FULL, SLIDING, TextConfig
 from ..plan import LayerPlan, build_plan
+from . import one_token as one_token_path
 from .layers import AttentionInputs, DecoderLayer, KeyInputs, KVStore, RMSNorm
 from .rope import rotary_tables
 
@@ -185,13 +186,19 @@ class TextModel(nn.Module):
         ple = self.per_layer_inputs(ids, x) if self.ple_dim else None
         key_positions = [store.begin(rows) for store, rows in zip(stores, positions.chunk(len(stores)))]
         inputs = self.attention_inputs(positions, key_positions, x.dtype, None if media is None else media.blocks)
+        one_token = T == 1 and x.dtype == torch.float32  # a decode step: its layers as direct kernel calls where they can
         for p, layer in zip(self.plan, self.layers):
             if p.index == self.first_shared and keep is not None:
                 if keep == 0:
                     break
                 x, inputs = x[:, -keep:], {t: i.last(keep) for t, i in inputs.items()}
                 ple = ple[:, -keep:] if ple is not None else None
-            x = layer(x, ple[:, :, p.index] if ple is not None else None, inputs[p.attention_type], stores)
+            per_layer_input = ple[:, :, p.index] if ple is not None else None
+            matmuls = one_token_path.bind(layer, B) if one_token else None
+            if matmuls is not None:
+                x = one_token_path.step(layer, matmuls, x, per_layer_input, inputs[p.attention_type], stores)
+            else:
+                x = layer(x, per_layer_input, inputs[p.attention_type], stores)
         for store in stores:
             store.end()
         if keep == 0:

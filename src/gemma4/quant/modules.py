@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from ..model.layers import Experts, gelu_tanh
 from ..model.transformer import ScaledEmbedding, TextModel
 from . import packed as packing  # STREAMING_MAX_ROWS read at call time, as packed.py reads it (tests set it)
@@ -53,6 +54,10 @@ class PackedLinear(PackedModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.packed("weight").matmul(x)
+
+    def row_kernel(self, rows: int) -> kernels.Matmul | None:
+        """The compiled call `forward` makes for fp32 [rows, K] contiguous, where it makes one."""
+        return self.packed("weight")._streaming_kernel if rows <= packing.STREAMING_MAX_ROWS else None
 
 
 class PackedExperts(PackedModule):
