@@ -54,7 +54,7 @@ def test_one_query_attention_reads_a_narrow_cache_as_its_widened_values(kind):
         key, value = (Int8Tensor.quantize(t)[:, :, :40] for t in (key, value))
     else:
         key, value = (t.to(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[kind]))[:, :, :40] for t in (key, value))
-    q = torch.randn(2, 1, 8, 32)
+    q = torch.randn(2, 1, 16, 32)  # 8 queries per KV head, as Gemma 4's
     mask = torch.rand(2, 1, 1, 40) > 0.2
     wide = [widen(t, torch.float32) for t in (key, value)]
     expected = F.scaled_dot_product_attention(q.transpose(1, 2), *wide, attn_mask=mask, scale=0.5, enable_gqa=True)

@@ -36,6 +36,23 @@ static inline __m256 kv_load8(const void *kv, int64_t at, int kind, float scale)
 /* The scale of element d of a slot whose int8 scales, one per `block` values, start at `scales` (1 for float kinds). */
 static inline float block_scale(const uint16_t *scales, int64_t d, int64_t block) { return scales ? half_to_float(scales[d / block]) : 1.f; }
 
+#ifdef GEMMA4_AVX2
+/* Queries g0 .. g0 + n of `dots`. Inlined with a literal n where it can be (8: Gemma 4's 8:1 GQA), so the
+ * n sums stay in registers: with n known only at run time they went through the stack, and a call
+ * took several times its multiply-adds. */
+static inline __attribute__((always_inline)) void dot_queries(const float *q, const void *k, int64_t k0, int kind,
+                                                              const uint16_t *scales, int64_t block, float *out, int64_t g0,
+                                                              int64_t n, int64_t D) {
+    __m256 acc[8];
+    for (int64_t g = 0; g < n; g++) acc[g] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {  /* D % 8 == 0 (the caller checks) */
+        __m256 kv = kv_load8(k, k0 + d, kind, block_scale(scales, d, block));
+        for (int64_t g = 0; g < n; g++) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (g0 + g) * D + d), kv, acc[g]);
+    }
+    for (int64_t g = 0; g < n; g++) out[g0 + g] = hsum(acc[g]);
+}
+#endif
+
 /* out[g] = q[g] . k for the `group` queries of one KV head: k (element k0 on, its int8 block scales at
  * `scales`) is loaded once for all of them. */
 static void dots(const float *q, const void *k, int64_t k0, int kind, const uint16_t *scales, int64_t block, float *out, int64_t group,
@@ -43,13 +60,8 @@ static void dots(const float *q, const void *k, int64_t k0, int kind, const uint
 #ifdef GEMMA4_AVX2
     for (int64_t g0 = 0; g0 < group; g0 += 8) {
         int64_t n = group - g0 < 8 ? group - g0 : 8;
-        __m256 acc[8];
-        for (int64_t g = 0; g < n; g++) acc[g] = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) {  /* D % 8 == 0 (the caller checks) */
-            __m256 kv = kv_load8(k, k0 + d, kind, block_scale(scales, d, block));
-            for (int64_t g = 0; g < n; g++) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (g0 + g) * D + d), kv, acc[g]);
-        }
-        for (int64_t g = 0; g < n; g++) out[g0 + g] = hsum(acc[g]);
+        if (n == 8) dot_queries(q, k, k0, kind, scales, block, out, g0, 8, D);
+        else dot_queries(q, k, k0, kind, scales, block, out, g0, n, D);
     }
 #else
     for (int64_t g = 0; g < group; g++) {  /* one long serial sum: in double, to stay within fp32 round-off */
@@ -61,8 +73,9 @@ static void dots(const float *q, const void *k, int64_t k0, int kind, const uint
 }
 
 #ifdef GEMMA4_AVX2
-/* weighted_sum's columns d .. d + 8 C for queries g0 .. g0 + n (n C <= 8 sums in registers). */
-static inline void weighted_columns(const float *p, const void *v, int64_t v0, int kind, const uint16_t *scales, int64_t block,
+/* weighted_sum's columns d .. d + 8 C for queries g0 .. g0 + n (n C <= 8 sums in registers: n and C
+ * literal where they can be, as in dot_queries). */
+static inline __attribute__((always_inline)) void weighted_columns(const float *p, const void *v, int64_t v0, int kind, const uint16_t *scales, int64_t block,
                                     const uint8_t *mask, int64_t s0, int64_t s1, float *part, int64_t g0, int64_t n, int64_t group,
                                     int64_t d, int C, int64_t D, int64_t width) {
     int64_t blocks = D / block;
@@ -90,10 +103,11 @@ static void weighted_sum(const float *p, const void *v, int64_t v0, int kind, co
 #ifdef GEMMA4_AVX2
     for (int64_t g0 = 0; g0 < group; g0 += 8) {
         int64_t n = group - g0 < 8 ? group - g0 : 8;
-        int C = n <= 2 && D % 32 == 0 ? 4 : n <= 4 && D % 16 == 0 ? 2 : 1;  /* literal C: each case its own unrolled copy */
-        for (int64_t d = 0; d < D; d += 8 * C) {
+        int C = n <= 2 && D % 32 == 0 ? 4 : n <= 4 && D % 16 == 0 ? 2 : 1;
+        for (int64_t d = 0; d < D; d += 8 * C) {  /* literal n and C: each case its own unrolled copy */
             if (C == 4) weighted_columns(p, v, v0, kind, scales, block, mask, s0, s1, part, g0, n, group, d, 4, D, width);
             else if (C == 2) weighted_columns(p, v, v0, kind, scales, block, mask, s0, s1, part, g0, n, group, d, 2, D, width);
+            else if (n == 8) weighted_columns(p, v, v0, kind, scales, block, mask, s0, s1, part, g0, 8, group, d, 1, D, width);
             else weighted_columns(p, v, v0, kind, scales, block, mask, s0, s1, part, g0, n, group, d, 1, D, width);
         }
     }

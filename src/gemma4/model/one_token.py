@@ -5,7 +5,8 @@ result equals the modules' bit for bit (tests/test_generate.py). At one token a 
 and dtype checks, views, dispatch): this path keeps the kernels and drops most of the rest.
 
 It takes fp32 activations over compiled kernels, layers whose matrices are fp32 `nn.Linear` or
-packed with a one-token kernel, and no MoE or K=V layers; anything else runs as modules."""
+packed with a one-token kernel, and no MoE or K=V layers, nor a layer whose attention, MLP or
+matrices carry forward hooks; anything else runs as modules."""
 
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ def bind(layer: DecoderLayer, rows: int) -> dict[str, Matmul] | None:
         modules |= {"k": attention.k_proj, "v": attention.v_proj}
     if plan.ple_dim:
         modules |= {"ple_gate": layer.per_layer_input_gate, "ple_projection": layer.per_layer_projection}
+    skipped = [layer, attention, mlp, *modules.values()]  # whose calls this path makes without them: their hooks would not run
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or any(m._forward_hooks or m._forward_pre_hooks for m in skipped):
+        return None  # (tensor parallelism sums o_proj's and down_proj's outputs over ranks in hooks)
     bound = {name: row_matmul(module, rows) for name, module in modules.items()}
     return bound if all(m is not None for m in bound.values()) else None  # type: ignore[return-value]
 
