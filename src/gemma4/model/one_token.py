@@ -34,7 +34,7 @@ def row_matmul(module: nn.Module, rows: int) -> Matmul | None:
 
 def bind(layer: DecoderLayer, rows: int) -> dict[str, Matmul] | None:
     """The layer's matrices as direct calls for a step of `rows` tokens, or None where this path does
-    not take the layer (MoE and K=V layers, no compiled kernels, a matrix without such a call)."""
+    not take the layer (MoE and K=V layers, hooks, no compiled kernels, a matrix without such a call)."""
     attention, mlp, plan = layer.self_attn, layer.mlp, layer.self_attn.plan
     if plan.moe or plan.k_eq_v or not kernels.available():
         return None
