@@ -136,13 +136,23 @@ static void int8_rows(const RoundedActivations *a, const int8_t *w, const float 
             const int8_t *high = a->high + m * K, *low = a->low ? a->low + m * K : NULL;
             const float *step = a->step + m * B;
 #ifdef GEMMA4_AVX2
+            /* A block's scale found per group, not per block: a division per 32 bytes (b * 32 / group) held
+             * this loop to ~25 GB/s on 2 cores, below the memory's ~40. */
             __m256 acc = _mm256_setzero_ps();
-            for (int64_t b = 0; b < B; b++) {
-                __m256i dot = block_dot(row + b * 32, high + b * 32, low ? low + b * 32 : NULL);
-                __m256 s = group == 16 ? _mm256_set_m128(_mm_set1_ps(scale[2 * b + 1] * unit), _mm_set1_ps(scale[2 * b] * unit))
-                                       : _mm256_set1_ps(scale[b * 32 / group] * unit);
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(step[b])), acc);
-            }
+            if (group == 16)  /* two scales a block (Q6_K) */
+                for (int64_t b = 0; b < B; b++) {
+                    __m256i dot = block_dot(row + b * 32, high + b * 32, low ? low + b * 32 : NULL);
+                    __m256 s = _mm256_set_m128(_mm_set1_ps(scale[2 * b + 1] * unit), _mm_set1_ps(scale[2 * b] * unit));
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(step[b])), acc);
+                }
+            else
+                for (int64_t g = 0, per = group / 32; g < G; g++) {
+                    __m256 s = _mm256_set1_ps(scale[g] * unit);
+                    for (int64_t b = g * per; b < (g + 1) * per; b++) {
+                        __m256i dot = block_dot(row + b * 32, high + b * 32, low ? low + b * 32 : NULL);
+                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(step[b])), acc);
+                    }
+                }
             float total = hsum(acc);
 #else
             float total = 0.f;
