@@ -89,13 +89,14 @@ def results(out: Path, name: str, ranks: int) -> list[dict]:
     return [torch.load(out / f"{name}-rank{r}.pt") for r in range(ranks)]
 
 
-def one_thread_decode(single: gemma4.Model, prompt: torch.Tensor, window: int) -> torch.Tensor:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def single_decode(single: gemma4.Model, prompt: torch.Tensor, window: int, threads: int | None = None) -> torch.Tensor:
+    """The single process's decode path over the jobs' prompt, on `threads` threads (default: as many as it has)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     try:
         return teacher_forced_logits(single.lm, prompt[0, : 2 * window + 3].tolist())
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def test_ranks_give_the_single_process_model(ranked):
@@ -109,7 +110,7 @@ def test_ranks_give_the_single_process_model(ranked):
                 assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(per_rank[0][key])), (job, key)
         got = per_rank[0]
         window = single.config.sliding_window
-        expected, expected_decode = single(prompt), teacher_forced_logits(single.lm, prompt[0, : 2 * window + 3].tolist())
+        expected, expected_decode = single(prompt), single_decode(single, prompt, window)
         greedy = single.generate(prompt[0, :9].tolist(), max_new_tokens=8, temperature=0)
         batch = single.generate([prompt[0, :5].tolist(), prompt[1, :11].tolist()], max_new_tokens=4, temperature=0)
         if job["load"].get("dtype") == "fp32":
@@ -130,7 +131,7 @@ def test_ranks_give_the_single_process_model(ranked):
             # rounding ~1000-fold, so the distance is taken over two orders of the single process's sums (its
             # threads: 1 and as many as it has), as the ranks' own order is another (one sample varied 2x here).
             assert (got["logits"] - expected).abs().max().item() <= 1e-3 * expected.abs().max().item(), job
-            noise = max((decode - expected[0, : 2 * window + 3]).abs().max().item() for decode in (expected_decode, one_thread_decode(single, prompt, window)))
+            noise = max((decode - expected[0, : 2 * window + 3]).abs().max().item() for decode in (expected_decode, single_decode(single, prompt, window, threads=1)))
             assert (got["decode"] - expected_decode).abs().max().item() <= 3 * noise, job
             steps = teacher_forced_logits(single.lm, single.one_bos(prompt[0, :9].tolist()) + got["greedy"])[-len(got["greedy"]) - 1 : -1]
             chosen = steps.gather(1, torch.tensor(got["greedy"])[:, None])[:, 0]

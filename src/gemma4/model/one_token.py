@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
-from .layers import AttentionInputs, DecoderLayer, KVStore, RMSNorm, attend, gelu_tanh
+from .layers import AttentionInputs, DecoderLayer, KVStore, RMSNorm, attend, gelu_tanh, normed_rotated
 
 Matmul = Callable[[Tensor], Tensor]
 
@@ -55,21 +55,17 @@ def norm(module: RMSNorm, x: Tensor) -> Tensor:
     return kernels.rms_norm(x, module.weight, module.eps, module.offset)
 
 
-def normed_rotated(module: RMSNorm, x: Tensor, inputs: AttentionInputs) -> Tensor:
-    return kernels.rms_norm_rotary(x, module.weight, module.eps, module.offset, inputs.cos, inputs.sin)
-
-
 def step(layer: DecoderLayer, matmul: dict[str, Matmul], x: Tensor, per_layer_input: Tensor | None, inputs: AttentionInputs,
          stores: Sequence[KVStore]) -> Tensor:
     """`layer(x, per_layer_input, inputs, stores)` for x fp32 [B, 1, hidden] contiguous (one token per
     row, fp32 rotary tables), its matrices bound by `bind`."""
-    attention, mlp, plan = layer.self_attn, layer.mlp, layer.self_attn.plan
+    attention, plan = layer.self_attn, layer.self_attn.plan
     B, D = x.shape[0], plan.head_dim
     flat = x.view(B, -1)
     h = norm(layer.input_layernorm, flat)
-    q = normed_rotated(attention.q_norm, matmul["q"](h).view(B, 1, -1, D), inputs)
+    q = normed_rotated(attention.q_norm, matmul["q"](h).view(B, 1, -1, D), inputs.cos, inputs.sin)
     if plan.owns_kv:
-        key = normed_rotated(attention.k_norm, matmul["k"](h).view(B, 1, -1, D), inputs).transpose(1, 2)
+        key = normed_rotated(attention.k_norm, matmul["k"](h).view(B, 1, -1, D), inputs.cos, inputs.sin).transpose(1, 2)
         value = matmul["v"](h).view(B, 1, -1, D)
         value = (norm(attention.v_norm, value) if isinstance(attention.v_norm, RMSNorm) else value).transpose(1, 2)
     rows = [slice(None)] if len(stores) == 1 else [slice(b, b + 1) for b in range(B)]

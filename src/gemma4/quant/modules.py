@@ -57,7 +57,7 @@ class PackedLinear(PackedModule):
 
     def row_kernel(self, rows: int) -> kernels.Matmul | None:
         """The compiled call `forward` makes for fp32 [rows, K] contiguous, where it makes one."""
-        return self.packed("weight")._streaming_kernel if rows <= packing.STREAMING_MAX_ROWS else None
+        return self.packed("weight").row_kernel(rows)
 
 
 class PackedExperts(PackedModule):

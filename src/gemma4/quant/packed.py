@@ -121,9 +121,13 @@ class PackedTensor:
         flat = x.reshape(-1, K)
         if flat.dtype != torch.float32 or not flat.is_contiguous():  # (a decode step makes ~300 calls: no no-op copies)
             flat = flat.float().contiguous()
-        streaming = self._streaming_kernel if flat.shape[0] <= STREAMING_MAX_ROWS else None
+        streaming = self.row_kernel(flat.shape[0])
         y = (streaming(flat) if streaming is not None else self._dense_matmul(flat)).view(*lead, -1)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def row_kernel(self, rows: int) -> kernels.Matmul | None:
+        """The compiled call `matmul` makes for fp32 [rows, K] contiguous, where it makes one."""
+        return self._streaming_kernel if rows <= STREAMING_MAX_ROWS else None
 
     @property
     def routable(self) -> bool:
