@@ -6,7 +6,7 @@
  * The activations are rounded to two int8 halves per 32 (round_activations, simd.h), so a block of 8
  * rows costs 4 loads, 16 unsigned x signed byte multiply-adds (8 with --fast-math, which keeps only
  * the high half) and a horizontal add tree whose result is the 8 rows' exact integer dot products in
- * order; the 8 scales then apply as one vector. Row-major weights spend about twice the instructions
+ * order (with AVX-512: 2 loads, 8 multiply-adds and two permutes); the 8 scales then apply as one vector. Row-major weights spend about twice the instructions
  * per weight on the per-row scalar work, and run out of instructions before they run out of memory
  * bandwidth. Up to 8 tokens (a batch, a short prefill chunk) run one after another on each tile while
  * it sits in L1, each computed exactly as it would be alone; more run a dense matmul over
@@ -28,46 +28,81 @@ static inline __m256 load_group_values(const void *values, int64_t at, int f16) 
     return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)values + at))) : _mm256_loadu_ps((const float *)values + at);
 }
 
-/* One tile row (8 weight rows, all K columns) against one token: the 8 dot products in order.
- * Integer sums per block: high half < 32 * 15 * 127 * LOW_STEPS + low half < 2^24, exact in fp32. */
-static inline __m256 tile_dot(const uint8_t *tile, const int8_t *high, const int8_t *low, const float *step, const float *sums,
-                              const void *scales, const void *offsets, int f16, int64_t G, int64_t blocks) {
+/* One block (32 columns) of a tile's 8 rows against a token's rounded block (high, low): the 8 rows'
+ * integer sums in row order. */
+static inline __m256i block_rows(const uint8_t *tile, const int8_t *high, const int8_t *low) {
+#ifdef GEMMA4_AVX512
+    /* two 64-byte loads, chunks 0-1 (lanes: rows 0, 4, 1, 5, four partial sums each) and 2-3 (rows 2, 6,
+     * 3, 7); pairs of partial sums added across both by two permutes, then each 64-bit lane's halves */
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const __m512i first = _mm512_setr_epi32(0, 2, 8, 10, 16, 18, 24, 26, 4, 6, 12, 14, 20, 22, 28, 30);
+    const __m512i second = _mm512_setr_epi32(1, 3, 9, 11, 17, 19, 25, 27, 5, 7, 13, 15, 21, 23, 29, 31);
+    __m512i x0 = broadcast16(high), x1 = broadcast16(high + 16);
+    __m512i r0 = low ? broadcast16(low) : x0, r1 = low ? broadcast16(low + 16) : x1;
+    __m512i dots[2];
+    for (int c = 0; c < 2; c++) {
+        __m512i v = _mm512_loadu_si512(tile + 64 * c);
+        __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        dots[c] = rounded_dot512(2, low != NULL, lo, x0, r0, hi, x1, r1);
+    }
+    __m512i pairs = _mm512_add_epi32(_mm512_permutex2var_epi32(dots[0], first, dots[1]), _mm512_permutex2var_epi32(dots[0], second, dots[1]));
+    return _mm512_cvtepi64_epi32(_mm512_add_epi32(pairs, _mm512_srli_epi64(pairs, 32)));
+#else
     const __m256i nibble = _mm256_set1_epi8(0x0F);
-    const float unit = low ? 1.f / LOW_STEPS : 1.f;
+    __m256i x0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)high));
+    __m256i x1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(high + 16)));
+    __m256i r0 = x0, r1 = x1;
+    if (low) {
+        r0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)low));
+        r1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(low + 16)));
+    }
+    __m256i rows[4];  /* chunk c: lane 0 row c's 4 partial sums, lane 1 row c + 4's */
+    for (int c = 0; c < 4; c++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(tile + 32 * c));
+        __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        rows[c] = rounded_dot(2, low != NULL, lo, x0, r0, hi, x1, r1);
+    }
+    return _mm256_hadd_epi32(_mm256_hadd_epi32(rows[0], rows[1]), _mm256_hadd_epi32(rows[2], rows[3]));
+#endif
+}
+
+/* The weight of a group beside its codes' share: w = s q + o = s (q - 8) + (o + 8 s). The integer sums
+ * are taken over the centred codes q - 8 (from q's and the block's activation sum), so the term left to
+ * the exact sums of x, (o + 8 s) sum x, is small (none on the Q4_0 grid, o = -8 s) rather than two large
+ * terms that cancel in fp32. */
+
+/* One tile row (8 weight rows, all K columns) against token m of the rounded activations: the 8 dot
+ * products in order. Integer sums per block: |32 * 8 * 127 * LOW_STEPS + low half| < 2^24, exact in fp32. */
+static inline __m256 tile_dot(const uint8_t *tile, const RoundedActivations *a, int64_t m, int64_t K, const float *x_sums,
+                              const void *scales, const void *offsets, int f16, int64_t G, int64_t blocks) {
+    const float unit = a->low ? 1.f / LOW_STEPS : 1.f;
+    const int8_t *high = a->high + m * K, *low = a->low ? a->low + m * K : NULL;
+    const float *step = a->step + m * (K / 32);
+    const int32_t *block_sums = a->sums + m * (K / 32);
     __m256 acc = _mm256_setzero_ps(), offset_acc = acc;
     for (int64_t g = 0; g < G; g++) {
         __m256 group_acc = _mm256_setzero_ps();
         for (int64_t b = g * blocks; b < (g + 1) * blocks; b++, tile += TILE_BYTES) {
             PREFETCH(tile);
             PREFETCH(tile + 64);
-            __m256i x0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(high + b * 32)));
-            __m256i x1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(high + b * 32 + 16)));
-            __m256i r0 = x0, r1 = x1;
-            if (low) {
-                r0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(low + b * 32)));
-                r1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(low + b * 32 + 16)));
-            }
-            __m256i rows[4];  /* chunk c: lane 0 row c's 4 partial sums, lane 1 row c + 4's */
-            for (int c = 0; c < 4; c++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(tile + 32 * c));
-                __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-                rows[c] = rounded_dot(2, low != NULL, lo, x0, r0, hi, x1, r1);
-            }
-            __m256i dots = _mm256_hadd_epi32(_mm256_hadd_epi32(rows[0], rows[1]), _mm256_hadd_epi32(rows[2], rows[3]));
+            __m256i dots = _mm256_sub_epi32(block_rows(tile, high + b * 32, low ? low + b * 32 : NULL), _mm256_set1_epi32(8 * block_sums[b]));
             group_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(step[b] * unit), group_acc);
         }
-        acc = _mm256_fmadd_ps(group_acc, load_group_values(scales, g * 8, f16), acc);
-        __m256 offset = offsets ? load_group_values(offsets, g * 8, f16) : _mm256_mul_ps(load_group_values(scales, g * 8, f16), _mm256_set1_ps(-8.f));
-        offset_acc = _mm256_fmadd_ps(offset, _mm256_set1_ps(sums[g]), offset_acc);
+        __m256 scale = load_group_values(scales, g * 8, f16);
+        acc = _mm256_fmadd_ps(group_acc, scale, acc);
+        if (offsets)
+            offset_acc = _mm256_fmadd_ps(_mm256_fmadd_ps(scale, _mm256_set1_ps(8.f), load_group_values(offsets, g * 8, f16)), _mm256_set1_ps(x_sums[g]), offset_acc);
     }
     return _mm256_add_ps(acc, offset_acc);
 }
 #else
 /* The same sums without SIMD. */
-static void tile_dot(const uint8_t *tile, const int8_t *high, const int8_t *low, const float *step, const float *sums,
+static void tile_dot(const uint8_t *tile, const RoundedActivations *a, int64_t m, int64_t K, const float *x_sums,
                      const void *scales, const void *offsets, int f16, int64_t G, int64_t blocks, float *out) {
-    const int32_t high_weight = low ? LOW_STEPS : 1;
-    const float unit = low ? 1.f / LOW_STEPS : 1.f;
+    const int32_t high_weight = a->low ? LOW_STEPS : 1;
+    const float unit = a->low ? 1.f / LOW_STEPS : 1.f;
+    const int8_t *high = a->high + m * K, *low = a->low ? a->low + m * K : NULL;
+    const float *step = a->step + m * (K / 32);
     for (int row = 0; row < 8; row++) {
         const uint8_t *piece = tile + (row % 4) * 32 + (row / 4) * 16;
         float total = 0.f;
@@ -78,13 +113,14 @@ static void tile_dot(const uint8_t *tile, const int8_t *high, const int8_t *low,
                 for (int j = 0; j < 16; j++) {
                     uint8_t byte = piece[b * TILE_BYTES + j];
                     int k = b * 32 + j;
-                    dot += (byte & 15) * (high[k] * high_weight + (low ? low[k] : 0)) +
-                           (byte >> 4) * (high[k + 16] * high_weight + (low ? low[k + 16] : 0));
+                    dot += ((byte & 15) - 8) * (high[k] * high_weight + (low ? low[k] : 0)) +
+                           ((byte >> 4) - 8) * (high[k + 16] * high_weight + (low ? low[k + 16] : 0));
                 }
                 s += dot * (step[b] * unit);
             }
-            total += s * group_value(scales, g * 8 + row, f16);
-            total += (offsets ? group_value(offsets, g * 8 + row, f16) : -8.f * group_value(scales, g * 8 + row, f16)) * sums[g];
+            float scale = group_value(scales, g * 8 + row, f16);
+            total += s * scale;
+            if (offsets) total += (group_value(offsets, g * 8 + row, f16) + 8.f * scale) * x_sums[g];
         }
         out[row] = total;
     }
@@ -93,16 +129,14 @@ static void tile_dot(const uint8_t *tile, const int8_t *high, const int8_t *low,
 
 /* Tile row t of a weight against token m of the rounded activations, into y[m, 8t .. 8t + 8). */
 static inline void tile_row(const uint8_t *tiles, const void *scales, const void *offsets, int f16, const RoundedActivations *a,
-                            const float *sums, float *y, int64_t t, int64_t m, int64_t N, int64_t K, int64_t group) {
+                            const float *x_sums, float *y, int64_t t, int64_t m, int64_t N, int64_t K, int64_t group) {
     int64_t G = K / group, width = f16 ? 2 : 4;
     const uint8_t *tile = tiles + t * (K / 32) * TILE_BYTES;
     const void *s = (const char *)scales + t * G * 8 * width, *o = offsets ? (const char *)offsets + t * G * 8 * width : NULL;
-    const int8_t *high = a->high + m * K, *low = a->low ? a->low + m * K : NULL;
-    const float *step = a->step + m * (K / 32), *sum = sums + m * G;
 #ifdef GEMMA4_AVX2
-    _mm256_storeu_ps(y + m * N + t * 8, tile_dot(tile, high, low, step, sum, s, o, f16, G, group / 32));
+    _mm256_storeu_ps(y + m * N + t * 8, tile_dot(tile, a, m, K, x_sums + m * G, s, o, f16, G, group / 32));
 #else
-    tile_dot(tile, high, low, step, sum, s, o, f16, G, group / 32, y + m * N + t * 8);
+    tile_dot(tile, a, m, K, x_sums + m * G, s, o, f16, G, group / 32, y + m * N + t * 8);
 #endif
 }
 
@@ -117,8 +151,11 @@ void matmul_int4(const float *x, const uint8_t *codes, const void *scales, const
                  float *y, int64_t M, int64_t N, int64_t K, int64_t group, int fast, int threads) {
     int64_t G = K / group, T = N / 8, width = f16 ? 2 : 4;
     RoundedActivations a = round_activations(x, M, K, fast);
-    float *sums = (float *)malloc(M * G * sizeof(float));  /* what the offsets multiply: sum_k (s q_k + o) x_k = s sum q_k x_k + o sum x_k */
-    group_sums(x, sums, M, K, group);
+    float *sums = NULL;  /* what the offsets' share multiplies (see tile_dot) */
+    if (offsets) {
+        sums = (float *)malloc(M * G * sizeof(float));
+        group_sums(x, sums, M, K, group);
+    }
     if (experts == NULL) {
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t t = 0; t < T; t++)

@@ -70,31 +70,37 @@ static inline void group_sums(const float *x, float *sums, int64_t M, int64_t K,
 /* Rounds one token's activations for the integer dot products, per 32-block, in two int8 halves:
  * high = round(x / step) with step = max|x| / 127 (llama.cpp's Q8_0 activations), and the rest
  * low = round((x - high step) / (step / LOW_STEPS)), so x = step (high + low / LOW_STEPS) to within
- * 1 / (2 * 127 * 254) of the block's largest value, finer than bf16 rounds: the answers stay the
+ * 1.5 / (127 * 256) of the block's largest value, finer than bf16 rounds: the answers stay the
  * model's (high alone moved Gemma 3 270M's next-token KL to 0.03, 25-40x its weights' own rounding).
- * |low| <= 127 (|rest| <= step / 2), so either half fits the sign trick of the int8 kernels.
+ * |rest| <= step / 2 puts low in [-128, 128]: it is clamped to +-127 (an error of 1.5 low steps at
+ * worst), so either half fits the sign trick of the int8 kernels, and 256, a power of two, brings
+ * the high half's integer sums to the low half's step with one shift.
  * `low` NULL: the high half only (--fast-math). */
-#define LOW_STEPS 254
+#define LOW_STEPS 256
 
 #ifdef GEMMA4_AVX2
-/* LOW_STEPS x per 32-bit lane, as 256 x - 2 x (two shifts: no 10-cycle mullo): the high half's
- * integer sums brought to the low half's step. */
-static inline __m256i times_low_steps(__m256i x) { return _mm256_sub_epi32(_mm256_slli_epi32(x, 8), _mm256_slli_epi32(x, 1)); }
+/* LOW_STEPS x per 32-bit lane: the high half's integer sums brought to the low half's step. */
+static inline __m256i times_low_steps(__m256i x) { return _mm256_slli_epi32(x, 8); }
 
 /* Per 32-bit lane (4 adjacent bytes), the integer dot products of unsigned bytes with both rounded
  * halves, LOW_STEPS (u . high) + (u . low), or u . high alone without the low half, over one byte
- * vector (u0) or two (u0 and u1, which must be int4 codes: |u| <= 15). With AVX-VNNI (a compile for
- * this CPU finds out) a multiply-add instruction per product; without, maddubs leaves 16-bit pair
+ * vector (u0) or two (u0 and u1, which must be int4 codes: |u| <= 15). With VNNI (AVX-VNNI, or
+ * AVX-512 VNNI's 256-bit form; a compile for this CPU finds out) a multiply-add instruction per product; without, maddubs leaves 16-bit pair
  * sums (at most 2 * 128 * 127, or for two int4 vectors added 4 * 15 * 127: no saturation), and one
  * madd per half widens them already weighted: 5 instructions per half-pair where widening each
  * product first took 9 (on this kind of machine the exact int4 decode was bound by instructions). */
+#if defined(__AVXVNNI__)
+#define DPBUSD _mm256_dpbusd_avx_epi32
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)  /* AVX-512 machines without AVX-VNNI (AMD Zen 4): the EVEX form */
+#define DPBUSD _mm256_dpbusd_epi32
+#endif
 static inline __m256i rounded_dot(int pairs, int has_low, __m256i u0, __m256i high0, __m256i low0, __m256i u1, __m256i high1, __m256i low1) {
-#ifdef __AVXVNNI__
-    __m256i dot = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u0, high0);
-    if (pairs == 2) dot = _mm256_dpbusd_avx_epi32(dot, u1, high1);
+#ifdef DPBUSD
+    __m256i dot = DPBUSD(_mm256_setzero_si256(), u0, high0);
+    if (pairs == 2) dot = DPBUSD(dot, u1, high1);
     if (!has_low) return dot;
-    dot = _mm256_dpbusd_avx_epi32(times_low_steps(dot), u0, low0);
-    return pairs == 2 ? _mm256_dpbusd_avx_epi32(dot, u1, low1) : dot;
+    dot = DPBUSD(times_low_steps(dot), u0, low0);
+    return pairs == 2 ? DPBUSD(dot, u1, low1) : dot;
 #else
     __m256i high = _mm256_maddubs_epi16(u0, high0);
     if (pairs == 2) high = _mm256_add_epi16(high, _mm256_maddubs_epi16(u1, high1));
@@ -104,24 +110,44 @@ static inline __m256i rounded_dot(int pairs, int has_low, __m256i u0, __m256i hi
     return _mm256_add_epi32(_mm256_madd_epi16(high, _mm256_set1_epi16(LOW_STEPS)), _mm256_madd_epi16(low, _mm256_set1_epi16(1)));
 #endif
 }
+
+#if defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+/* The same sums over 64-byte vectors, where the CPU has AVX-512 VNNI: half the instructions a
+ * weight (on AMD Zen 4, whose 512-bit units are 256-bit ones used twice, that is what pays: the
+ * one-token kernels there are bound by instructions, not by multiplies). */
+#define GEMMA4_AVX512 1
+static inline __m512i rounded_dot512(int pairs, int has_low, __m512i u0, __m512i high0, __m512i low0, __m512i u1, __m512i high1, __m512i low1) {
+    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, high0);
+    if (pairs == 2) dot = _mm512_dpbusd_epi32(dot, u1, high1);
+    if (!has_low) return dot;
+    dot = _mm512_dpbusd_epi32(_mm512_slli_epi32(dot, 8), u0, low0);
+    return pairs == 2 ? _mm512_dpbusd_epi32(dot, u1, low1) : dot;
+}
+
+/* 16 bytes at p in each 128-bit lane. */
+static inline __m512i broadcast16(const int8_t *p) { return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)p)); }
+#endif
 #endif
 
 typedef struct {
     int8_t *high, *low;  /* [M, K]; low NULL when fast */
     float *step;         /* [M, K / 32] */
+    int32_t *sums;       /* [M, K / 32]: each block's sum of LOW_STEPS high + low (of high alone when fast) */
 } RoundedActivations;
 
 static inline void round_block(const float *xb, float inverse, int8_t *out) {
-#ifdef GEMMA4_AVX2  /* cvtps rounds to nearest even, as lrintf does */
+#ifdef GEMMA4_AVX2
+    const __m256i top = _mm256_set1_epi32(127), bottom = _mm256_set1_epi32(-127);
     __m256 scale = _mm256_set1_ps(inverse);
     __m256i q[4];
-    for (int j = 0; j < 4; j++) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * j), scale));
-    /* pack 32 int32 -> 32 int8 (in range: |q| <= 127), undoing the packs' lane interleave */
+    for (int j = 0; j < 4; j++)
+        q[j] = _mm256_max_epi32(bottom, _mm256_min_epi32(top, _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * j), scale))));
+    /* pack 32 int32 -> 32 int8, undoing the packs' lane interleave */
     __m256i words = _mm256_packs_epi32(q[0], q[1]), words2 = _mm256_packs_epi32(q[2], q[3]);
     __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words, words2), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256((__m256i *)out, bytes);
 #else
-    for (int j = 0; j < 32; j++) out[j] = (int8_t)lrintf(xb[j] * inverse);
+    for (int j = 0; j < 32; j++) out[j] = (int8_t)fmaxf(-127.f, fminf(127.f, rintf(xb[j] * inverse)));
 #endif
 }
 
@@ -142,16 +168,23 @@ static inline float block_max(const float *xb) {
 
 /* x [M, K] rounded as above; free with release_activations. */
 static inline RoundedActivations round_activations(const float *x, int64_t M, int64_t K, int fast) {
-    RoundedActivations a = {(int8_t *)malloc(M * K), fast ? NULL : (int8_t *)malloc(M * K), (float *)malloc(M * (K / 32) * sizeof(float))};
+    int64_t B = M * K / 32;
+    RoundedActivations a = {(int8_t *)malloc(M * K), fast ? NULL : (int8_t *)malloc(M * K), (float *)malloc(B * sizeof(float)),
+                            (int32_t *)malloc(B * sizeof(int32_t))};
     float rest[32];
-    for (int64_t b = 0; b < M * K / 32; b++) {
+    for (int64_t b = 0; b < B; b++) {
         const float *xb = x + b * 32;
+        int8_t *high = a.high + b * 32, *low = fast ? NULL : a.low + b * 32;
         float amax = block_max(xb), inverse = amax > 0.f ? 127.f / amax : 0.f;
         a.step[b] = amax / 127.f;
-        round_block(xb, inverse, a.high + b * 32);
-        if (fast) continue;
-        for (int j = 0; j < 32; j++) rest[j] = xb[j] - a.high[b * 32 + j] * a.step[b];
-        round_block(rest, inverse * LOW_STEPS, a.low + b * 32);
+        round_block(xb, inverse, high);
+        if (!fast) {
+            for (int j = 0; j < 32; j++) rest[j] = xb[j] - high[j] * a.step[b];
+            round_block(rest, inverse * LOW_STEPS, low);
+        }
+        int32_t sum = 0;
+        for (int j = 0; j < 32; j++) sum += fast ? high[j] : high[j] * LOW_STEPS + low[j];
+        a.sums[b] = sum;
     }
     return a;
 }
@@ -160,6 +193,7 @@ static inline void release_activations(RoundedActivations a) {
     free(a.high);
     free(a.low);
     free(a.step);
+    free(a.sums);
 }
 
 #endif
