@@ -16,8 +16,8 @@ class OptionalBuildExt(build_ext):
 
 kernels = Extension(
     "gemma4.kernels._kernels",
-    sources=["src/gemma4/kernels/matmul.c", "src/gemma4/kernels/int4.c", "src/gemma4/kernels/decode.c", "src/gemma4/kernels/bandwidth.c", "src/gemma4/kernels/gguf.c", "src/gemma4/kernels/quantize.c"],
-    depends=["src/gemma4/kernels/simd.h"],
+    sources=[f"src/gemma4/kernels/{name}.c" for name in ("matmul", "int4", "decode", "layer", "bandwidth", "gguf", "quantize")],
+    depends=["src/gemma4/kernels/simd.h", "src/gemma4/kernels/kernels.h"],
     extra_compile_args=["-O3", "-march=native", "-fopenmp"],
     extra_link_args=["-fopenmp"],
 )

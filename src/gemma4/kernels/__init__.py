@@ -49,8 +49,18 @@ def _ptr(t: Tensor | None) -> int:
 
 Matmul = Callable[[Tensor], Tensor]
 
+MATRIX_KINDS = {"bf16": 0, "f16": 1, "int8": 2, "int4": 3}  # layer.c's enum
 
-def bind_matmul(kind: str, codes: Tensor, scales: Tensor | None, offsets: Tensor | None, group: int, fast: bool) -> Matmul:
+
+class Matrix(ctypes.Structure):
+    """layer.c's Matrix: one packed weight, as the kernels take it."""
+
+    _fields_ = [("kind", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("group", ctypes.c_int64),
+                ("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
+                ("f16_values", ctypes.c_int64), ("fast", ctypes.c_int64)]
+
+
+class BoundMatmul:
     """x fp32 [M, K] contiguous, M <= 8 -> x @ W.T fp32 [M, N], for one packed weight W (quant/packed.py),
     its pointers and sizes converted once: a decode step makes ~300 such calls, and converting them
     per call cost ~5 us each (a small matmul: 17.6 -> 13 us).
@@ -59,27 +69,25 @@ def bind_matmul(kind: str, codes: Tensor, scales: Tensor | None, offsets: Tensor
       int4 tiles (quant/int4.py): codes [N/8, K/32, 128]; scales/offsets fp16 or fp32 [N/8, K/group, 8]
         (no offsets: the Q4_0 grid, w = scale (code - 8)).
     int8 in groups of 32s and int4 run on integer products over x rounded to two int8 halves (exact to
-    ~1e-5 of each 32 values' largest); `fast` keeps only the high half, as llama.cpp does (changes answers)."""
-    assert _lib is not None
-    if kind in ("bf16", "f16"):
-        N, K = codes.shape
-        call, fixed = _lib.matmul_16bit, (_ptr(codes),)
-        tail: tuple = (int(kind == "f16"),)
-    elif kind == "int8":
-        N, K = codes.shape
-        call, fixed, tail = _lib.matmul_int8, (_ptr(codes), _ptr(scales), _ptr(offsets)), (group, int(fast))
-    else:
-        N, K = codes.shape[0] * 8, codes.shape[1] * 32
-        f16 = int(scales is not None and scales.dtype == torch.float16)
-        call, fixed, tail = _lib.matmul_int4, (_ptr(codes), _ptr(scales), _ptr(offsets), f16, None), (group, int(fast))
+    ~1e-5 of each 32 values' largest); `fast` keeps only the high half, as llama.cpp does (changes answers).
+    Holds the tensors it points at."""
 
-    def matmul(x: Tensor) -> Tensor:
-        M = x.shape[0]
-        y = torch.empty(M, N)
-        call(x.data_ptr(), *fixed, y.data_ptr(), M, N, K, *tail, torch.get_num_threads())
+    def __init__(self, kind: str, codes: Tensor, scales: Tensor | None, offsets: Tensor | None, group: int, fast: bool):
+        assert _lib is not None
+        self.tensors = (codes, scales, offsets)
+        N, K = (codes.shape[0] * 8, codes.shape[1] * 32) if kind == "int4" else codes.shape
+        f16 = int(kind == "int4" and scales is not None and scales.dtype == torch.float16)
+        self.matrix = Matrix(MATRIX_KINDS[kind], N, K, group, _ptr(codes), _ptr(scales), _ptr(offsets), f16, int(fast))
+        self.N = N
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = torch.empty(x.shape[0], self.N)
+        _lib.matmul_packed(ctypes.addressof(self.matrix), x.data_ptr(), y.data_ptr(), x.shape[0], torch.get_num_threads())  # type: ignore[union-attr]
         return y
 
-    return matmul
+
+def bind_matmul(kind: str, codes: Tensor, scales: Tensor | None, offsets: Tensor | None, group: int, fast: bool) -> BoundMatmul:
+    return BoundMatmul(kind, codes, scales, offsets, group, fast)
 
 
 def routed_int4_matmul(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int, fast: bool, experts: Tensor) -> Tensor:
@@ -92,6 +100,49 @@ def routed_int4_matmul(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor
     f16 = int(scales.dtype == torch.float16)
     _lib.matmul_int4(_ptr(x), _ptr(codes), _ptr(scales), _ptr(offsets), f16, _ptr(experts), _ptr(y), M, N, K, group, int(fast), torch.get_num_threads())
     return y
+
+
+class Norm(ctypes.Structure):
+    """layer.c's Norm: an RMSNorm's weight (fp32, or none) and constants."""
+
+    _fields_ = [("weight", ctypes.c_void_p), ("eps", ctypes.c_float), ("offset", ctypes.c_float)]
+
+
+class DecodeLayer(ctypes.Structure):
+    """layer.c's DecodeLayer: a decoder layer's weights and shapes for a decode step (model/one_token.py
+    fills it; the tensors it points at must outlive it)."""
+
+    _fields_ = [*[(name, Matrix) for name in ("q", "k", "v", "o", "gate", "up", "down", "ple_gate", "ple_projection")],
+                *[(name, Norm) for name in ("input", "q_norm", "k_norm", "v_norm", "post_attention", "pre_feedforward",
+                                            "post_feedforward", "post_per_layer_input")],
+                *[(name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "width", "ple_dim", "owns_kv", "v_normed")],
+                ("layer_scalar", ctypes.c_void_p)]
+
+
+def decode_layer_attention_inputs(layer: DecodeLayer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """x fp32 [B, hidden] contiguous; cos, sin fp32 [B, D] contiguous -> q [B, heads, D] (normed,
+    rotated) and, where the layer owns K/V, k and v [B, kv_heads, D] (else None)."""
+    B, D = x.shape[0], layer.head_dim
+    q = torch.empty(B, layer.heads, D)
+    k, v = (torch.empty(B, layer.kv_heads, D), torch.empty(B, layer.kv_heads, D)) if layer.owns_kv else (None, None)
+    _lib.decode_layer_attention_inputs(ctypes.addressof(layer), _ptr(x), _ptr(cos), _ptr(sin), _ptr(q), _ptr(k), _ptr(v), B, torch.get_num_threads())  # type: ignore[union-attr]
+    return q, k, v
+
+
+def decode_layer_rest(layer: DecodeLayer, x: Tensor, attended: Tensor, per_layer_input: Tensor | None) -> Tensor:
+    """x fp32 [B, hidden] and attended [B, heads * D], contiguous; per_layer_input fp32 [B, ple_dim]
+    (rows at any stride, columns contiguous) or None -> the layer's output [B, hidden]."""
+    out = torch.empty_like(x)
+    stride = per_layer_input.stride(0) if per_layer_input is not None else 0
+    _lib.decode_layer_rest(ctypes.addressof(layer), _ptr(x), _ptr(attended), _ptr(per_layer_input), stride, _ptr(out), x.shape[0], torch.get_num_threads())  # type: ignore[union-attr]
+    return out
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU (tanh form) of x fp32 contiguous."""
+    out = torch.empty_like(x)
+    _lib.gelu_tanh(_ptr(x), None, _ptr(out), x.numel(), torch.get_num_threads())  # type: ignore[union-attr]
+    return out
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float) -> Tensor:
@@ -201,12 +252,15 @@ def read_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) ->
 
 
 if _lib is not None:
-    for _name in ("matmul_16bit", "matmul_int8", "matmul_int4", "dequantize_int4", "tile_q4_0", "unpack_q6_k", "fit_int4", "code_int4", "fit_q4_0", "rms_norm", "rms_norm_rotary", "attend_one_query"):
+    for _name in ("matmul_packed", "matmul_int4", "dequantize_int4", "tile_q4_0", "unpack_q6_k", "fit_int4", "code_int4", "fit_q4_0", "rms_norm",
+                  "rms_norm_rotary", "attend_one_query", "gelu_tanh", "decode_layer_attention_inputs", "decode_layer_rest"):
         getattr(_lib, _name).restype = None
     _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    _lib.matmul_16bit.argtypes = [_p, _p, _p, _i64, _i64, _i64, _int, _int]
-    _lib.matmul_int8.argtypes = [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int, _int]
+    _lib.matmul_packed.argtypes = [_p, _p, _p, _i64, _int]
     _lib.matmul_int4.argtypes = [_p, _p, _p, _p, _int, _p, _p, _i64, _i64, _i64, _i64, _int, _int]
+    _lib.gelu_tanh.argtypes = [_p, _p, _p, _i64, _int]
+    _lib.decode_layer_attention_inputs.argtypes = [_p, _p, _p, _p, _p, _p, _p, _i64, _int]
+    _lib.decode_layer_rest.argtypes = [_p, _p, _p, _p, _i64, _p, _i64, _int]
     _lib.dequantize_int4.argtypes = [_p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int]
     _lib.tile_q4_0.argtypes = [_p, _p, _p, _i64, _i64, _int]
     _lib.unpack_q6_k.argtypes = [_p, _p, _p, _i64, _int]

@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "kernels.h"
 #include "simd.h"
 
 enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3 };
@@ -136,6 +137,30 @@ static void norm_row(const float *x, const float *weight, float *out, int64_t di
 /* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * (weight + offset), or without a weight. */
 void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int64_t dim, float eps, float offset) {
     for (int64_t r = 0; r < rows; r++) norm_row(x + r * dim, weight, out + r * dim, dim, eps, offset);
+}
+
+/* out = gelu(x) * times (times NULL: gelu(x)), GELU's tanh form, 0.5 x (1 + tanh(y)) with
+ * y = sqrt(2 / pi) (x + 0.044715 x^3), computed as x / (1 + e^(-2y)) (the same function: a few ulp
+ * from PyTorch's, where PyTorch spent ~11 us on E2B's 6,144 gate values and another operator on the
+ * product). */
+void gelu_tanh(const float *x, const float *times, float *out, int64_t n, int threads) {
+    const float k = -2.f * 0.7978845608028654f;
+#pragma omp parallel for schedule(static) num_threads(n >= (1 << 16) ? threads : 1)
+    for (int64_t i0 = 0; i0 < n; i0 += 1024) {
+        int64_t i = i0, end = i0 + 1024 < n ? i0 + 1024 : n;
+#ifdef GEMMA4_AVX2
+        for (; i + 8 <= end; i += 8) {
+            __m256 v = _mm256_loadu_ps(x + i);
+            __m256 y = _mm256_mul_ps(_mm256_set1_ps(k), _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v), _mm256_mul_ps(v, v), v));
+            __m256 g = _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.f), exp256(y)));
+            _mm256_storeu_ps(out + i, times ? _mm256_mul_ps(g, _mm256_loadu_ps(times + i)) : g);
+        }
+#endif
+        for (; i < end; i++) {
+            float v = x[i], y = k * fmaf(0.044715f * v, v * v, v), g = v / (1.f + expf(fminf(y, 88.7f)));
+            out[i] = times ? g * times[i] : g;
+        }
+    }
 }
 
 /* RMSNorm then rotary embedding of every head of `tokens` tokens: x, out [tokens, heads, dim];

@@ -1,40 +1,56 @@
-"""A decode step's layers (one new token per sequence) without the module machinery: each layer's
-kernels called directly, on the same tensors and in the same order as `DecoderLayer.forward`, so the
-result equals the modules' bit for bit (tests/test_generate.py). At one token a layer of E2B int4 is
-~1.1 ms of weight streaming, and the modules spent ~0.4 ms more around it (nn.Module calls, shape
-and dtype checks, views, dispatch): this path keeps the kernels and drops most of the rest.
+"""A decode step's layers (one new token per row) without the module machinery: each layer in two
+compiled calls (kernels/layer.c), one for what comes before attention and one for what comes after,
+with the K/V cache and the attention between them here. The same kernels on the same tensors in the
+modules' order, so the result equals the modules' bit for bit (tests/test_generate.py). At one token
+a layer of E2B int4 is ~1.1 ms of weight streaming; the modules spent ~0.4 ms more around it
+(nn.Module calls, shape and dtype checks, views, dispatch, and ~15 PyTorch operators), and calling
+each kernel from Python still ~0.25 ms.
 
-It takes fp32 activations over compiled kernels, layers whose matrices are fp32 `nn.Linear` or
-packed with a one-token kernel, and no MoE or K=V layers, nor a layer whose attention, MLP or
-matrices carry forward hooks; anything else runs as modules."""
+It takes fp32 activations over compiled kernels, layers whose matrices are all packed with a
+one-token kernel, and no MoE or K=V layers, nor a layer whose attention, MLP or matrices carry
+forward hooks; anything else runs as modules."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
-from .layers import AttentionInputs, DecoderLayer, KVStore, RMSNorm, attend, gelu_tanh, normed_rotated
+from .layers import AttentionInputs, DecoderLayer, KVStore, RMSNorm, attend
 
-Matmul = Callable[[Tensor], Tensor]
+@dataclass
+class _Binding:
+    """A layer's kernels.DecodeLayer, and what it was made from: each (dict, key, value) found there
+    then, so a reload or a --fast-math switch (which replace those values) makes it stale."""
+
+    layer: kernels.DecodeLayer
+    rows: int  # the most rows it takes
+    sources: list[tuple[dict, str, object]]
+    modules: list[nn.Module]  # whose forward hooks this path would skip
+    keep: list[object]  # what the struct points at
+
+    def current(self) -> bool:
+        return all(where.get(key) is value for where, key, value in self.sources)
 
 
-def row_matmul(module: nn.Module, rows: int) -> Matmul | None:
-    """x fp32 [rows, K] contiguous -> x @ W.T [rows, N], computed as the module computes it for
-    `rows` rows; None where that is not one direct call."""
-    if type(module) is nn.Linear:
-        weight = module.weight
-        return (lambda x: F.linear(x, weight)) if module.bias is None and weight.dtype == torch.float32 else None
-    kernel = getattr(module, "row_kernel", None)
-    return kernel(rows) if kernel is not None else None
+def bind(layer: DecoderLayer, rows: int) -> kernels.DecodeLayer | None:
+    """The layer as one kernels.DecodeLayer for a step of `rows` tokens, or None where this path does
+    not take it (MoE and K=V layers, hooks, no compiled kernels, a matrix without a one-token kernel)."""
+    binding = layer.__dict__.get("_one_token")
+    if binding is None or rows > binding.rows or not binding.current():
+        binding = layer.__dict__["_one_token"] = _bind(layer, rows)
+    if binding is None or rows > binding.rows:
+        return None
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or any(m._forward_hooks or m._forward_pre_hooks for m in binding.modules):
+        return None  # (tensor parallelism sums o_proj's and down_proj's outputs over ranks in hooks)
+    return binding.layer
 
 
-def bind(layer: DecoderLayer, rows: int) -> dict[str, Matmul] | None:
-    """The layer's matrices as direct calls for a step of `rows` tokens, or None where this path does
-    not take the layer (MoE and K=V layers, hooks, no compiled kernels, a matrix without such a call)."""
+def _bind(layer: DecoderLayer, rows: int) -> _Binding | None:
     attention, mlp, plan = layer.self_attn, layer.mlp, layer.self_attn.plan
     if plan.moe or plan.k_eq_v or not kernels.available():
         return None
@@ -43,50 +59,54 @@ def bind(layer: DecoderLayer, rows: int) -> dict[str, Matmul] | None:
         modules |= {"k": attention.k_proj, "v": attention.v_proj}
     if plan.ple_dim:
         modules |= {"ple_gate": layer.per_layer_input_gate, "ple_projection": layer.per_layer_projection}
-    skipped = [layer, attention, mlp, *modules.values()]  # whose calls this path makes without them: their hooks would not run
-    hooks = torch.nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or any(m._forward_hooks or m._forward_pre_hooks for m in skipped):
-        return None  # (tensor parallelism sums o_proj's and down_proj's outputs over ranks in hooks)
-    bound = {name: row_matmul(module, rows) for name, module in modules.items()}
-    return bound if all(m is not None for m in bound.values()) else None  # type: ignore[return-value]
+    norms = {"input": layer.input_layernorm, "q_norm": attention.q_norm, "post_attention": layer.post_attention_layernorm,
+             "pre_feedforward": layer.pre_feedforward_layernorm, "post_feedforward": layer.post_feedforward_layernorm}
+    if plan.owns_kv:
+        norms |= {"k_norm": attention.k_norm}
+        if isinstance(attention.v_norm, RMSNorm):
+            norms |= {"v_norm": attention.v_norm}
+    if plan.ple_dim:
+        norms |= {"post_per_layer_input": layer.post_per_layer_input_norm}
+    kernels_of = {name: getattr(module, "row_kernel", lambda rows: None)(rows) for name, module in modules.items()}
+    weights = [n.weight for n in norms.values() if n.weight is not None]
+    if not all(isinstance(k, kernels.BoundMatmul) for k in kernels_of.values()) or any(w.dtype != torch.float32 for w in weights):
+        return None
+    scalar = layer._buffers.get("layer_scalar")
+    if scalar is not None and scalar.dtype != torch.float32:
+        return None
+    fields = {name: kernels_of[name].matrix for name in kernels_of}
+    fields |= {name: kernels.Norm(kernels._ptr(n.weight), n.eps, n.offset) for name, n in norms.items()}
+    struct = kernels.DecodeLayer(
+        **fields, hidden=layer.input_layernorm.weight.shape[0], heads=plan.num_heads, kv_heads=plan.num_kv_heads, head_dim=plan.head_dim,
+        width=plan.mlp_width, ple_dim=plan.ple_dim or 0, owns_kv=int(plan.owns_kv), v_normed=int("v_norm" in norms),
+        layer_scalar=kernels._ptr(scalar),
+    )
+    sources = [(m.__dict__, "fast_math", m.__dict__.get("fast_math")) for m in modules.values()]
+    sources += [(m._buffers, "weight", m._buffers.get("weight")) for m in modules.values()]
+    sources += [(n._parameters, "weight", n._parameters.get("weight")) for n in norms.values()]
+    sources += [(layer._buffers, "layer_scalar", scalar)]
+    return _Binding(struct, rows, sources, [layer, attention, mlp, *modules.values()], [kernels_of, weights, scalar])
 
 
-def norm(module: RMSNorm, x: Tensor) -> Tensor:
-    return kernels.rms_norm(x, module.weight, module.eps, module.offset)
-
-
-def step(layer: DecoderLayer, matmul: dict[str, Matmul], x: Tensor, per_layer_input: Tensor | None, inputs: AttentionInputs,
+def step(layer: DecoderLayer, bound: kernels.DecodeLayer, x: Tensor, per_layer_input: Tensor | None, inputs: AttentionInputs,
          stores: Sequence[KVStore]) -> Tensor:
     """`layer(x, per_layer_input, inputs, stores)` for x fp32 [B, 1, hidden] contiguous (one token per
-    row, fp32 rotary tables), its matrices bound by `bind`."""
-    attention, plan = layer.self_attn, layer.self_attn.plan
-    B, D = x.shape[0], plan.head_dim
+    row, fp32 rotary tables), the layer bound by `bind`."""
+    plan = layer.self_attn.plan
+    B = x.shape[0]
     flat = x.view(B, -1)
-    h = norm(layer.input_layernorm, flat)
-    q = normed_rotated(attention.q_norm, matmul["q"](h).view(B, 1, -1, D), inputs.cos, inputs.sin)
-    if plan.owns_kv:
-        key = normed_rotated(attention.k_norm, matmul["k"](h).view(B, 1, -1, D), inputs.cos, inputs.sin).transpose(1, 2)
-        value = matmul["v"](h).view(B, 1, -1, D)
-        value = (norm(attention.v_norm, value) if isinstance(attention.v_norm, RMSNorm) else value).transpose(1, 2)
+    q, key, value = kernels.decode_layer_attention_inputs(bound, flat, inputs.cos.reshape(B, -1).contiguous(), inputs.sin.reshape(B, -1).contiguous())
+    q = q[:, None]
+    key, value = (None, None) if key is None else (key[:, :, None], value[:, :, None])  # [B, K, 1, D]
     rows = [slice(None)] if len(stores) == 1 else [slice(b, b + 1) for b in range(B)]
     out = []
     for r, keys, store in zip(rows, inputs.keys, stores):
         if plan.owns_kv:
-            cached_key, cached_value = store.update(plan.index, key[r], value[r])
+            cached_key, cached_value = store.update(plan.index, key[r], value[r])  # type: ignore[index]
             store.share(plan.index, cached_key, cached_value)  # type: ignore[arg-type]
         else:
             cached_key, cached_value = store.read(plan.kv_source)
         out.append(attend(q[r], cached_key, cached_value, keys.mask, plan.attention_scale))  # type: ignore[arg-type]
     attended = (out[0] if len(out) == 1 else torch.cat(out)).view(B, -1)
-    flat = flat + norm(layer.post_attention_layernorm, matmul["o"](attended))
-
-    h = norm(layer.pre_feedforward_layernorm, flat)
-    h = matmul["down"](gelu_tanh(matmul["gate"](h)) * matmul["up"](h))
-    flat = flat + norm(layer.post_feedforward_layernorm, h)
-
-    if per_layer_input is not None:
-        gated = gelu_tanh(matmul["ple_gate"](flat)) * per_layer_input.reshape(B, -1)
-        flat = flat + norm(layer.post_per_layer_input_norm, matmul["ple_projection"](gated))
-    if hasattr(layer, "layer_scalar"):
-        flat = flat * layer.layer_scalar
-    return flat.view(B, 1, -1)
+    ple = None if per_layer_input is None else per_layer_input.reshape(B, -1)
+    return kernels.decode_layer_rest(bound, flat, attended, ple).view(B, 1, -1)

@@ -194,9 +194,9 @@ class TextModel(nn.Module):
                 x, inputs = x[:, -keep:], {t: i.last(keep) for t, i in inputs.items()}
                 ple = ple[:, -keep:] if ple is not None else None
             per_layer_input = ple[:, :, p.index] if ple is not None else None
-            matmuls = one_token_path.bind(layer, B) if one_token else None
-            if matmuls is not None:
-                x = one_token_path.step(layer, matmuls, x, per_layer_input, inputs[p.attention_type], stores)
+            bound = one_token_path.bind(layer, B) if one_token else None
+            if bound is not None:
+                x = one_token_path.step(layer, bound, x, per_layer_input, inputs[p.attention_type], stores)
             else:
                 x = layer(x, per_layer_input, inputs[p.attention_type], stores)
         for store in stores:

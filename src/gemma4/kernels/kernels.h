@@ -1,0 +1,18 @@
+/* The entry points one kernel file calls in another (all of them are also called through ctypes:
+ * kernels/__init__.py). */
+#ifndef GEMMA4_KERNELS_H
+#define GEMMA4_KERNELS_H
+
+#include <stdint.h>
+
+void matmul_16bit(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int is_f16, int threads);
+void matmul_int8(const float *x, const int8_t *w, const float *scales, const float *offsets, float *y, int64_t M, int64_t N,
+                 int64_t K, int64_t group, int fast, int threads);
+void matmul_int4(const float *x, const uint8_t *codes, const void *scales, const void *offsets, int f16, const int64_t *experts,
+                 float *y, int64_t M, int64_t N, int64_t K, int64_t group, int fast, int threads);
+void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int64_t dim, float eps, float offset);
+void rms_norm_rotary(const float *x, const float *weight, const float *cos, const float *sin, float *out, int64_t tokens,
+                     int64_t heads, int64_t dim, float eps, float offset);
+void gelu_tanh(const float *x, const float *times, float *out, int64_t n, int threads);
+
+#endif
