@@ -50,6 +50,12 @@ static inline __attribute__((always_inline)) void dot_queries(const float *q, co
         __m256 kv = kv_load8(k, k0 + d, kind, block_scale(scales, d, block));
         for (int64_t g = 0; g < n; g++) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (g0 + g) * D + d), kv, acc[g]);
     }
+    if (n == 8) {  /* the 8 sums as one vector: a transposing add tree (40 instructions as 8 horizontal sums) */
+        __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+        __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+        _mm256_storeu_ps(out + g0, _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31)));
+        return;
+    }
     for (int64_t g = 0; g < n; g++) out[g0 + g] = hsum(acc[g]);
 }
 #endif
@@ -185,6 +191,36 @@ __attribute__((optimize("fp-contract=off"))) void rms_norm_rotary(const float *x
     free(normed);
 }
 
+/* scores [s, g] -> e^(score - part[g]'s running max), summed into part[g]'s running sum, over the
+ * allowed slots s0 .. s1 (8 queries a vector where they come in eights). */
+static void softmax_numerators(float *scores, const uint8_t *mask, int64_t s0, int64_t s1, float *part, int64_t group, int64_t width) {
+    int64_t g0 = 0;
+#ifdef GEMMA4_AVX2
+    for (; g0 + 8 <= group; g0 += 8) {
+        const __m256i rows = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        __m256i at = _mm256_mullo_epi32(_mm256_add_epi32(rows, _mm256_set1_epi32((int)g0)), _mm256_set1_epi32((int)width));
+        __m256 top = _mm256_i32gather_ps(part, at, 4), total = _mm256_setzero_ps();
+        for (int64_t s = s0; s < s1; s++) {
+            if (!mask[s]) continue;
+            float *row = scores + (s - s0) * group + g0;
+            __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row), top));
+            _mm256_storeu_ps(row, e);
+            total = _mm256_add_ps(total, e);
+        }
+        float sums[8];
+        _mm256_storeu_ps(sums, total);
+        for (int g = 0; g < 8; g++) part[(g0 + g) * width + 1] += sums[g];
+    }
+#endif
+    for (; g0 < group; g0++)
+        for (int64_t s = s0; s < s1; s++) {
+            if (!mask[s]) continue;
+            float *row = scores + (s - s0) * group + g0;
+            *row = expf(*row - part[g0 * width]);
+            part[g0 * width + 1] += *row;
+        }
+}
+
 /* One query per head against its KV head's cached keys and values (GQA: `group` = H / KV queries
  * share one KV head). q, out: [B, H, D]; key, value: [B, KV, S, D] of `kv_kind` values with rows
  * of D contiguous, their batch and KV-head strides given (a cache's buffer may hold more slots than
@@ -227,14 +263,7 @@ void attend_one_query(const float *q, const void *key, const void *value, int kv
                     part[g * width] = fmaxf(part[g * width], row[g]);
                 }
             }
-            for (int64_t s = s0; s < s1; s++) {
-                if (!mask[s]) continue;
-                float *row = scores + (s - s0) * group;
-                for (int64_t g = 0; g < group; g++) {
-                    row[g] = expf(row[g] - part[g * width]);
-                    part[g * width + 1] += row[g];
-                }
-            }
+            softmax_numerators(scores, mask, s0, s1, part, group, width);
             weighted_sum(scores, value, v0, kv_kind, vs, block, mask, s0, s1, part, group, D, width);
         }
         free(scores);

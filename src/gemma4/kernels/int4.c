@@ -8,8 +8,8 @@
  * the high half) and a horizontal add tree whose result is the 8 rows' exact integer dot products in
  * order (with AVX-512: 2 loads, 8 multiply-adds and two permutes); the 8 scales then apply as one vector. Row-major weights spend about twice the instructions
  * per weight on the per-row scalar work, and run out of instructions before they run out of memory
- * bandwidth. Up to 8 tokens (a batch, a short prefill chunk) run one after another on each tile while
- * it sits in L1, each computed exactly as it would be alone; more run a dense matmul over
+ * bandwidth. Up to 8 tokens (a batch, a short prefill chunk) share each tile while it sits in L1, its
+ * codes unpacked once for every 4 of them, each token's sums computed exactly as they would be alone; more run a dense matmul over
  * dequantize_int4. Without offsets the grid is llama.cpp's Q4_0, w = scale * (code - 8): the offset
  * -8 scale is applied from the scales rather than stored (the 26B-A4B's experts: 1.4 GB less). */
 
@@ -20,6 +20,8 @@
 #include "kernels.h"
 #include "simd.h"
 
+#define MAX_TOKENS 4  /* tokens a tile row takes at once */
+
 static inline float group_value(const void *values, int64_t at, int f16) {
     return f16 ? half_to_float(((const uint16_t *)values)[at]) : ((const float *)values)[at];
 }
@@ -29,27 +31,47 @@ static inline __m256 load_group_values(const void *values, int64_t at, int f16) 
     return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)values + at))) : _mm256_loadu_ps((const float *)values + at);
 }
 
-/* One block (32 columns) of a tile's 8 rows against a token's rounded block (high, low): the 8 rows'
- * integer sums in row order. */
-static inline __m256i block_rows(const uint8_t *tile, const int8_t *high, const int8_t *low) {
+/* A block's codes (32 columns of a tile's 8 rows), unpacked once for every token that reads it. */
 #ifdef GEMMA4_AVX512
-    /* two 64-byte loads, chunks 0-1 (lanes: rows 0, 4, 1, 5, four partial sums each) and 2-3 (rows 2, 6,
-     * 3, 7); pairs of partial sums added across both by two permutes, then each 64-bit lane's halves */
+typedef struct { __m512i lo[2], hi[2]; } Nibbles;  /* chunks 0-1 and 2-3 */
+#else
+typedef struct { __m256i lo[4], hi[4]; } Nibbles;  /* chunk c */
+#endif
+
+static inline Nibbles unpack_block(const uint8_t *tile) {
+    Nibbles w;
+#ifdef GEMMA4_AVX512
     const __m512i nibble = _mm512_set1_epi8(0x0F);
+    for (int c = 0; c < 2; c++) {
+        __m512i v = _mm512_loadu_si512(tile + 64 * c);
+        w.lo[c] = _mm512_and_si512(v, nibble);
+        w.hi[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    }
+#else
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    for (int c = 0; c < 4; c++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(tile + 32 * c));
+        w.lo[c] = _mm256_and_si256(v, nibble);
+        w.hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    }
+#endif
+    return w;
+}
+
+/* A block's 8 rows against a token's rounded block (high, low): the 8 rows' integer sums in row order. */
+static inline __m256i block_rows(const Nibbles *w, const int8_t *high, const int8_t *low) {
+#ifdef GEMMA4_AVX512
+    /* lanes of chunks 0-1: rows 0, 4, 1, 5, four partial sums each; of 2-3: rows 2, 6, 3, 7. Pairs of
+     * partial sums added across both by two permutes, then each 64-bit lane's halves. */
     const __m512i first = _mm512_setr_epi32(0, 2, 8, 10, 16, 18, 24, 26, 4, 6, 12, 14, 20, 22, 28, 30);
     const __m512i second = _mm512_setr_epi32(1, 3, 9, 11, 17, 19, 25, 27, 5, 7, 13, 15, 21, 23, 29, 31);
     __m512i x0 = broadcast16(high), x1 = broadcast16(high + 16);
     __m512i r0 = low ? broadcast16(low) : x0, r1 = low ? broadcast16(low + 16) : x1;
-    __m512i dots[2];
-    for (int c = 0; c < 2; c++) {
-        __m512i v = _mm512_loadu_si512(tile + 64 * c);
-        __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-        dots[c] = rounded_dot512(2, low != NULL, lo, x0, r0, hi, x1, r1);
-    }
-    __m512i pairs = _mm512_add_epi32(_mm512_permutex2var_epi32(dots[0], first, dots[1]), _mm512_permutex2var_epi32(dots[0], second, dots[1]));
+    __m512i dots0 = rounded_dot512(2, low != NULL, w->lo[0], x0, r0, w->hi[0], x1, r1);
+    __m512i dots1 = rounded_dot512(2, low != NULL, w->lo[1], x0, r0, w->hi[1], x1, r1);
+    __m512i pairs = _mm512_add_epi32(_mm512_permutex2var_epi32(dots0, first, dots1), _mm512_permutex2var_epi32(dots0, second, dots1));
     return _mm512_cvtepi64_epi32(_mm512_add_epi32(pairs, _mm512_srli_epi64(pairs, 32)));
 #else
-    const __m256i nibble = _mm256_set1_epi8(0x0F);
     __m256i x0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)high));
     __m256i x1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(high + 16)));
     __m256i r0 = x0, r1 = x1;
@@ -58,11 +80,7 @@ static inline __m256i block_rows(const uint8_t *tile, const int8_t *high, const 
         r1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(low + 16)));
     }
     __m256i rows[4];  /* chunk c: lane 0 row c's 4 partial sums, lane 1 row c + 4's */
-    for (int c = 0; c < 4; c++) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(tile + 32 * c));
-        __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-        rows[c] = rounded_dot(2, low != NULL, lo, x0, r0, hi, x1, r1);
-    }
+    for (int c = 0; c < 4; c++) rows[c] = rounded_dot(2, low != NULL, w->lo[c], x0, r0, w->hi[c], x1, r1);
     return _mm256_hadd_epi32(_mm256_hadd_epi32(rows[0], rows[1]), _mm256_hadd_epi32(rows[2], rows[3]));
 #endif
 }
@@ -72,29 +90,38 @@ static inline __m256i block_rows(const uint8_t *tile, const int8_t *high, const 
  * the exact sums of x, (o + 8 s) sum x, is small (none on the Q4_0 grid, o = -8 s) rather than two large
  * terms that cancel in fp32. */
 
-/* One tile row (8 weight rows, all K columns) against token m of the rounded activations: the 8 dot
- * products in order. Integer sums per block: |32 * 8 * 127 * LOW_STEPS + low half| < 2^24, exact in fp32. */
-static inline __m256 tile_dot(const uint8_t *tile, const RoundedActivations *a, int64_t m, int64_t K, const float *x_sums,
-                              const void *scales, const void *offsets, int f16, int64_t G, int64_t blocks) {
+/* One tile row (8 weight rows, all K columns) against tokens m0 .. m0 + count of the rounded
+ * activations (count <= MAX_TOKENS, a literal where inlined): each block unpacked once for all of them,
+ * each token's sums computed as they would be alone. Integer sums per block:
+ * |32 * 8 * 127 * LOW_STEPS + low half| < 2^24, exact in fp32. -> y[m, 8 rows] at y + m * N. */
+static inline __attribute__((always_inline)) void tile_dots(const uint8_t *tile, const RoundedActivations *a, int64_t m0, int count,
+                                                            int64_t K, const float *x_sums, const void *scales, const void *offsets,
+                                                            int f16, int64_t G, int64_t blocks, float *y, int64_t N) {
     const float unit = a->low ? 1.f / LOW_STEPS : 1.f;
-    const int8_t *high = a->high + m * K, *low = a->low ? a->low + m * K : NULL;
-    const float *step = a->step + m * (K / 32);
-    const int32_t *block_sums = a->sums + m * (K / 32);
-    __m256 acc = _mm256_setzero_ps(), offset_acc = acc;
+    const int64_t B = K / 32;
+    __m256 acc[MAX_TOKENS], offset_acc[MAX_TOKENS], group_acc[MAX_TOKENS];
+    for (int j = 0; j < count; j++) acc[j] = offset_acc[j] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
-        __m256 group_acc = _mm256_setzero_ps();
+        for (int j = 0; j < count; j++) group_acc[j] = _mm256_setzero_ps();
         for (int64_t b = g * blocks; b < (g + 1) * blocks; b++, tile += TILE_BYTES) {
             PREFETCH(tile);
             PREFETCH(tile + 64);
-            __m256i dots = _mm256_sub_epi32(block_rows(tile, high + b * 32, low ? low + b * 32 : NULL), _mm256_set1_epi32(8 * block_sums[b]));
-            group_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(step[b] * unit), group_acc);
+            Nibbles w = unpack_block(tile);
+            for (int j = 0; j < count; j++) {
+                int64_t m = m0 + j;
+                __m256i rows = block_rows(&w, a->high + m * K + b * 32, a->low ? a->low + m * K + b * 32 : NULL);
+                __m256i dots = _mm256_sub_epi32(rows, _mm256_set1_epi32(8 * a->sums[m * B + b]));
+                group_acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(a->step[m * B + b] * unit), group_acc[j]);
+            }
         }
         __m256 scale = load_group_values(scales, g * 8, f16);
-        acc = _mm256_fmadd_ps(group_acc, scale, acc);
-        if (offsets)
-            offset_acc = _mm256_fmadd_ps(_mm256_fmadd_ps(scale, _mm256_set1_ps(8.f), load_group_values(offsets, g * 8, f16)), _mm256_set1_ps(x_sums[g]), offset_acc);
+        __m256 offset = offsets ? _mm256_fmadd_ps(scale, _mm256_set1_ps(8.f), load_group_values(offsets, g * 8, f16)) : scale;
+        for (int j = 0; j < count; j++) {
+            acc[j] = _mm256_fmadd_ps(group_acc[j], scale, acc[j]);
+            if (offsets) offset_acc[j] = _mm256_fmadd_ps(offset, _mm256_set1_ps(x_sums[(m0 + j) * G + g]), offset_acc[j]);
+        }
     }
-    return _mm256_add_ps(acc, offset_acc);
+    for (int j = 0; j < count; j++) _mm256_storeu_ps(y + (m0 + j) * N, _mm256_add_ps(acc[j], offset_acc[j]));
 }
 #else
 /* The same sums without SIMD. */
@@ -128,17 +155,24 @@ static void tile_dot(const uint8_t *tile, const RoundedActivations *a, int64_t m
 }
 #endif
 
-/* Tile row t of a weight against token m of the rounded activations, into y[m, 8t .. 8t + 8). */
+/* Tile row t of a weight against tokens m0 .. m1 of the rounded activations, into y[m, 8t .. 8t + 8). */
 static inline void tile_row(const uint8_t *tiles, const void *scales, const void *offsets, int f16, const RoundedActivations *a,
-                            const float *x_sums, float *y, int64_t t, int64_t m, int64_t N, int64_t K, int64_t group) {
-    int64_t G = K / group, width = f16 ? 2 : 4;
+                            const float *x_sums, float *y, int64_t t, int64_t m0, int64_t m1, int64_t N, int64_t K, int64_t group) {
+    int64_t G = K / group, width = f16 ? 2 : 4, blocks = group / 32;
     const uint8_t *tile = tiles + t * (K / 32) * TILE_BYTES;
     const void *s = (const char *)scales + t * G * 8 * width, *o = offsets ? (const char *)offsets + t * G * 8 * width : NULL;
+    for (int64_t m = m0; m < m1; m += MAX_TOKENS) {
 #ifdef GEMMA4_AVX2
-    _mm256_storeu_ps(y + m * N + t * 8, tile_dot(tile, a, m, K, x_sums + m * G, s, o, f16, G, group / 32));
+        switch (m1 - m < MAX_TOKENS ? m1 - m : MAX_TOKENS) {  /* literal counts: each its own unrolled copy, sums in registers */
+        case 1: tile_dots(tile, a, m, 1, K, x_sums, s, o, f16, G, blocks, y + t * 8, N); break;
+        case 2: tile_dots(tile, a, m, 2, K, x_sums, s, o, f16, G, blocks, y + t * 8, N); break;
+        case 3: tile_dots(tile, a, m, 3, K, x_sums, s, o, f16, G, blocks, y + t * 8, N); break;
+        default: tile_dots(tile, a, m, 4, K, x_sums, s, o, f16, G, blocks, y + t * 8, N);
+        }
 #else
-    tile_dot(tile, a, m, K, x_sums + m * G, s, o, f16, G, group / 32, y + m * N + t * 8);
+        for (int64_t i = m; i < m1 && i < m + MAX_TOKENS; i++) tile_dot(tile, a, i, K, x_sums + i * G, s, o, f16, G, blocks, y + i * N + t * 8);
 #endif
+    }
 }
 
 /* x [M, K] -> y [M, N]. experts NULL: every token through the one weight. Otherwise the weight is a
@@ -159,8 +193,7 @@ void matmul_int4(const float *x, const uint8_t *codes, const void *scales, const
     }
     if (experts == NULL) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t m = 0; m < M; m++) tile_row(codes, scales, offsets, f16, &a, sums, y, t, m, N, K, group);  /* the tile stays in L1 */
+        for (int64_t t = 0; t < T; t++) tile_row(codes, scales, offsets, f16, &a, sums, y, t, 0, M, N, K, group);
     } else {
         int64_t *starts = (int64_t *)malloc((M + 1) * sizeof(int64_t)), runs = 0;  /* run r: rows starts[r] .. starts[r + 1] */
         for (int64_t m = 0; m < M; m++)
@@ -170,9 +203,8 @@ void matmul_int4(const float *x, const uint8_t *codes, const void *scales, const
 #pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
         for (int64_t i = 0; i < runs * T; i++) {
             int64_t r = i / T, e = experts[starts[r]];
-            for (int64_t m = starts[r]; m < starts[r + 1]; m++)
-                tile_row(codes + e * codes_per_expert, (const char *)scales + e * values_per_expert,
-                         offsets ? (const char *)offsets + e * values_per_expert : NULL, f16, &a, sums, y, i % T, m, N, K, group);
+            tile_row(codes + e * codes_per_expert, (const char *)scales + e * values_per_expert,
+                     offsets ? (const char *)offsets + e * values_per_expert : NULL, f16, &a, sums, y, i % T, starts[r], starts[r + 1], N, K, group);
         }
         free(starts);
     }

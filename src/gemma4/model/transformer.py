@@ -234,7 +234,7 @@ class CausalLM(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         logits = self.head(hidden)
         if (cap := self.config.final_logit_softcapping) is not None:
-            logits = torch.tanh(logits / cap) * cap
+            logits = logits.div_(cap).tanh_().mul_(cap)  # in place: three vocabulary-sized copies fewer a step
         return logits
 
     @torch.inference_mode()
