@@ -125,39 +125,10 @@ static inline __m256i block_dot(const int8_t *w, const int8_t *high, const int8_
 }
 #endif
 
-#ifdef GEMMA4_AVX512
-/* Two blocks of a row (64 bytes) against the token's two rounded blocks, with AVX-512's masks for the
- * sign trick (it has no vpsignb): lanes 0-7 the first block's partial sums, 8-15 the second's. */
-static inline __m512i block_pair_dot(const int8_t *w, const int8_t *high, const int8_t *low) {
-    PREFETCH(w);
-    const __m512i zero = _mm512_setzero_si512();
-    __m512i wv = _mm512_loadu_si512(w);
-    __mmask64 negative = _mm512_movepi8_mask(wv);
-    __m512i h = _mm512_loadu_si512(high), l = low ? _mm512_loadu_si512(low) : h;
-    h = _mm512_mask_sub_epi8(h, negative, zero, h);
-    l = low ? _mm512_mask_sub_epi8(l, negative, zero, l) : h;
-    __m512i magnitude = _mm512_abs_epi8(wv);  /* -128 reads as 128: unsigned */
-    return rounded_dot512(1, low != NULL, magnitude, h, l, magnitude, h, l);
-}
-
-/* The scales of a pair of blocks' lanes (b, b + 1) of one row: groups of 16 (Q6_K), 32, or a multiple of 64. */
-static inline __m512 pair_scales(const float *scale, int64_t b, int64_t group) {
-    if (group == 16) return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), _mm512_castps128_ps512(_mm_loadu_ps(scale + 2 * b)));
-    if (group == 32) return _mm512_insertf32x8(_mm512_set1_ps(scale[b]), _mm256_set1_ps(scale[b + 1]), 1);
-    return _mm512_set1_ps(scale[b * 32 / group]);
-}
-#endif
-
 static void int8_rows(const RoundedActivations *a, const int8_t *w, const float *scales, const float *offsets, const float *sums,
                       float *y, int64_t M, int64_t N, int64_t K, int64_t group, int threads) {
     int64_t G = K / group, B = K / 32;
     const float unit = a->low ? 1.f / LOW_STEPS : 1.f;
-#ifdef GEMMA4_AVX512
-    /* each token's steps as the lanes of a block pair see them */
-    float *pair_steps = K % 64 == 0 ? (float *)malloc(M * B * 8 * sizeof(float)) : NULL;
-    for (int64_t i = 0; pair_steps && i < M * B; i++)
-        for (int j = 0; j < 8; j++) pair_steps[i * 8 + j] = a->step[i] * unit;
-#endif
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = w + n * K;
@@ -166,26 +137,6 @@ static void int8_rows(const RoundedActivations *a, const int8_t *w, const float 
             const int8_t *high = a->high + m * K, *low = a->low ? a->low + m * K : NULL;
             const float *step = a->step + m * B;
 #ifdef GEMMA4_AVX2
-            float total;
-#ifdef GEMMA4_AVX512
-            if (pair_steps) {
-                __m512 acc = _mm512_setzero_ps();
-                const float *steps = pair_steps + m * B * 8;
-                if (group == K) {  /* per channel: the row's scale applies once, at the end */
-                    for (int64_t b = 0; b < B; b += 2)
-                        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block_pair_dot(row + b * 32, high + b * 32, low ? low + b * 32 : NULL)),
-                                              _mm512_loadu_ps(steps + b * 8), acc);
-                    total = _mm512_reduce_add_ps(acc) * scale[0];
-                } else {
-                    for (int64_t b = 0; b < B; b += 2)
-                        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block_pair_dot(row + b * 32, high + b * 32, low ? low + b * 32 : NULL)),
-                                              _mm512_mul_ps(_mm512_loadu_ps(steps + b * 8), pair_scales(scale, b, group)), acc);
-                    total = _mm512_reduce_add_ps(acc);
-                }
-                y[m * N + n] = total + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
-                continue;
-            }
-#endif
             /* A block's scale found per group, not per block: a division per 32 bytes (b * 32 / group) held
              * this loop to ~25 GB/s on 2 cores, below the memory's ~40. */
             __m256 acc = _mm256_setzero_ps();
@@ -203,7 +154,7 @@ static void int8_rows(const RoundedActivations *a, const int8_t *w, const float 
                         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(step[b])), acc);
                     }
                 }
-            total = hsum(acc);
+            float total = hsum(acc);
 #else
             float total = 0.f;
             for (int64_t b = 0; b < B; b++) {
@@ -217,9 +168,6 @@ static void int8_rows(const RoundedActivations *a, const int8_t *w, const float 
             y[m * N + n] = total + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
         }
     }
-#ifdef GEMMA4_AVX512
-    free(pair_steps);
-#endif
 }
 
 void matmul_int8(const float *x, const int8_t *w, const float *scales, const float *offsets, float *y, int64_t M, int64_t N,
