@@ -67,8 +67,8 @@ static inline __m256i block_rows(const Nibbles *w, const int8_t *high, const int
     const __m512i second = _mm512_setr_epi32(1, 3, 9, 11, 17, 19, 25, 27, 5, 7, 13, 15, 21, 23, 29, 31);
     __m512i x0 = broadcast16(high), x1 = broadcast16(high + 16);
     __m512i r0 = low ? broadcast16(low) : x0, r1 = low ? broadcast16(low + 16) : x1;
-    __m512i dots0 = rounded_dot512(2, low != NULL, w->lo[0], x0, r0, w->hi[0], x1, r1);
-    __m512i dots1 = rounded_dot512(2, low != NULL, w->lo[1], x0, r0, w->hi[1], x1, r1);
+    __m512i dots0 = rounded_dot512(low != NULL, w->lo[0], x0, r0, w->hi[0], x1, r1);
+    __m512i dots1 = rounded_dot512(low != NULL, w->lo[1], x0, r0, w->hi[1], x1, r1);
     __m512i pairs = _mm512_add_epi32(_mm512_permutex2var_epi32(dots0, first, dots1), _mm512_permutex2var_epi32(dots0, second, dots1));
     return _mm512_cvtepi64_epi32(_mm512_add_epi32(pairs, _mm512_srli_epi64(pairs, 32)));
 #else
