@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +45,6 @@ def _ptr(t: Tensor | None) -> int:
     """A tensor's address for a c_void_p argument (ctypes converts an int; a null pointer for None)."""
     return t.data_ptr() if t is not None else 0
 
-
-Matmul = Callable[[Tensor], Tensor]
 
 MATRIX_KINDS = {"bf16": 0, "f16": 1, "int8": 2, "int4": 3}  # layer.c's enum
 
@@ -86,14 +83,10 @@ class BoundMatmul:
         return y
 
 
-def bind_matmul(kind: str, codes: Tensor, scales: Tensor | None, offsets: Tensor | None, group: int, fast: bool) -> BoundMatmul:
-    return BoundMatmul(kind, codes, scales, offsets, group, fast)
-
-
 def routed_int4_matmul(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int, fast: bool, experts: Tensor) -> Tensor:
     """x fp32 [M, K] contiguous, row m through expert experts[m] (int64 [M]) of an int4 tiled stack:
     codes [E, N/8, K/32, 128], scales/offsets [E, N/8, K/group, 8] -> fp32 [M, N]. Each row is
-    computed as bind_matmul's kernel computes it alone."""
+    computed as BoundMatmul's kernel computes it alone."""
     assert _lib is not None and experts.dtype == torch.int64 and experts.is_contiguous()
     M, N, K = x.shape[0], codes.shape[1] * 8, codes.shape[2] * 32
     y = torch.empty(M, N)

@@ -151,7 +151,7 @@ void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int
  * product). */
 void gelu_tanh(const float *x, const float *times, float *out, int64_t n, int threads) {
     const float k = -2.f * 0.7978845608028654f;
-#pragma omp parallel for schedule(static) num_threads(n >= (1 << 16) ? threads : 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (n >= (1 << 16))  /* a decode step's few thousand values: one thread */
     for (int64_t i0 = 0; i0 < n; i0 += 1024) {
         int64_t i = i0, end = i0 + 1024 < n ? i0 + 1024 : n;
 #ifdef GEMMA4_AVX2

@@ -6,10 +6,11 @@
  * The activations are rounded to two int8 halves per 32 (round_activations, simd.h), so a block of 8
  * rows costs 4 loads, 16 unsigned x signed byte multiply-adds (8 with --fast-math, which keeps only
  * the high half) and a horizontal add tree whose result is the 8 rows' exact integer dot products in
- * order (with AVX-512: 2 loads, 8 multiply-adds and two permutes); the 8 scales then apply as one vector. Row-major weights spend about twice the instructions
- * per weight on the per-row scalar work, and run out of instructions before they run out of memory
- * bandwidth. Up to 8 tokens (a batch, a short prefill chunk) share each tile while it sits in L1, its
- * codes unpacked once for every 4 of them, each token's sums computed exactly as they would be alone; more run a dense matmul over
+ * order (with AVX-512: 2 loads, 8 multiply-adds and two permutes); the 8 scales then apply as one
+ * vector. Row-major weights spend about twice the instructions per weight on the per-row scalar work,
+ * and run out of instructions before they run out of memory bandwidth. Up to 8 tokens (a batch, a
+ * short prefill chunk) share each tile while it sits in L1, its codes unpacked once for every 4 of
+ * them, each token's sums computed exactly as they would be alone; more run a dense matmul over
  * dequantize_int4. Without offsets the grid is llama.cpp's Q4_0, w = scale * (code - 8): the offset
  * -8 scale is applied from the scales rather than stored (the 26B-A4B's experts: 1.4 GB less). */
 
@@ -85,15 +86,13 @@ static inline __m256i block_rows(const Nibbles *w, const int8_t *high, const int
 #endif
 }
 
-/* The weight of a group beside its codes' share: w = s q + o = s (q - 8) + (o + 8 s). The integer sums
- * are taken over the centred codes q - 8 (from q's and the block's activation sum), so the term left to
- * the exact sums of x, (o + 8 s) sum x, is small (none on the Q4_0 grid, o = -8 s) rather than two large
- * terms that cancel in fp32. */
-
 /* One tile row (8 weight rows, all K columns) against tokens m0 .. m0 + count of the rounded
  * activations (count <= MAX_TOKENS, a literal where inlined): each block unpacked once for all of them,
- * each token's sums computed as they would be alone. Integer sums per block:
- * |32 * 8 * 127 * LOW_STEPS + low half| < 2^24, exact in fp32. -> y[m, 8 rows] at y + m * N. */
+ * each token's sums computed as they would be alone. -> y[m, 8 rows] at y + m * N.
+ * A group's weights are taken as w = s q + o = s (q - 8) + (o + 8 s): the integer sums run over the
+ * codes centred on 8 (q's sums less 8 times the block's activation sum), so the share left to the exact
+ * sums of x, (o + 8 s) sum x, is small (none on the Q4_0 grid, o = -8 s) rather than two large terms
+ * that cancel in fp32. Integer sums per block: |32 * 8 * 127 * LOW_STEPS + low half| < 2^24, exact in fp32. */
 static inline __attribute__((always_inline)) void tile_dots(const uint8_t *tile, const RoundedActivations *a, int64_t m0, int count,
                                                             int64_t K, const float *x_sums, const void *scales, const void *offsets,
                                                             int f16, int64_t G, int64_t blocks, float *y, int64_t N) {
@@ -186,7 +185,7 @@ void matmul_int4(const float *x, const uint8_t *codes, const void *scales, const
                  float *y, int64_t M, int64_t N, int64_t K, int64_t group, int fast, int threads) {
     int64_t G = K / group, T = N / 8, width = f16 ? 2 : 4;
     RoundedActivations a = round_activations(x, M, K, fast);
-    float *sums = NULL;  /* what the offsets' share multiplies (see tile_dot) */
+    float *sums = NULL;  /* what the offsets' share multiplies (see tile_dots) */
     if (offsets) {
         sums = (float *)malloc(M * G * sizeof(float));
         group_sums(x, sums, M, K, group);

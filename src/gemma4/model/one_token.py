@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .. import kernels
 from .layers import AttentionInputs, DecoderLayer, KVStore, RMSNorm, attend
 
+
 @dataclass
 class _Binding:
     """A layer's kernels.DecodeLayer, and what it was made from: each (dict, key, value) found there

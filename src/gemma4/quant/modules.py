@@ -55,7 +55,7 @@ class PackedLinear(PackedModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.packed("weight").matmul(x)
 
-    def row_kernel(self, rows: int) -> kernels.Matmul | None:
+    def row_kernel(self, rows: int) -> kernels.BoundMatmul | None:
         """The compiled call `forward` makes for fp32 [rows, K] contiguous, where it makes one."""
         return self.packed("weight").row_kernel(rows)
 

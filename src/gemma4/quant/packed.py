@@ -125,7 +125,7 @@ class PackedTensor:
         y = (streaming(flat) if streaming is not None else self._dense_matmul(flat)).view(*lead, -1)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
-    def row_kernel(self, rows: int) -> kernels.Matmul | None:
+    def row_kernel(self, rows: int) -> kernels.BoundMatmul | None:
         """The compiled call `matmul` makes for fp32 [rows, K] contiguous, where it makes one."""
         return self._streaming_kernel if rows <= STREAMING_MAX_ROWS else None
 
@@ -139,7 +139,7 @@ class PackedTensor:
         return kernels.routed_int4_matmul(x, self.codes, self.scales, self.offsets, self.group_size, self.fast_math, experts)  # type: ignore[arg-type]
 
     @cached_property
-    def _streaming_kernel(self) -> kernels.Matmul | None:
+    def _streaming_kernel(self) -> kernels.BoundMatmul | None:
         """The compiled kernel bound to these weights, where it takes them."""
         if not kernels.available():
             return None
@@ -147,7 +147,7 @@ class PackedTensor:
             streamable = self.tiled and self.codes.is_contiguous()
         else:
             streamable = self.codes.is_contiguous() and (self.shape[-1] % 32 == 0 if self.kind in ("bf16", "f16") else self.group_size % 8 == 0)
-        return kernels.bind_matmul(self.kind, self.codes, self.scales, self.offsets, self.group_size, self.fast_math) if streamable else None
+        return kernels.BoundMatmul(self.kind, self.codes, self.scales, self.offsets, self.group_size, self.fast_math) if streamable else None
 
     def _dense_matmul(self, x: Tensor) -> Tensor:
         N, K = self.shape
