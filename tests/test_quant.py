@@ -13,7 +13,7 @@ import torch
 import gemma4
 from gemma4.errors import CheckpointError
 from gemma4 import kernels
-from gemma4.quant import int4
+from gemma4.quant import int4, q6_k
 from gemma4.quant.modules import PackedModule
 from gemma4.quant.packed import PackedTensor, quantize
 from gemma4.quant.quality import next_token_quality
@@ -72,7 +72,7 @@ def expected_matmul(packed: PackedTensor, x: torch.Tensor) -> torch.Tensor:
 
 def rounds_activations(packed: PackedTensor) -> bool:
     g = packed.group_size
-    return packed.tiled or (packed.kind == "int8" and (g % 32 == 0 or (g == 16 and packed.shape[-1] % 32 == 0)))
+    return packed.tiled or packed.kind == "q6_k" or (packed.kind == "int8" and (g % 32 == 0 or (g == 16 and packed.shape[-1] % 32 == 0)))
 
 
 def rounded_activations(x: torch.Tensor, fast_math: bool) -> torch.Tensor:
@@ -154,21 +154,28 @@ def test_the_compiled_quantizers_fit_as_the_pytorch_ones(kind, monkeypatch):
     assert (errors[0] <= errors[1] * (1 + 1e-3)).all() and abs(errors[0].sum() / errors[1].sum() - 1) < 1e-4
 
 
-@pytest.mark.parametrize("type_name", list(BLOCK_BYTES))
-def test_gguf_blocks_repack_without_loss(type_name):
-    """Random blocks (with sane fp16 scales) decode exactly as the gguf package's reference does."""
+def random_blocks(type_name: str, N: int, K: int) -> np.ndarray:
+    """GGUF blocks of an [N, K] weight: random bytes, with sane fp16 scales."""
     import gguf
 
-    qtype = gguf.GGMLQuantizationType[type_name]
-    block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
     rng = np.random.default_rng(0)
-    N, K = 8, 512
     raw = rng.integers(0, 256, size=(N, K // block * nbytes), dtype=np.uint8)
     blocks = raw.reshape(-1, nbytes)
     scale_fields = [208] if type_name == "Q6_K" else [0, 2] if type_name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else [0]
     for at in scale_fields:
         blocks[:, at : at + 2] = rng.uniform(-0.1, 0.1, (len(blocks), 1)).astype(np.float16).view(np.uint8)
-    expected = gguf.quants.dequantize(raw, qtype).reshape(N, K)
+    return raw
+
+
+@pytest.mark.parametrize("type_name", list(BLOCK_BYTES))
+def test_gguf_blocks_repack_without_loss(type_name):
+    """Random blocks (with sane fp16 scales) decode exactly as the gguf package's reference does."""
+    import gguf
+
+    N, K = 8, 512
+    raw = random_blocks(type_name, N, K)
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]).reshape(N, K)
     packed = repack(raw, type_name, (N, K))
     assert np.array_equal(packed.dequantize().numpy(), expected)
     tiled = packed.as_tiles()  # as a matrix is held (int4 types)
@@ -177,6 +184,23 @@ def test_gguf_blocks_repack_without_loss(type_name):
     assert stack.tiled == tiled.tiled and all(np.array_equal(stack[e].dequantize().numpy(), w) for e, w in enumerate([expected, expected[::-1]]))
     x = torch.randn(1, K)
     torch.testing.assert_close(tiled.matmul(x), expected_matmul(tiled, x), atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("fast_math", [False, True])
+def test_q6_k_multiplies_as_stored_with_the_unpacked_sums(rows, fast_math):
+    """GGUF Q6_K stays in its blocks (0.82 bytes a weight, not 1.25 as int8 codes and scales): its
+    kernel computes bit for bit what the int8 kernel computes over the same codes unpacked."""
+    N, K = 40, 512
+    raw = random_blocks("Q6_K", N, K)
+    packed = replace(repack(raw, "Q6_K", (N, K)), fast_math=fast_math)
+    codes, scales = q6_k.unpack(raw.reshape(-1, 210))
+    unpacked = PackedTensor("int8", codes.view(N, K), scales.view(N, K // 16), None, 16, fast_math=fast_math)
+    assert packed.kind == "q6_k" and packed.shape == (N, K) and packed.nbytes == N * K // 256 * 210
+    torch.manual_seed(0)
+    x = torch.randn(rows, K)
+    assert torch.equal(packed.matmul(x), unpacked.matmul(x))
+    assert_matmul(packed, x)
 
 
 def same_rounding_model(path, packed_lm):

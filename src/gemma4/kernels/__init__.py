@@ -46,7 +46,7 @@ def _ptr(t: Tensor | None) -> int:
     return t.data_ptr() if t is not None else 0
 
 
-MATRIX_KINDS = {"bf16": 0, "f16": 1, "int8": 2, "int4": 3}  # layer.c's enum
+MATRIX_KINDS = {"bf16": 0, "f16": 1, "int8": 2, "int4": 3, "q6_k": 4}  # layer.c's enum
 
 
 class Matrix(ctypes.Structure):
@@ -65,14 +65,20 @@ class BoundMatmul:
       int8: codes [N, K]; scales/offsets fp32 [N, K/group].
       int4 tiles (quant/int4.py): codes [N/8, K/32, 128]; scales/offsets fp16 or fp32 [N/8, K/group, 8]
         (no offsets: the Q4_0 grid, w = scale (code - 8)).
-    int8 in groups of 32s and int4 run on integer products over x rounded to two int8 halves (exact to
+      q6_k: GGUF Q6_K blocks [N, K / 256 * 210] (quant/q6_k.py).
+    int8 in groups of 32s, q6_k and int4 run on integer products over x rounded to two int8 halves (exact to
     ~1e-5 of each 32 values' largest); `fast` keeps only the high half, as llama.cpp does (changes answers).
-    Holds the tensors it points at."""
+    Holds the tensors it points at. (An int4 stack of experts, codes [E, N/8, K/32, 128], binds as
+    one expert's matrix: layer.c's routed calls find the others.)"""
 
     def __init__(self, kind: str, codes: Tensor, scales: Tensor | None, offsets: Tensor | None, group: int, fast: bool):
         assert _lib is not None
         self.tensors = (codes, scales, offsets)
-        N, K = (codes.shape[0] * 8, codes.shape[1] * 32) if kind == "int4" else codes.shape
+        N, K = codes.shape[-2:]
+        if kind == "int4":
+            N, K = codes.shape[-3] * 8, codes.shape[-2] * 32
+        elif kind == "q6_k":
+            K = K // 210 * 256
         f16 = int(kind == "int4" and scales is not None and scales.dtype == torch.float16)
         self.matrix = Matrix(MATRIX_KINDS[kind], N, K, group, _ptr(codes), _ptr(scales), _ptr(offsets), f16, int(fast))
         self.N = N
@@ -105,29 +111,51 @@ class DecodeLayer(ctypes.Structure):
     """layer.c's DecodeLayer: a decoder layer's weights and shapes for a decode step (model/one_token.py
     fills it; the tensors it points at must outlive it)."""
 
-    _fields_ = [*[(name, Matrix) for name in ("q", "k", "v", "o", "gate", "up", "down", "ple_gate", "ple_projection")],
+    _fields_ = [*[(name, Matrix) for name in ("q", "k", "v", "o", "gate", "up", "down", "ple_gate", "ple_projection",
+                                              "experts_gate_up", "experts_down")],
                 *[(name, Norm) for name in ("input", "q_norm", "k_norm", "v_norm", "post_attention", "pre_feedforward",
-                                            "post_feedforward", "post_per_layer_input")],
-                *[(name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "width", "ple_dim", "owns_kv", "v_normed")],
+                                            "post_feedforward", "post_per_layer_input", "post_feedforward_1", "pre_feedforward_2",
+                                            "post_feedforward_2")],
+                *[(name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "width", "ple_dim", "owns_kv", "v_normed",
+                                                      "k_eq_v", "top_k", "expert_width")],
                 ("layer_scalar", ctypes.c_void_p)]
 
 
 def decode_layer_attention_inputs(layer: DecodeLayer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """x fp32 [B, hidden] contiguous; cos, sin fp32 [B, D] contiguous -> q [B, heads, D] (normed,
-    rotated) and, where the layer owns K/V, k and v [B, kv_heads, D] (else None)."""
+    rotated) and, where the layer owns K/V, k (None on K=V layers) and v [B, kv_heads, D] (else None)."""
     B, D = x.shape[0], layer.head_dim
     q = torch.empty(B, layer.heads, D)
-    k, v = (torch.empty(B, layer.kv_heads, D), torch.empty(B, layer.kv_heads, D)) if layer.owns_kv else (None, None)
+    k = torch.empty(B, layer.kv_heads, D) if layer.owns_kv and not layer.k_eq_v else None
+    v = torch.empty(B, layer.kv_heads, D) if layer.owns_kv else None
     _lib.decode_layer_attention_inputs(ctypes.addressof(layer), _ptr(x), _ptr(cos), _ptr(sin), _ptr(q), _ptr(k), _ptr(v), B, torch.get_num_threads())  # type: ignore[union-attr]
     return q, k, v
 
 
 def decode_layer_rest(layer: DecodeLayer, x: Tensor, attended: Tensor, per_layer_input: Tensor | None) -> Tensor:
     """x fp32 [B, hidden] and attended [B, heads * D], contiguous; per_layer_input fp32 [B, ple_dim]
-    (rows at any stride, columns contiguous) or None -> the layer's output [B, hidden]."""
+    (rows at any stride, columns contiguous) or None -> the output [B, hidden] of a layer without experts."""
     out = torch.empty_like(x)
     stride = per_layer_input.stride(0) if per_layer_input is not None else 0
     _lib.decode_layer_rest(ctypes.addressof(layer), _ptr(x), _ptr(attended), _ptr(per_layer_input), stride, _ptr(out), x.shape[0], torch.get_num_threads())  # type: ignore[union-attr]
+    return out
+
+
+def decode_layer_attention_output(layer: DecodeLayer, x: Tensor, attended: Tensor) -> Tensor:
+    """decode_layer_rest's first half: x + the normed output projection of attended -> [B, hidden]."""
+    out = torch.empty_like(x)
+    _lib.decode_layer_attention_output(ctypes.addressof(layer), _ptr(x), _ptr(attended), _ptr(out), x.shape[0], torch.get_num_threads())  # type: ignore[union-attr]
+    return out
+
+
+def decode_layer_feedforward(layer: DecodeLayer, x: Tensor, routing: tuple[Tensor, Tensor] | None, per_layer_input: Tensor | None) -> Tensor:
+    """decode_layer_rest's second half, from the first's output x: routing = the router's (weights fp32,
+    expert ids int64), contiguous [B, top_k], on MoE layers -> [B, hidden]."""
+    out = torch.empty_like(x)
+    weights, ids = routing if routing is not None else (None, None)
+    stride = per_layer_input.stride(0) if per_layer_input is not None else 0
+    _lib.decode_layer_feedforward(ctypes.addressof(layer), _ptr(x), _ptr(weights), _ptr(ids), _ptr(per_layer_input), stride, _ptr(out),  # type: ignore[union-attr]
+                                  x.shape[0], torch.get_num_threads())
     return out
 
 
@@ -157,11 +185,16 @@ def rms_norm_rotary(x: Tensor, weight: Tensor | None, eps: float, offset: float,
 KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # decode.c's enum
 
 
-def attend_one_query(q: Tensor, key: Tensor | Int8Tensor, value: Tensor | Int8Tensor, allowed: Tensor, scale: float) -> Tensor:
+def attend_one_query(q: Tensor, key: Tensor | Int8Tensor, value: Tensor | Int8Tensor, allowed: Tensor, scale: float,
+                     key_of_value: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """q: fp32 [B, H, D] contiguous; key, value: fp32, bf16, fp16 or Int8Tensor (both the same)
     [B, KV, S, D] (a cache buffer's slice is read in place; other layouts are copied first);
-    allowed: bool [B, S] contiguous -> fp32 [B, H, D]."""
+    allowed: bool [B, S] contiguous -> fp32 [B, H, D]. key_of_value (K=V layers, where `key` is
+    ignored): k_norm's weight fp32 [D] and the slots' rotary tables fp32 [B, S, D], each slot's key
+    being its value times the weight, rotated."""
     B, H, D = q.shape
+    if key_of_value is not None:
+        key = value
     KV, S = key.shape[1], key.shape[2]
     scales = [t.scales if isinstance(t, Int8Tensor) else None for t in (key, value)]
     key, value = (t.codes if isinstance(t, Int8Tensor) else t for t in (key, value))
@@ -170,10 +203,11 @@ def attend_one_query(q: Tensor, key: Tensor | Int8Tensor, value: Tensor | Int8Te
     scales = [None if t is None else t if t.stride()[2:] == (blocks, 1) else t.contiguous() for t in scales]
     strides = [(ctypes.c_int64 * 2)(*t.stride()[:2]) for t in (key, value)]
     scale_strides = (ctypes.c_int64 * 4)(*[n for t in scales for n in (t.stride()[:2] if t is not None else (0, 0))])
+    weight, cos, sin = (t.contiguous() for t in key_of_value) if key_of_value is not None else (None, None, None)
     out = torch.empty_like(q)
     _lib.attend_one_query(  # type: ignore[union-attr]
         _ptr(q), _ptr(key), _ptr(value), KV_KINDS[key.dtype], *map(_ptr, scales), _ptr(allowed), _ptr(out), B, H, KV, S, D, *strides,
-        scale_strides, D // blocks, scale, torch.get_num_threads(),
+        scale_strides, D // blocks, _ptr(weight), _ptr(cos), _ptr(sin), scale, torch.get_num_threads(),
     )
     return out
 
@@ -246,7 +280,8 @@ def read_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) ->
 
 if _lib is not None:
     for _name in ("matmul_packed", "matmul_int4", "dequantize_int4", "tile_q4_0", "unpack_q6_k", "fit_int4", "code_int4", "fit_q4_0", "rms_norm",
-                  "rms_norm_rotary", "attend_one_query", "gelu_tanh", "decode_layer_attention_inputs", "decode_layer_rest"):
+                  "rms_norm_rotary", "attend_one_query", "gelu_tanh", "decode_layer_attention_inputs", "decode_layer_rest",
+                  "decode_layer_attention_output", "decode_layer_feedforward"):
         getattr(_lib, _name).restype = None
     _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     _lib.matmul_packed.argtypes = [_p, _p, _p, _i64, _int]
@@ -254,6 +289,8 @@ if _lib is not None:
     _lib.gelu_tanh.argtypes = [_p, _p, _p, _i64, _int]
     _lib.decode_layer_attention_inputs.argtypes = [_p, _p, _p, _p, _p, _p, _p, _i64, _int]
     _lib.decode_layer_rest.argtypes = [_p, _p, _p, _p, _i64, _p, _i64, _int]
+    _lib.decode_layer_attention_output.argtypes = [_p, _p, _p, _p, _i64, _int]
+    _lib.decode_layer_feedforward.argtypes = [_p, _p, _p, _p, _p, _i64, _p, _i64, _int]
     _lib.dequantize_int4.argtypes = [_p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int]
     _lib.tile_q4_0.argtypes = [_p, _p, _p, _i64, _i64, _int]
     _lib.unpack_q6_k.argtypes = [_p, _p, _p, _i64, _int]
@@ -264,4 +301,4 @@ if _lib is not None:
     _lib.read_memory.argtypes = [_p, _i64, _int]
     _lib.rms_norm.argtypes = [_p, _p, _p, _i64, _i64, ctypes.c_float, ctypes.c_float]
     _lib.rms_norm_rotary.argtypes = [_p, _p, _p, _p, _p, _i64, _i64, _i64, ctypes.c_float, ctypes.c_float]
-    _lib.attend_one_query.argtypes = [_p, _p, _p, _int, _p, _p, _p, _p, *[_i64] * 5, _p, _p, _p, _i64, ctypes.c_float, _int]
+    _lib.attend_one_query.argtypes = [_p, _p, _p, _int, _p, _p, _p, _p, *[_i64] * 5, _p, _p, _p, _i64, _p, _p, _p, ctypes.c_float, _int]

@@ -221,17 +221,41 @@ static void softmax_numerators(float *scores, const uint8_t *mask, int64_t s0, i
         }
 }
 
+/* A K=V layer's key from its cached value (element v0 on, int8 block scales at `scales`): the value
+ * times k_norm's weight, rotated at its position (cos, sin [D]) -> key [D], fp32. Rounded as PyTorch
+ * rounds (v w) cos + rotate_half(v w) sin: each product, then the sum (no FMA). */
+__attribute__((optimize("fp-contract=off"))) static void key_of_value(const void *v, int64_t v0, int kind, const uint16_t *scales,
+                                                                      int64_t block, const float *weight, const float *cos,
+                                                                      const float *sin, float *key, int64_t D) {
+    int64_t half = D / 2, i = 0;
+#ifdef GEMMA4_AVX2
+    for (; i + 8 <= half; i += 8) {
+        __m256 a = _mm256_mul_ps(kv_load8(v, v0 + i, kind, block_scale(scales, i, block)), _mm256_loadu_ps(weight + i));
+        __m256 b = _mm256_mul_ps(kv_load8(v, v0 + half + i, kind, block_scale(scales, half + i, block)), _mm256_loadu_ps(weight + half + i));
+        _mm256_storeu_ps(key + i, _mm256_sub_ps(_mm256_mul_ps(a, _mm256_loadu_ps(cos + i)), _mm256_mul_ps(b, _mm256_loadu_ps(sin + i))));
+        _mm256_storeu_ps(key + half + i, _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(cos + half + i)), _mm256_mul_ps(a, _mm256_loadu_ps(sin + half + i))));
+    }
+#endif
+    for (; i < half; i++) {
+        float a = kv_at(v, v0 + i, kind, block_scale(scales, i, block)) * weight[i];
+        float b = kv_at(v, v0 + half + i, kind, block_scale(scales, half + i, block)) * weight[half + i];
+        key[i] = a * cos[i] - b * sin[i];
+        key[half + i] = b * cos[half + i] + a * sin[half + i];
+    }
+}
+
 /* One query per head against its KV head's cached keys and values (GQA: `group` = H / KV queries
  * share one KV head). q, out: [B, H, D]; key, value: [B, KV, S, D] of `kv_kind` values with rows
  * of D contiguous, their batch and KV-head strides given (a cache's buffer may hold more slots than
  * S); int8 K/V come with fp16 scales [B, KV, S, D / block] (key_scales, value_scales; NULL
  * otherwise; positions and blocks contiguous, batch and head strides given); allowed: [B, S] (nonzero where the query may attend). The slots are split between threads, each reading its
  * share of K and V once for all queries of the group (as flash decoding does); the partial softmaxes
- * are then merged. */
+ * are then merged. K=V layers (key_weight not NULL) store no keys: each slot's key is rebuilt from its
+ * value (key_of_value; key_cos, key_sin [B, S, D] at the slots' positions) once for the group's queries. */
 void attend_one_query(const float *q, const void *key, const void *value, int kv_kind, const uint16_t *key_scales,
                       const uint16_t *value_scales, const uint8_t *allowed, float *out, int64_t B, int64_t H, int64_t KV, int64_t S,
                       int64_t D, const int64_t *key_strides, const int64_t *value_strides, const int64_t *scale_strides, int64_t block,
-                      float scale, int threads) {
+                      const float *key_weight, const float *key_cos, const float *key_sin, float scale, int threads) {
     int64_t group = H / KV, pairs = B * KV, width = D + 2;  /* a partial: running max, sum, D outputs */
     float *partials = (float *)malloc(pairs * threads * group * width * sizeof(float));
     int used = threads;  /* OpenMP may give fewer threads than asked: merge only the partials written */
@@ -240,7 +264,7 @@ void attend_one_query(const float *q, const void *key, const void *value, int kv
         int t = omp_get_thread_num(), n = omp_get_num_threads();
         if (t == 0) used = n;
         int64_t s0 = S * t / n, s1 = S * (t + 1) / n;
-        float *scores = (float *)malloc((s1 - s0 + 1) * group * sizeof(float));
+        float *scores = (float *)malloc((s1 - s0 + 1) * group * sizeof(float)), *rebuilt = (float *)malloc(D * sizeof(float));
         for (int64_t pair = 0; pair < pairs; pair++) {
             int64_t b = pair / KV, kv = pair % KV;
             int64_t k0 = b * key_strides[0] + kv * key_strides[1], v0 = b * value_strides[0] + kv * value_strides[1];
@@ -257,7 +281,13 @@ void attend_one_query(const float *q, const void *key, const void *value, int kv
             for (int64_t s = s0; s < s1; s++) {
                 if (!mask[s]) continue;
                 float *row = scores + (s - s0) * group;
-                dots(qg, key, k0 + s * D, kv_kind, ks ? ks + s * (D / block) : NULL, block, row, group, D);
+                if (key_weight) {
+                    const float *c = key_cos + (b * S + s) * D, *sn = key_sin + (b * S + s) * D;
+                    key_of_value(value, v0 + s * D, kv_kind, vs ? vs + s * (D / block) : NULL, block, key_weight, c, sn, rebuilt, D);
+                    dots(qg, rebuilt, 0, KV_F32, NULL, block, row, group, D);
+                } else {
+                    dots(qg, key, k0 + s * D, kv_kind, ks ? ks + s * (D / block) : NULL, block, row, group, D);
+                }
                 for (int64_t g = 0; g < group; g++) {
                     row[g] *= scale;
                     part[g * width] = fmaxf(part[g * width], row[g]);
@@ -267,6 +297,7 @@ void attend_one_query(const float *q, const void *key, const void *value, int kv
             weighted_sum(scores, value, v0, kv_kind, vs, block, mask, s0, s1, part, group, D, width);
         }
         free(scores);
+        free(rebuilt);
     }
     for (int64_t pair = 0; pair < pairs; pair++)
         for (int64_t g = 0; g < group; g++) {

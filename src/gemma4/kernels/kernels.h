@@ -8,6 +8,7 @@
 void matmul_16bit(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int is_f16, int threads);
 void matmul_int8(const float *x, const int8_t *w, const float *scales, const float *offsets, float *y, int64_t M, int64_t N,
                  int64_t K, int64_t group, int fast, int threads);
+void matmul_q6_k(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int fast, int threads);
 void matmul_int4(const float *x, const uint8_t *codes, const void *scales, const void *offsets, int f16, const int64_t *experts,
                  float *y, int64_t M, int64_t N, int64_t K, int64_t group, int fast, int threads);
 void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int64_t dim, float eps, float offset);

@@ -1,7 +1,8 @@
 /* A decode step's decoder layer (one new token per row) in two calls: what comes before attention
  * (the normed, rotated queries, keys and values) and what comes after it (the output projection, the
- * MLP, the per-layer input, the residual sums). The K/V cache and the attention itself stay with the
- * caller (model/one_token.py), between the two.
+ * MLP, the routed experts, the per-layer input, the residual sums). The K/V cache and the attention
+ * itself stay with the caller (model/one_token.py), between the two; so does the MoE router, whose
+ * picks are brittle: it runs as the modules run it, between the attention's output and the rest.
  *
  * The same kernels in the same order as the layer's modules, so the same result bit for bit; as ~25
  * Python and PyTorch calls a layer they cost ~0.25 ms of a ~1.3 ms E2B int4 layer, time in which
@@ -9,12 +10,13 @@
 
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kernels.h"
 
-enum { MATRIX_BF16 = 0, MATRIX_F16 = 1, MATRIX_INT8 = 2, MATRIX_INT4 = 3 };
+enum { MATRIX_BF16 = 0, MATRIX_F16 = 1, MATRIX_INT8 = 2, MATRIX_INT4 = 3, MATRIX_Q6_K = 4 };
 
-/* One packed weight [N, K] (quant/packed.py's formats; int4 in tiles). */
+/* One packed weight [N, K] (quant/packed.py's formats; int4 in tiles, Q6_K as GGUF blocks). */
 typedef struct {
     int64_t kind, N, K, group;
     const void *codes, *scales, *offsets;
@@ -28,6 +30,9 @@ void matmul_packed(const Matrix *w, const float *x, float *y, int64_t M, int thr
     case MATRIX_BF16:
     case MATRIX_F16:
         matmul_16bit(x, (const uint16_t *)w->codes, y, M, w->N, w->K, w->kind == MATRIX_F16, threads);
+        break;
+    case MATRIX_Q6_K:
+        matmul_q6_k(x, (const uint8_t *)w->codes, y, M, w->N, w->K, (int)w->fast, threads);
         break;
     case MATRIX_INT8:
         matmul_int8(x, (const int8_t *)w->codes, (const float *)w->scales, (const float *)w->offsets, y, M, w->N, w->K, w->group, (int)w->fast, threads);
@@ -44,16 +49,20 @@ typedef struct {
 
 typedef struct {
     Matrix q, k, v, o, gate, up, down, ple_gate, ple_projection;
+    Matrix experts_gate_up, experts_down;  /* int4 stacks: [E, 2I, hidden] and [E, hidden, I] (MoE layers) */
     Norm input, q_norm, k_norm, v_norm, post_attention, pre_feedforward, post_feedforward, post_per_layer_input;
+    Norm post_feedforward_1, pre_feedforward_2, post_feedforward_2;  /* MoE layers */
     int64_t hidden, heads, kv_heads, head_dim, width, ple_dim;
     int64_t owns_kv, v_normed;  /* v_normed: whether the values are normed (Gemma 4's v_norm) */
+    int64_t k_eq_v;             /* the values are v_norm(k_proj(x)): no keys are made (they are rebuilt from the values) */
+    int64_t top_k, expert_width;  /* MoE layers (top_k 0: none) */
     const float *layer_scalar;  /* NULL: none */
 } DecodeLayer;
 
 static void norm(const Norm *n, const float *x, float *out, int64_t rows, int64_t dim) { rms_norm(x, n->weight, out, rows, dim, n->eps, n->offset); }
 
 /* x [B, hidden] -> q [B, heads, D], normed and rotated; where the layer owns K/V, also k [B, kv_heads, D]
- * (normed, rotated) and v [B, kv_heads, D] (normed where the layer norms values). cos, sin [B, D]. */
+ * (normed, rotated; not on K=V layers) and v [B, kv_heads, D] (normed where the layer norms values). cos, sin [B, D]. */
 void decode_layer_attention_inputs(const DecodeLayer *l, const float *x, const float *cos, const float *sin, float *q, float *k, float *v,
                                    int64_t B, int threads) {
     int64_t D = l->head_dim, widest = l->heads > l->kv_heads ? l->heads : l->kv_heads;
@@ -62,9 +71,11 @@ void decode_layer_attention_inputs(const DecodeLayer *l, const float *x, const f
     matmul_packed(&l->q, h, raw, B, threads);
     rms_norm_rotary(raw, l->q_norm.weight, cos, sin, q, B, l->heads, D, l->q_norm.eps, l->q_norm.offset);
     if (l->owns_kv) {
-        matmul_packed(&l->k, h, raw, B, threads);
-        rms_norm_rotary(raw, l->k_norm.weight, cos, sin, k, B, l->kv_heads, D, l->k_norm.eps, l->k_norm.offset);
-        matmul_packed(&l->v, h, v, B, threads);
+        matmul_packed(&l->k, h, l->k_eq_v ? v : raw, B, threads);
+        if (!l->k_eq_v) {
+            rms_norm_rotary(raw, l->k_norm.weight, cos, sin, k, B, l->kv_heads, D, l->k_norm.eps, l->k_norm.offset);
+            matmul_packed(&l->v, h, v, B, threads);
+        }
         if (l->v_normed) norm(&l->v_norm, v, v, B * l->kv_heads, D);
     }
     free(h);
@@ -77,22 +88,80 @@ static void add_normed(const Norm *n, const float *x, float *y, float *out, int6
     for (int64_t i = 0; i < B * dim; i++) out[i] = x[i] + y[i];
 }
 
-/* The rest of the layer from the attention's output [B, heads D]: out [B, hidden] from x [B, hidden]
- * and the per-layer inputs (row b at per_layer_input + b * per_layer_stride; NULL without PLE). */
-void decode_layer_rest(const DecodeLayer *l, const float *x, const float *attended, const float *per_layer_input, int64_t per_layer_stride,
-                       float *out, int64_t B, int threads) {
+/* out [B, hidden] = x + the normed output projection of the attention's output [B, heads D]. */
+void decode_layer_attention_output(const DecodeLayer *l, const float *x, const float *attended, float *out, int64_t B, int threads) {
+    float *y = (float *)malloc(B * l->hidden * sizeof(float));
+    matmul_packed(&l->o, attended, y, B, threads);
+    add_normed(&l->post_attention, x, y, out, B, l->hidden);
+    free(y);
+}
+
+/* out [B, hidden] += the routed experts of x [B, hidden]: row b through experts ids[b, :top_k] weighted
+ * by weights[b, :top_k] (the router's). As quant/modules.py's PackedExperts computes it: the
+ * token-expert pairs in expert order (stable), one routed int4 call per projection, each pair's output
+ * times its weight added to its token's row in that order (rounded as PyTorch rounds it: no FMA). */
+__attribute__((optimize("fp-contract=off"))) static void routed_experts(const DecodeLayer *l, const float *x, const float *weights, const int64_t *ids, float *out, int64_t B,
+                           int threads) {
+    int64_t P = B * l->top_k, H = l->hidden, I = l->expert_width;
+    int64_t *order = (int64_t *)malloc(P * sizeof(int64_t)), *experts = (int64_t *)malloc(P * sizeof(int64_t));
+    for (int64_t p = 0; p < P; p++) {  /* insertion sort: stable, and P is a few dozen at most */
+        int64_t q = p;
+        for (; q > 0 && ids[order[q - 1]] > ids[p]; q--) order[q] = order[q - 1];
+        order[q] = p;
+    }
+    float *rows = (float *)malloc(P * H * sizeof(float)), *gate_up = (float *)malloc(P * 2 * I * sizeof(float));
+    float *gates = (float *)malloc(P * I * sizeof(float)), *ups = (float *)malloc(P * I * sizeof(float));
+    float *y = (float *)malloc(P * H * sizeof(float));
+    for (int64_t p = 0; p < P; p++) {
+        experts[p] = ids[order[p]];
+        memcpy(rows + p * H, x + order[p] / l->top_k * H, H * sizeof(float));
+    }
+    const Matrix *gu = &l->experts_gate_up, *down = &l->experts_down;
+    matmul_int4(rows, (const uint8_t *)gu->codes, gu->scales, gu->offsets, (int)gu->f16_values, experts, gate_up, P, gu->N, gu->K,
+                gu->group, (int)gu->fast, threads);
+    for (int64_t p = 0; p < P; p++) {  /* the gate and up halves, each contiguous: GELU then runs over all values as one array */
+        memcpy(gates + p * I, gate_up + p * 2 * I, I * sizeof(float));
+        memcpy(ups + p * I, gate_up + p * 2 * I + I, I * sizeof(float));
+    }
+    gelu_tanh(gates, ups, gates, P * I, threads);
+    matmul_int4(gates, (const uint8_t *)down->codes, down->scales, down->offsets, (int)down->f16_values, experts, y, P, down->N, down->K,
+                down->group, (int)down->fast, threads);
+    for (int64_t p = 0; p < P; p++) {
+        float share = weights[order[p]], *row = out + order[p] / l->top_k * H;
+        for (int64_t i = 0; i < H; i++) row[i] += y[p * H + i] * share;
+    }
+    free(order);
+    free(experts);
+    free(rows);
+    free(gate_up);
+    free(gates);
+    free(ups);
+    free(y);
+}
+
+/* The layer after attention from x = decode_layer_attention_output's out [B, hidden]: the MLP (beside
+ * the routed experts on MoE layers: routing weights, ids [B, top_k], else NULL), the per-layer input
+ * (row b at per_layer_input + b * per_layer_stride; NULL without PLE), the layer scalar. */
+void decode_layer_feedforward(const DecodeLayer *l, const float *x, const float *routing_weights, const int64_t *routing_ids,
+                              const float *per_layer_input, int64_t per_layer_stride, float *out, int64_t B, int threads) {
     int64_t H = l->hidden, wide = l->width > l->ple_dim ? l->width : l->ple_dim;
     float *y = (float *)malloc(B * H * sizeof(float)), *h = (float *)malloc(B * H * sizeof(float));
     float *gate = (float *)malloc(B * wide * sizeof(float)), *up = (float *)malloc(B * wide * sizeof(float));
-    matmul_packed(&l->o, attended, y, B, threads);
-    add_normed(&l->post_attention, x, y, out, B, H);
-
-    norm(&l->pre_feedforward, out, h, B, H);
+    norm(&l->pre_feedforward, x, h, B, H);
     matmul_packed(&l->gate, h, gate, B, threads);
     matmul_packed(&l->up, h, up, B, threads);
     gelu_tanh(gate, up, gate, B * l->width, threads);
     matmul_packed(&l->down, gate, y, B, threads);
-    add_normed(&l->post_feedforward, out, y, out, B, H);
+    if (l->top_k) {  /* y = post_feedforward_1(y) + post_feedforward_2(experts(pre_feedforward_2(x))) */
+        float *routed = (float *)calloc(B * H, sizeof(float));
+        norm(&l->post_feedforward_1, y, y, B, H);
+        norm(&l->pre_feedforward_2, x, h, B, H);
+        routed_experts(l, h, routing_weights, routing_ids, routed, B, threads);
+        norm(&l->post_feedforward_2, routed, routed, B, H);
+        for (int64_t i = 0; i < B * H; i++) y[i] += routed[i];
+        free(routed);
+    }
+    add_normed(&l->post_feedforward, x, y, out, B, H);
 
     if (per_layer_input) {
         matmul_packed(&l->ple_gate, out, gate, B, threads);
@@ -107,4 +176,11 @@ void decode_layer_rest(const DecodeLayer *l, const float *x, const float *attend
     free(h);
     free(gate);
     free(up);
+}
+
+/* Both of the above, for a layer without experts: out [B, hidden] from x and the attention's output. */
+void decode_layer_rest(const DecodeLayer *l, const float *x, const float *attended, const float *per_layer_input, int64_t per_layer_stride,
+                       float *out, int64_t B, int threads) {
+    decode_layer_attention_output(l, x, attended, out, B, threads);
+    decode_layer_feedforward(l, out, NULL, NULL, per_layer_input, per_layer_stride, out, B, threads);
 }

@@ -86,15 +86,36 @@ class AttentionInputs:
         return AttentionInputs(self.cos[:, -n:], self.sin[:, -n:], tuple(k.last(n) for k in self.keys))
 
 
-def attend(q: Tensor, key: Tensor | Int8Tensor, value: Tensor | Int8Tensor, mask: Tensor, scale: float) -> Tensor:
+@dataclass(frozen=True)
+class KeysOfValues:
+    """A K=V layer's keys, never stored: k_norm of the same projection as the values, i.e. the values
+    times k_norm's weight, then rotated at the keys' positions."""
+
+    values: Tensor | Int8Tensor  # [b, K, S, D], as cached
+    weight: Tensor  # k_norm's [D]
+    cos: Tensor  # [b, S, D]
+    sin: Tensor
+
+    def rebuilt(self, dtype: torch.dtype) -> Tensor:
+        """The keys [b, K, S, D], computed in fp32 (as the one-query kernel computes them), then cast."""
+        key = widen(self.values, torch.float32) * self.weight.float()
+        return apply_rotary(key, self.cos.float().unsqueeze(1), self.sin.float().unsqueeze(1), head_axis=None).to(dtype)
+
+
+def attend(q: Tensor, key: Tensor | Int8Tensor | KeysOfValues, value: Tensor | Int8Tensor, mask: Tensor, scale: float) -> Tensor:
     """q [B, T, H, D] against key, value [B, K, S, D] under mask [B, 1, T, S] -> [B, T, H, D].
     K/V may be narrower than q (a 16-bit or int8 cache): read widened. One fp32 query per head (a decode
-    step) takes a fused kernel where it is built, which reads a 16-bit cache as it is: at E2B's
-    decode shapes PyTorch's attention takes twice as long, plus the widening copies."""
-    fused_kv = key.dtype == value.dtype and key.dtype in kernels.KV_KINDS
-    if q.shape[1] == 1 and q.shape[-1] % 8 == 0 and q.dtype == torch.float32 and fused_kv and kernels.available():
+    step) takes a fused kernel where it is built, which reads a 16-bit cache as it is (and rebuilds a
+    K=V layer's keys slot by slot): at E2B's decode shapes PyTorch's attention takes twice as long,
+    plus the widening copies."""
+    fused_kv = isinstance(key, KeysOfValues) or key.dtype == value.dtype
+    if q.shape[1] == 1 and q.shape[-1] % 8 == 0 and q.dtype == torch.float32 and fused_kv and value.dtype in kernels.KV_KINDS and kernels.available():
+        if isinstance(key, KeysOfValues):
+            rotated = (key.weight.float(), key.cos.float(), key.sin.float())
+            return kernels.attend_one_query(q[:, 0].contiguous(), value, value, mask[:, 0, 0].contiguous(), scale, rotated)[:, None]
         return kernels.attend_one_query(q[:, 0].contiguous(), key, value, mask[:, 0, 0].contiguous(), scale)[:, None]
-    key, value = widen(key, q.dtype), widen(value, q.dtype)
+    key = key.rebuilt(q.dtype) if isinstance(key, KeysOfValues) else widen(key, q.dtype)
+    value = widen(value, q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), key, value, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)
 
@@ -159,19 +180,19 @@ class Attention(nn.Module):
         return key, value
 
     def _attend_store(self, q: Tensor, new_key: Tensor | None, new_value: Tensor | None, keys: KeyInputs, kv: KVStore) -> Tensor:
-        if self.plan.owns_kv:
-            key, value = kv.update(self.plan.index, new_key, new_value)  # type: ignore[arg-type]
-            if new_key is None:
-                # K=V: the key is k_norm of the same projection, i.e. the value times k_norm's weight,
-                # then rotated. One tensor is stored; keys are rebuilt on read.
-                value = widen(value, q.dtype)
-                key = (value.float() * self.k_norm.weight.float()).type_as(value)
-                key = apply_rotary(key, keys.key_cos.unsqueeze(1), keys.key_sin.unsqueeze(1), head_axis=None)  # type: ignore[union-attr]
-            kv.share(self.plan.index, key, value)  # type: ignore[arg-type]
-        else:
-            key, value = kv.read(self.plan.kv_source)
+        key, value = self.cached_kv(new_key, new_value, keys, kv)
         # Gemma 4 scales by 1.0: q_norm and k_norm take the place of 1/sqrt(D).
-        return attend(q, key, value, keys.mask, self.plan.attention_scale)  # type: ignore[arg-type]
+        return attend(q, key, value, keys.mask, self.plan.attention_scale)
+
+    def cached_kv(self, new_key: Tensor | None, new_value: Tensor | None, keys: KeyInputs, kv: KVStore) -> tuple[Tensor | KeysOfValues, Tensor]:
+        """All keys and values this layer attends to, [b, K, S, D], the new tokens' among them (where it owns K/V)."""
+        if not self.plan.owns_kv:
+            return kv.read(self.plan.kv_source)
+        key, value = kv.update(self.plan.index, new_key, new_value)  # type: ignore[arg-type]
+        if new_key is None:  # K=V: one tensor is stored, keys are rebuilt on read
+            key = KeysOfValues(value, self.k_norm.weight, keys.key_cos, keys.key_sin)  # type: ignore[arg-type]
+        kv.share(self.plan.index, key, value)  # type: ignore[arg-type]
+        return key, value  # type: ignore[return-value]
 
 
 class MLP(nn.Module):

@@ -6,8 +6,11 @@ a layer of E2B int4 is ~1.1 ms of weight streaming; the modules spent ~0.4 ms mo
 (nn.Module calls, shape and dtype checks, views, dispatch, and ~15 PyTorch operators), and calling
 each kernel from Python still ~0.25 ms.
 
+A MoE layer takes a third call: its router runs as a module between the attention's output and the
+rest, as the modules run it (picks are brittle), and the routed experts run in the last call.
+
 It takes fp32 activations over compiled kernels, layers whose matrices are all packed with a
-one-token kernel, and no MoE or K=V layers, nor a layer whose attention, MLP or matrices carry
+one-token kernel (experts: int4 tiles), and no layer whose attention, MLP, experts or matrices carry
 forward hooks; anything else runs as modules."""
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class _Binding:
 
 def bind(layer: DecoderLayer, rows: int) -> kernels.DecodeLayer | None:
     """The layer as one kernels.DecodeLayer for a step of `rows` tokens, or None where this path does
-    not take it (MoE and K=V layers, hooks, no compiled kernels, a matrix without a one-token kernel)."""
+    not take it (hooks, no compiled kernels, a matrix without a one-token kernel)."""
     binding = layer.__dict__.get("_one_token")
     if binding is None or rows > binding.rows or not binding.current():
         binding = layer.__dict__["_one_token"] = _bind(layer, rows)
@@ -53,11 +56,11 @@ def bind(layer: DecoderLayer, rows: int) -> kernels.DecodeLayer | None:
 
 def _bind(layer: DecoderLayer, rows: int) -> _Binding | None:
     attention, mlp, plan = layer.self_attn, layer.mlp, layer.self_attn.plan
-    if plan.moe or plan.k_eq_v or not kernels.available():
+    if not kernels.available():
         return None
     modules = {"q": attention.q_proj, "o": attention.o_proj, "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
     if plan.owns_kv:
-        modules |= {"k": attention.k_proj, "v": attention.v_proj}
+        modules |= {"k": attention.k_proj} if plan.k_eq_v else {"k": attention.k_proj, "v": attention.v_proj}
     if plan.ple_dim:
         modules |= {"ple_gate": layer.per_layer_input_gate, "ple_projection": layer.per_layer_projection}
     norms = {"input": layer.input_layernorm, "q_norm": attention.q_norm, "post_attention": layer.post_attention_layernorm,
@@ -68,46 +71,64 @@ def _bind(layer: DecoderLayer, rows: int) -> _Binding | None:
             norms |= {"v_norm": attention.v_norm}
     if plan.ple_dim:
         norms |= {"post_per_layer_input": layer.post_per_layer_input_norm}
+    if plan.moe:
+        norms |= {"post_feedforward_1": layer.post_feedforward_layernorm_1, "pre_feedforward_2": layer.pre_feedforward_layernorm_2,
+                  "post_feedforward_2": layer.post_feedforward_layernorm_2}
     kernels_of = {name: getattr(module, "row_kernel", lambda rows: None)(rows) for name, module in modules.items()}
+    experts = _expert_kernels(layer.experts, layer.router.proj.out_features) if plan.moe else {}
     weights = [n.weight for n in norms.values() if n.weight is not None]
-    if not all(isinstance(k, kernels.BoundMatmul) for k in kernels_of.values()) or any(w.dtype != torch.float32 for w in weights):
+    if not all(isinstance(k, kernels.BoundMatmul) for k in kernels_of.values()) or experts is None or any(w.dtype != torch.float32 for w in weights):
         return None
     scalar = layer._buffers.get("layer_scalar")
     if scalar is not None and scalar.dtype != torch.float32:
         return None
-    fields = {name: kernels_of[name].matrix for name in kernels_of}
+    fields = {name: kernel.matrix for name, kernel in (kernels_of | experts).items()}
     fields |= {name: kernels.Norm(kernels._ptr(n.weight), n.eps, n.offset) for name, n in norms.items()}
     struct = kernels.DecodeLayer(
         **fields, hidden=layer.input_layernorm.weight.shape[0], heads=plan.num_heads, kv_heads=plan.num_kv_heads, head_dim=plan.head_dim,
         width=plan.mlp_width, ple_dim=plan.ple_dim or 0, owns_kv=int(plan.owns_kv), v_normed=int("v_norm" in norms),
-        layer_scalar=kernels._ptr(scalar),
+        k_eq_v=int(plan.k_eq_v), top_k=layer.router.top_k if plan.moe else 0,
+        expert_width=experts["experts_down"].matrix.K if experts else 0, layer_scalar=kernels._ptr(scalar),
     )
-    sources = [(m.__dict__, "fast_math", m.__dict__.get("fast_math")) for m in modules.values()]
-    sources += [(m._buffers, "weight", m._buffers.get("weight")) for m in modules.values()]
+    packed = [*modules.values(), *([layer.experts] if plan.moe else [])]
+    sources = [(m.__dict__, "fast_math", m.__dict__.get("fast_math")) for m in packed]
+    sources += [(m._buffers, name, m._buffers.get(name)) for m in packed for name in getattr(m, "packed_names", ("weight",))]
     sources += [(n._parameters, "weight", n._parameters.get("weight")) for n in norms.values()]
     sources += [(layer._buffers, "layer_scalar", scalar)]
-    return _Binding(struct, rows, sources, [layer, attention, mlp, *modules.values()], [kernels_of, weights, scalar])
+    hooked = [layer, attention, mlp, *packed, *([layer.router] if plan.moe else [])]
+    return _Binding(struct, rows, sources, hooked, [kernels_of, experts, weights, scalar])
+
+
+def _expert_kernels(experts: nn.Module, count: int) -> dict[str, kernels.BoundMatmul] | None:
+    """The expert stacks bound for layer.c's routed calls, or None where they are not all int4 tiles
+    or not all `count` experts are held here (expert parallelism)."""
+    if not hasattr(experts, "packed"):  # (quant/modules.py's PackedExperts)
+        return None
+    packed = {"experts_gate_up": experts.packed("gate_up_proj"), "experts_down": experts.packed("down_proj")}
+    if not all(p.routable and p.codes.shape[0] == count for p in packed.values()):
+        return None
+    return {name: kernels.BoundMatmul("int4", p.codes, p.scales, p.offsets, p.group_size, p.fast_math) for name, p in packed.items()}
 
 
 def step(layer: DecoderLayer, bound: kernels.DecodeLayer, x: Tensor, per_layer_input: Tensor | None, inputs: AttentionInputs,
          stores: Sequence[KVStore]) -> Tensor:
     """`layer(x, per_layer_input, inputs, stores)` for x fp32 [B, 1, hidden] contiguous (one token per
     row, fp32 rotary tables), the layer bound by `bind`."""
-    plan = layer.self_attn.plan
+    attention = layer.self_attn
     B = x.shape[0]
     flat = x.view(B, -1)
     q, key, value = kernels.decode_layer_attention_inputs(bound, flat, inputs.cos.reshape(B, -1).contiguous(), inputs.sin.reshape(B, -1).contiguous())
     q = q[:, None]
-    key, value = (None, None) if key is None else (key[:, :, None], value[:, :, None])  # [B, K, 1, D]
+    key, value = (None if t is None else t[:, :, None] for t in (key, value))  # [B, K, 1, D]
     rows = [slice(None)] if len(stores) == 1 else [slice(b, b + 1) for b in range(B)]
     out = []
     for r, keys, store in zip(rows, inputs.keys, stores):
-        if plan.owns_kv:
-            cached_key, cached_value = store.update(plan.index, key[r], value[r])  # type: ignore[index]
-            store.share(plan.index, cached_key, cached_value)  # type: ignore[arg-type]
-        else:
-            cached_key, cached_value = store.read(plan.kv_source)
-        out.append(attend(q[r], cached_key, cached_value, keys.mask, plan.attention_scale))  # type: ignore[arg-type]
+        cached_key, cached_value = attention.cached_kv(None if key is None else key[r], None if value is None else value[r], keys, store)
+        out.append(attend(q[r], cached_key, cached_value, keys.mask, attention.plan.attention_scale))
     attended = (out[0] if len(out) == 1 else torch.cat(out)).view(B, -1)
     ple = None if per_layer_input is None else per_layer_input.reshape(B, -1)
-    return kernels.decode_layer_rest(bound, flat, attended, ple).view(B, 1, -1)
+    if not bound.top_k:
+        return kernels.decode_layer_rest(bound, flat, attended, ple).view(B, 1, -1)
+    residual = kernels.decode_layer_attention_output(bound, flat, attended)
+    weights, ids = layer.router(residual)
+    return kernels.decode_layer_feedforward(bound, residual, (weights.contiguous(), ids.contiguous()), ple).view(B, 1, -1)

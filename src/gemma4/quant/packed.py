@@ -3,13 +3,15 @@ multiplied by fp32 activations, converted in registers (kernels/matmul.c, kernel
 
 One format per kind, with w = scale[n, g] * code + offset[n, g] over groups of `group` columns:
   bf16, f16: codes are the 16-bit weights themselves (no scale).
-  int8: int8 codes [N, K], fp32 scales; group K = per output channel (ours), 32 or 16 (from GGUF
-        Q8_0/Q5/Q6_K).
+  int8: int8 codes [N, K], fp32 scales; group K = per output channel (ours), or 32 (from GGUF
+        Q8_0/Q5).
   int4: 4-bit codes in 32-column blocks, scales and offsets in fp16 (ours, GGUF Q4_0/Q4_1) or fp32
         (GGUF Q4_K); in tiles of 8 rows for matmuls, in rows for row-read tables (quant/int4.py).
         "q4_0" quantizes onto llama.cpp's Q4_0 grid (symmetric, groups of 32: offset = -8 scale),
         the grid Google's quantization-aware checkpoints were trained for; it is stored as int4
         without offsets.
+  q6_k: GGUF Q6_K blocks as the file stores them, uint8 [N, K / 256 * 210], scales inside
+        (quant/q6_k.py).
 Offsets are optional: int8 without them is symmetric, int4 without them is the Q4_0 grid (offset
 -8 scale, implied: GGUF Q4_0 loads so). Leading dimensions stack experts."""
 
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import kernels
-from . import int4
+from . import int4, q6_k
 
 KINDS = ("bf16", "int8", "int4", "q4_0")  # what users pick; "f16" also exists, for GGUF F16 tensors
 DEFAULT_GROUP = {"int8": 0, "int4": 64, "q4_0": 32}  # 0: one group per output channel
@@ -44,9 +46,12 @@ class PackedTensor:
 
     @classmethod
     def of(cls, codes: Tensor, scales: Tensor | None = None, offsets: Tensor | None = None, dims: int = 2) -> PackedTensor:
-        """The format is in the tensors: the codes' dtype names the kind, int4 codes with one more
-        dimension than the weight's `dims` are tiles, the number of scales per row gives the group."""
+        """The format is in the tensors: the codes' dtype names the kind (uint8 without scales: Q6_K
+        blocks, which hold theirs), int4 codes with one more dimension than the weight's `dims` are
+        tiles, the number of scales per row gives the group."""
         kind = {torch.bfloat16: "bf16", torch.float16: "f16", torch.int8: "int8", torch.uint8: "int4"}[codes.dtype]
+        if kind == "int4" and scales is None:
+            kind = "q6_k"
         packed = cls(kind, codes, scales, offsets, tiled=kind == "int4" and codes.dim() == dims + 1)
         if scales is None:
             return packed
@@ -63,7 +68,7 @@ class PackedTensor:
             *lead, tiles, blocks, _ = self.codes.shape
             return (*lead, tiles * int4.TILE_ROWS, blocks * 32)
         *lead, n, k = self.codes.shape
-        return (*lead, n, k * 2 if self.kind == "int4" else k)
+        return (*lead, n, k * 2 if self.kind == "int4" else q6_k.columns(k) if self.kind == "q6_k" else k)
 
     @property
     def nbytes(self) -> int:
@@ -90,6 +95,8 @@ class PackedTensor:
         """fp32 [rows, K] of a 2-D weight."""
         if self.kind in ("bf16", "f16"):
             return self.codes[rows].float()
+        if self.kind == "q6_k":
+            return q6_k.dequantize(self.codes[rows])
         if self.tiled:
             if kernels.available():
                 return kernels.dequantize_int4(self.codes, self.scales, self.offsets, self.group_size, rows)  # type: ignore[arg-type]
@@ -145,6 +152,8 @@ class PackedTensor:
             return None
         if self.kind == "int4":
             streamable = self.tiled and self.codes.is_contiguous()
+        elif self.kind == "q6_k":
+            streamable = self.codes.is_contiguous()
         else:
             streamable = self.codes.is_contiguous() and (self.shape[-1] % 32 == 0 if self.kind in ("bf16", "f16") else self.group_size % 8 == 0)
         return kernels.BoundMatmul(self.kind, self.codes, self.scales, self.offsets, self.group_size, self.fast_math) if streamable else None

@@ -1,7 +1,7 @@
 """GGUF quantized blocks -> our packed formats, losslessly and without a float copy: every
 llama.cpp type here is w = scale * code + offset over small groups, so the codes move into our
-int4 (4-bit types) or int8 (5- and 6-bit types) layouts and each group's scale and offset into fp16
-where that is exact (Q4_0, Q4_1), fp32 otherwise.
+int4 (4-bit types) or int8 (5-bit types) layouts and each group's scale and offset into fp16
+where that is exact (Q4_0, Q4_1), fp32 otherwise. Q6_K stays as stored (quant/q6_k.py).
 
 Block layouts follow ggml-quants.c; tests check each against gguf.quants.dequantize."""
 
@@ -56,21 +56,6 @@ def _k_codes(qs: np.ndarray, high_bits: np.ndarray | None) -> np.ndarray:
     return np.concatenate(chunks, axis=1)
 
 
-def _q6_k(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ql, qh, sc, d = b[:, :128], b[:, 128:192], b[:, 192:208].view(np.int8), _f16(b, 208)
-    parts = []
-    for h in range(2):
-        low, top = ql[:, 64 * h : 64 * h + 64], qh[:, 32 * h : 32 * h + 32]
-        parts += [
-            (low[:, :32] & 15) | ((top & 3) << 4),
-            (low[:, 32:] & 15) | (((top >> 2) & 3) << 4),
-            (low[:, :32] >> 4) | (((top >> 4) & 3) << 4),
-            (low[:, 32:] >> 4) | (((top >> 6) & 3) << 4),
-        ]
-    codes = np.concatenate(parts, axis=1).astype(np.int16) - 32
-    return codes.astype(np.int8), d * sc.astype(np.float32)
-
-
 def repack(data: np.ndarray, type_name: str, shape: tuple[int, ...], tiled: bool = False) -> PackedTensor:
     """Raw blocks (uint8 [..., row bytes]) of a tensor of `shape` -> a PackedTensor of that shape
     (int4 in the matmul kernel's tiles where `tiled` and the rows allow)."""
@@ -101,8 +86,8 @@ def repack(data: np.ndarray, type_name: str, shape: tuple[int, ...], tiled: bool
         scales, offsets, group = d * sc, -dmin * mn, 32
         if type_name == "Q4_K":
             codes = int4.pack(torch.from_numpy(np.ascontiguousarray(codes))).numpy()
-    elif type_name == "Q6_K":
-        (codes, scales), group = [t.numpy() for t in kernels.unpack_q6_k(b)] if kernels.available() else _q6_k(b), 16
+    elif type_name == "Q6_K":  # kept as stored (quant/q6_k.py)
+        return PackedTensor("q6_k", torch.from_numpy(np.array(data).reshape(*rows, -1)))  # (a copy: the file's pages, mapped, read at half the speed)
     else:
         raise ValueError(f"no packed form for {type_name}")
     to_torch = lambda a, width: torch.from_numpy(np.ascontiguousarray(a).reshape(*rows, width))  # noqa: E731
@@ -112,12 +97,12 @@ def repack(data: np.ndarray, type_name: str, shape: tuple[int, ...], tiled: bool
     return PackedTensor.of(codes_t, to_torch(scales.astype(dtype, copy=False), G), None if offsets is None else to_torch(offsets.astype(dtype, copy=False), G), dims=len(shape))
 
 
-# Bytes per column of what `repack` makes of each type: codes, then each 32- (Q6_K: 16-) column
-# group's scale and offset where it has one (fp16 for Q4_0/Q4_1, fp32 otherwise; Q4_0's is implied).
+# Bytes per column of what `repack` makes of each type: codes, then each 32-column group's scale and
+# offset where it has one (fp16 for Q4_0/Q4_1, fp32 otherwise; Q4_0's is implied); Q6_K as stored.
 _LOADED_BYTES_PER_COLUMN = {
     "F32": 4, "F16": 2, "BF16": 2,
     "Q8_0": 1 + 4 / 32, "Q4_0": 0.5 + 2 / 32, "Q4_1": 0.5 + 4 / 32, "Q4_K": 0.5 + 8 / 32,
-    "Q5_0": 1 + 4 / 32, "Q5_1": 1 + 8 / 32, "Q5_K": 1 + 8 / 32, "Q6_K": 1 + 4 / 16,
+    "Q5_0": 1 + 4 / 32, "Q5_1": 1 + 8 / 32, "Q5_K": 1 + 8 / 32, "Q6_K": 210 / 256,
 }
 
 
