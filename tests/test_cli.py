@@ -108,3 +108,26 @@ def test_bench_beside_llama_cpp_reports_bytes_and_bounds_never_exceeded(checkpoi
     assert set(report["engines"]) == {"gemma4 int4", "llama.cpp Q4_0"}
     for row in report["engines"].values():
         assert row["weight_bytes_per_token"] > 0 and 0 < row["fraction_of_bound"] <= 1.0
+
+
+def test_bench_counts_routed_experts_on_the_path_users_get(tmp_path):
+    """The bench's count of expert bytes read watches the routers without forward hooks, so the MoE
+    layers still run as compiled layer calls (model/one_token.py skips hooked layers): one token reads
+    its top_k experts of every MoE layer, whole."""
+    import gemma4
+    from gemma4.benchmark.workers import RoutedExperts, module_bytes
+    from gemma4.model import one_token
+    from gemma4.runtime.generate import Session, decode_step
+    from gemma4.weights.synth import synthesize
+
+    path = synthesize("tiny-26b-a4b", tmp_path, dtype=torch.float32, seed=7, progress=False, overrides={"moe_intermediate_size": 32})
+    lm = gemma4.load(path, quant="q4_0", progress=False).lm
+    routed = RoutedExperts(lm)
+    session = Session(lm, 64)
+    session.start_prompt([2, 100, 200])
+    with routed.counting():
+        decode_step(lm, [session], [300])
+    assert all(one_token.bind(layer, 1) is not None for layer in lm.model.layers)
+    experts = routed.layers[0].experts
+    per_expert = sum(size for _, size in module_bytes(experts)) // experts.gate_up_proj.shape[0]
+    assert routed.bytes_per_step() == len(routed.layers) * lm.config.top_k_experts * per_expert

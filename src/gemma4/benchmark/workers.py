@@ -160,7 +160,9 @@ def decode_bytes(named_sizes: Iterable[tuple[str, int]], experts: float = 1.0) -
 
 class RoutedExperts:
     """The expert weight bytes decode steps read, as routed: while `counting()`, each MoE layer's
-    experts module is watched, and a step reads the distinct experts it runs (those this rank holds), whole."""
+    router is watched, and a step reads the distinct experts it picks (those this rank holds), whole.
+    Watched by wrapping the routers' forward, not by hooks: a layer with forward hooks runs as modules
+    (model/one_token.py), and the bench would time that slower path instead of the one users get."""
 
     def __init__(self, lm) -> None:  # noqa: ANN001 - a CausalLM
         self.layers = [layer for layer in lm.model.layers if hasattr(layer, "experts")]
@@ -168,14 +170,19 @@ class RoutedExperts:
         self.steps = 0
         self._on = False
         for layer in self.layers:
-            layer.experts.register_forward_hook(self._ran)
+            layer.router.forward = self._watch(layer.router.forward, layer.experts)
 
-    def _ran(self, experts, inputs, _) -> None:  # noqa: ANN001 - Experts or PackedExperts, (x, weights, ids)
-        if self._on:
-            held = experts.gate_up_proj.shape[0]
-            ids = inputs[2].unique()
-            ran = ((ids >= experts.first) & (ids < experts.first + held)).sum().item()
-            self.read += ran * sum(size for _, size in module_bytes(experts)) // held
+    def _watch(self, route, experts):  # noqa: ANN001, ANN202 - Router.forward, Experts or PackedExperts
+        def routed(x):  # noqa: ANN001, ANN202
+            weights, ids = route(x)
+            if self._on:
+                held = experts.gate_up_proj.shape[0]
+                picked = ids.unique()
+                ran = ((picked >= experts.first) & (picked < experts.first + held)).sum().item()
+                self.read += ran * sum(size for _, size in module_bytes(experts)) // held
+            return weights, ids
+
+        return routed
 
     @contextlib.contextmanager
     def counting(self) -> Iterator[None]:

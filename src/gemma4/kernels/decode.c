@@ -67,8 +67,13 @@ static void dots(const float *q, const void *k, int64_t k0, int kind, const uint
 #ifdef GEMMA4_AVX2
     for (int64_t g0 = 0; g0 < group; g0 += 8) {
         int64_t n = group - g0 < 8 ? group - g0 : 8;
-        if (n == 8) dot_queries(q, k, k0, kind, scales, block, out, g0, 8, D);
-        else dot_queries(q, k, k0, kind, scales, block, out, g0, n, D);
+        switch (n) {  /* the GQA groups of Gemma 4's layers: 8 (E2B, E4B, global layers), 2 (the 26B-A4B's and 31B's sliding layers) */
+        case 8: dot_queries(q, k, k0, kind, scales, block, out, g0, 8, D); break;
+        case 4: dot_queries(q, k, k0, kind, scales, block, out, g0, 4, D); break;
+        case 2: dot_queries(q, k, k0, kind, scales, block, out, g0, 2, D); break;
+        case 1: dot_queries(q, k, k0, kind, scales, block, out, g0, 1, D); break;
+        default: dot_queries(q, k, k0, kind, scales, block, out, g0, n, D);
+        }
     }
 #else
     for (int64_t g = 0; g < group; g++) {  /* one long serial sum: in double, to stay within fp32 round-off */
@@ -112,7 +117,10 @@ static void weighted_sum(const float *p, const void *v, int64_t v0, int kind, co
         int64_t n = group - g0 < 8 ? group - g0 : 8;
         int C = n <= 2 && D % 32 == 0 ? 4 : n <= 4 && D % 16 == 0 ? 2 : 1;
         for (int64_t d = 0; d < D; d += 8 * C) {  /* literal n and C: each case its own unrolled copy */
-            if (C == 4) weighted_columns(p, v, v0, kind, scales, block, mask, s0, s1, part, g0, n, group, d, 4, D, width);
+            if (C == 4 && n == 2) weighted_columns(p, v, v0, kind, scales, block, mask, s0, s1, part, g0, 2, group, d, 4, D, width);
+            else if (C == 4 && n == 1) weighted_columns(p, v, v0, kind, scales, block, mask, s0, s1, part, g0, 1, group, d, 4, D, width);
+            else if (C == 4) weighted_columns(p, v, v0, kind, scales, block, mask, s0, s1, part, g0, n, group, d, 4, D, width);
+            else if (C == 2 && n == 4) weighted_columns(p, v, v0, kind, scales, block, mask, s0, s1, part, g0, 4, group, d, 2, D, width);
             else if (C == 2) weighted_columns(p, v, v0, kind, scales, block, mask, s0, s1, part, g0, n, group, d, 2, D, width);
             else if (n == 8) weighted_columns(p, v, v0, kind, scales, block, mask, s0, s1, part, g0, 8, group, d, 1, D, width);
             else weighted_columns(p, v, v0, kind, scales, block, mask, s0, s1, part, g0, n, group, d, 1, D, width);
@@ -192,7 +200,9 @@ __attribute__((optimize("fp-contract=off"))) void rms_norm_rotary(const float *x
 }
 
 /* scores [s, g] -> e^(score - part[g]'s running max), summed into part[g]'s running sum, over the
- * allowed slots s0 .. s1 (8 queries a vector where they come in eights). */
+ * allowed slots s0 .. s1 (disallowed slots' scores are -inf: 0). Vectors of 8 queries where they come
+ * in eights; where fewer share a KV head (the 26B-A4B's and 31B's sliding layers: 2), vectors of
+ * 8 / group slots. */
 static void softmax_numerators(float *scores, const uint8_t *mask, int64_t s0, int64_t s1, float *part, int64_t group, int64_t width) {
     int64_t g0 = 0;
 #ifdef GEMMA4_AVX2
@@ -210,6 +220,26 @@ static void softmax_numerators(float *scores, const uint8_t *mask, int64_t s0, i
         float sums[8];
         _mm256_storeu_ps(sums, total);
         for (int g = 0; g < 8; g++) part[(g0 + g) * width + 1] += sums[g];
+    }
+    if (g0 == 0 && 8 % group == 0) {  /* lane l of every vector holds query l % group */
+        if (part[0] == -INFINITY) return;  /* every slot of this thread's share disallowed */
+        float pattern[8], sums[8];
+        for (int l = 0; l < 8; l++) pattern[l] = part[(l % group) * width];
+        __m256 top = _mm256_loadu_ps(pattern), total = _mm256_setzero_ps(), none = _mm256_set1_ps(-INFINITY);
+        int64_t n = (s1 - s0) * group, i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 x = _mm256_loadu_ps(scores + i);
+            __m256 e = _mm256_blendv_ps(exp256(_mm256_sub_ps(x, top)), _mm256_setzero_ps(), _mm256_cmp_ps(x, none, _CMP_EQ_OQ));
+            _mm256_storeu_ps(scores + i, e);
+            total = _mm256_add_ps(total, e);
+        }
+        _mm256_storeu_ps(sums, total);
+        for (; i < n; i++) {
+            scores[i] = expf(scores[i] - pattern[i % group]);  /* (-inf: 0) */
+            sums[i % 8] += scores[i];
+        }
+        for (int l = 0; l < 8; l++) part[(l % group) * width + 1] += sums[l];
+        return;
     }
 #endif
     for (; g0 < group; g0++)
@@ -244,11 +274,28 @@ __attribute__((optimize("fp-contract=off"))) static void key_of_value(const void
     }
 }
 
+/* Thread t of n's share of one row's slots [s0, s1): an n-th of the allowed ones (a ring buffer not yet
+ * full, or a sliding window over a global cache, allows only some: split by slot, one thread did most). */
+static void allowed_share(const uint8_t *mask, int64_t S, int t, int n, int64_t *s0, int64_t *s1) {
+    int64_t total = 0, seen = 0;
+    for (int64_t s = 0; s < S; s++) total += mask[s] != 0;
+    int64_t first = total * t / n, last = total * (t + 1) / n;
+    *s0 = *s1 = S;
+    for (int64_t s = 0; s < S; s++) {
+        if (seen == first && *s0 == S) *s0 = s;
+        if (seen == last) {
+            *s1 = s;
+            break;
+        }
+        seen += mask[s] != 0;
+    }
+}
+
 /* One query per head against its KV head's cached keys and values (GQA: `group` = H / KV queries
  * share one KV head). q, out: [B, H, D]; key, value: [B, KV, S, D] of `kv_kind` values with rows
  * of D contiguous, their batch and KV-head strides given (a cache's buffer may hold more slots than
  * S); int8 K/V come with fp16 scales [B, KV, S, D / block] (key_scales, value_scales; NULL
- * otherwise; positions and blocks contiguous, batch and head strides given); allowed: [B, S] (nonzero where the query may attend). The slots are split between threads, each reading its
+ * otherwise; positions and blocks contiguous, batch and head strides given); allowed: [B, S] (nonzero where the query may attend). The allowed slots are split between threads, each reading its
  * share of K and V once for all queries of the group (as flash decoding does); the partial softmaxes
  * are then merged. K=V layers (key_weight not NULL) store no keys: each slot's key is rebuilt from its
  * value (key_of_value; key_cos, key_sin [B, S, D] at the slots' positions) once for the group's queries. */
@@ -263,10 +310,14 @@ void attend_one_query(const float *q, const void *key, const void *value, int kv
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads();
         if (t == 0) used = n;
-        int64_t s0 = S * t / n, s1 = S * (t + 1) / n;
-        float *scores = (float *)malloc((s1 - s0 + 1) * group * sizeof(float)), *rebuilt = (float *)malloc(D * sizeof(float));
+        int64_t *shares = (int64_t *)malloc(2 * B * sizeof(int64_t)), longest = 0;
+        for (int64_t b = 0; b < B; b++) {
+            allowed_share(allowed + b * S, S, t, n, shares + 2 * b, shares + 2 * b + 1);
+            if (shares[2 * b + 1] - shares[2 * b] > longest) longest = shares[2 * b + 1] - shares[2 * b];
+        }
+        float *scores = (float *)malloc((longest + 1) * group * sizeof(float)), *rebuilt = (float *)malloc(D * sizeof(float));
         for (int64_t pair = 0; pair < pairs; pair++) {
-            int64_t b = pair / KV, kv = pair % KV;
+            int64_t b = pair / KV, kv = pair % KV, s0 = shares[2 * b], s1 = shares[2 * b + 1];
             int64_t k0 = b * key_strides[0] + kv * key_strides[1], v0 = b * value_strides[0] + kv * value_strides[1];
             const uint16_t *ks = key_scales ? key_scales + b * scale_strides[0] + kv * scale_strides[1] : NULL;
             const uint16_t *vs = value_scales ? value_scales + b * scale_strides[2] + kv * scale_strides[3] : NULL;
@@ -279,8 +330,11 @@ void attend_one_query(const float *q, const void *key, const void *value, int kv
                 for (int64_t d = 0; d < D; d++) part[g * width + 2 + d] = 0.f;
             }
             for (int64_t s = s0; s < s1; s++) {
-                if (!mask[s]) continue;
                 float *row = scores + (s - s0) * group;
+                if (!mask[s]) {
+                    for (int64_t g = 0; g < group; g++) row[g] = -INFINITY;
+                    continue;
+                }
                 if (key_weight) {
                     const float *c = key_cos + (b * S + s) * D, *sn = key_sin + (b * S + s) * D;
                     key_of_value(value, v0 + s * D, kv_kind, vs ? vs + s * (D / block) : NULL, block, key_weight, c, sn, rebuilt, D);
@@ -298,6 +352,7 @@ void attend_one_query(const float *q, const void *key, const void *value, int kv
         }
         free(scores);
         free(rebuilt);
+        free(shares);
     }
     for (int64_t pair = 0; pair < pairs; pair++)
         for (int64_t g = 0; g < group; g++) {
