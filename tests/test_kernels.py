@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from gemma4 import kernels
 from gemma4.model.int8_kv import Int8Tensor, widen
-from gemma4.model.layers import RMSNorm, attend, normed_rotated
+from gemma4.model.layers import RMSNorm, Router, attend, normed_rotated
 from gemma4.model.rope import apply_rotary
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="compiled kernels not built")
@@ -81,3 +81,20 @@ def test_one_token_without_a_cache_equals_sdpa():
     mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)
     expected = F.scaled_dot_product_attention(q.transpose(1, 2), key, value, attn_mask=mask, scale=1.0, enable_gqa=True)
     torch.testing.assert_close(attend(q, key, value, mask, 1.0), expected.transpose(1, 2), atol=1e-6, rtol=1e-5)
+
+
+def test_the_compiled_router_picks_and_weighs_as_the_operators():
+    """A decode step's rows route in one compiled call: the same experts, the same weights to round-off,
+    as the router's PyTorch operators (which prompts take)."""
+    torch.manual_seed(0)
+    router = Router(2816, 128, 8, 1e-6)
+    with torch.no_grad():
+        router.scale.copy_(torch.rand(2816) + 0.5)
+        router.proj.weight.copy_(torch.randn(128, 2816) * 0.05)
+        router.per_expert_scale.copy_(torch.rand(128) + 0.5)
+        x = torch.randn(Router.COMPILED_ROWS, 2816) * 3
+        weights, ids = router(x)
+        padded = torch.cat([x, x[:1]])  # more rows than the compiled router takes: PyTorch's operators
+        expected_weights, expected_ids = (t[: len(x)] for t in router(padded))
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-5)

@@ -182,6 +182,16 @@ def rms_norm_rotary(x: Tensor, weight: Tensor | None, eps: float, offset: float,
     return out
 
 
+def route(x: Tensor, scale: Tensor, root: float, proj: Tensor, per_expert_scale: Tensor, top_k: int, eps: float) -> tuple[Tensor, Tensor]:
+    """The MoE router (model/layers.py's Router) of x fp32 [N, H] contiguous; scale fp32 [H], proj fp32
+    [E, H], per_expert_scale fp32 [E], contiguous -> (weights fp32, expert ids int64) [N, top_k]."""
+    N, H = x.shape
+    weights, ids = torch.empty(N, top_k), torch.empty(N, top_k, dtype=torch.int64)
+    _lib.route(_ptr(x), _ptr(scale), root, _ptr(proj), _ptr(per_expert_scale), N, H, proj.shape[0], top_k, eps, _ptr(weights), _ptr(ids),  # type: ignore[union-attr]
+               torch.get_num_threads())
+    return weights, ids
+
+
 KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # decode.c's enum
 
 
@@ -281,7 +291,7 @@ def read_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) ->
 if _lib is not None:
     for _name in ("matmul_packed", "matmul_int4", "dequantize_int4", "tile_q4_0", "unpack_q6_k", "fit_int4", "code_int4", "fit_q4_0", "rms_norm",
                   "rms_norm_rotary", "attend_one_query", "gelu_tanh", "decode_layer_attention_inputs", "decode_layer_rest",
-                  "decode_layer_attention_output", "decode_layer_feedforward"):
+                  "decode_layer_attention_output", "decode_layer_feedforward", "route"):
         getattr(_lib, _name).restype = None
     _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     _lib.matmul_packed.argtypes = [_p, _p, _p, _i64, _int]
@@ -299,6 +309,7 @@ if _lib is not None:
     _lib.fit_q4_0.argtypes = [_p, _i64, _p, _p, _int]
     _lib.read_memory.restype = ctypes.c_int64
     _lib.read_memory.argtypes = [_p, _i64, _int]
+    _lib.route.argtypes = [_p, _p, ctypes.c_float, _p, _p, _i64, _i64, _i64, _i64, ctypes.c_float, _p, _p, _int]
     _lib.rms_norm.argtypes = [_p, _p, _p, _i64, _i64, ctypes.c_float, ctypes.c_float]
     _lib.rms_norm_rotary.argtypes = [_p, _p, _p, _p, _p, _i64, _i64, _i64, ctypes.c_float, ctypes.c_float]
     _lib.attend_one_query.argtypes = [_p, _p, _p, _int, _p, _p, _p, _p, *[_i64] * 5, _p, _p, _p, _i64, _p, _p, _p, ctypes.c_float, _int]
