@@ -24,25 +24,8 @@ void tile_q4_0(const uint8_t *blocks, uint8_t *codes, uint16_t *scales, int64_t 
     }
 }
 
-/* GGUF Q6_K blocks (256 columns: 4 low bits ql[128], 2 high bits qh[64], 16 int8 scales, fp16 d) ->
- * int8 codes (-32..31) [count, 256] and fp32 scales d * scale [count, 16], one per 16 columns. */
+/* GGUF Q6_K blocks -> int8 codes (-32..31) [count, 256] and fp32 scales d * scale [count, 16] (q6_k_block). */
 void unpack_q6_k(const uint8_t *blocks, int8_t *codes, float *scales, int64_t count, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < count; i++) {
-        const uint8_t *block = blocks + i * 210, *ql = block, *qh = block + 128;
-        const int8_t *sc = (const int8_t *)(block + 192);
-        uint16_t d_bits;
-        memcpy(&d_bits, block + 208, 2);
-        float d = half_to_float(d_bits);
-        int8_t *y = codes + i * 256;
-        for (int h = 0; h < 2; h++, y += 128, ql += 64, qh += 32) {
-            for (int l = 0; l < 32; l++) {
-                y[l] = (int8_t)(((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32);
-                y[l + 32] = (int8_t)(((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32);
-                y[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-                y[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
-            }
-        }
-        for (int j = 0; j < 16; j++) scales[i * 16 + j] = d * sc[j];
-    }
+    for (int64_t i = 0; i < count; i++) q6_k_block(blocks + i * 210, codes + i * 256, scales + i * 16);
 }

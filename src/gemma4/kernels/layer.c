@@ -100,8 +100,8 @@ void decode_layer_attention_output(const DecodeLayer *l, const float *x, const f
  * by weights[b, :top_k] (the router's). As quant/modules.py's PackedExperts computes it: the
  * token-expert pairs in expert order (stable), one routed int4 call per projection, each pair's output
  * times its weight added to its token's row in that order (rounded as PyTorch rounds it: no FMA). */
-__attribute__((optimize("fp-contract=off"))) static void routed_experts(const DecodeLayer *l, const float *x, const float *weights, const int64_t *ids, float *out, int64_t B,
-                           int threads) {
+__attribute__((optimize("fp-contract=off"))) static void routed_experts(const DecodeLayer *l, const float *x, const float *weights,
+                                                                        const int64_t *ids, float *out, int64_t B, int threads) {
     int64_t P = B * l->top_k, H = l->hidden, I = l->expert_width;
     int64_t *order = (int64_t *)malloc(P * sizeof(int64_t)), *experts = (int64_t *)malloc(P * sizeof(int64_t));
     for (int64_t p = 0; p < P; p++) {  /* insertion sort: stable, and P is a few dozen at most */
@@ -119,7 +119,7 @@ __attribute__((optimize("fp-contract=off"))) static void routed_experts(const De
     const Matrix *gu = &l->experts_gate_up, *down = &l->experts_down;
     matmul_int4(rows, (const uint8_t *)gu->codes, gu->scales, gu->offsets, (int)gu->f16_values, experts, gate_up, P, gu->N, gu->K,
                 gu->group, (int)gu->fast, threads);
-    for (int64_t p = 0; p < P; p++) {  /* the gate and up halves, each contiguous: GELU then runs over all values as one array */
+    for (int64_t p = 0; p < P; p++) {  /* the gate and up halves, each contiguous, as the modules' chunk() + GELU have them */
         memcpy(gates + p * I, gate_up + p * 2 * I, I * sizeof(float));
         memcpy(ups + p * I, gate_up + p * 2 * I + I, I * sizeof(float));
     }

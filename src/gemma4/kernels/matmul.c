@@ -13,7 +13,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "kernels.h"
 #include "simd.h"
@@ -198,10 +197,8 @@ static void q6_k_rows(const RoundedActivations *a, const int32_t *centre, const 
                 PREFETCH(ql);
                 PREFETCH(ql + 64);
                 PREFETCH(qh);
-                uint16_t d_bits;
-                memcpy(&d_bits, block + 208, 2);
-                /* d * scale as unpack_q6_k makes them, times the low half's unit: scales 0-7 and 8-15 */
-                __m256 d = _mm256_set1_ps(half_to_float(d_bits)), u = _mm256_set1_ps(unit);
+                /* d * scale as q6_k_block makes them, times the low half's unit: scales 0-7 and 8-15 */
+                __m256 d = _mm256_set1_ps(q6_k_d(block)), u = _mm256_set1_ps(unit);
                 __m128i sc = _mm_loadu_si128((const __m128i *)(block + 192));
                 __m256 halves[2] = {_mm256_mul_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))), u),
                                     _mm256_mul_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))), u)};
@@ -230,25 +227,18 @@ static void q6_k_rows(const RoundedActivations *a, const int32_t *centre, const 
 #else
             float total = 0.f;
             for (int64_t sb = 0; sb < S; sb++) {
-                const uint8_t *block = row + sb * 210, *ql = block, *qh = block + 128;
-                const int8_t *sc = (const int8_t *)(block + 192);
-                uint16_t d_bits;
-                memcpy(&d_bits, block + 208, 2);
-                float d = half_to_float(d_bits);
-                for (int h = 0; h < 2; h++)
-                    for (int q = 0; q < 4; q++) {
-                        int64_t b = sb * 8 + h * 4 + q;
-                        for (int half16 = 0; half16 < 2; half16++) {
-                            int32_t dot = 0;
-                            for (int l = half16 * 16; l < half16 * 16 + 16; l++) {
-                                uint8_t lo = ql[h * 64 + (q & 1) * 32 + l], hb = qh[h * 32 + l];
-                                int code = ((q < 2 ? lo & 15 : lo >> 4) | (((hb >> (2 * q)) & 3) << 4)) - 32;
-                                int64_t k = b * 32 + l;
-                                dot += code * (high[k] * (low ? LOW_STEPS : 1) + (low ? low[k] : 0));
-                            }
-                            total += dot * (d * sc[h * 8 + q * 2 + half16] * unit * step[b]);
-                        }
+                int8_t codes[256];
+                float scale[16];
+                q6_k_block(row + sb * 210, codes, scale);
+                for (int64_t k0 = 0; k0 < 256; k0 += 16) {  /* as int8_rows over the unpacked codes */
+                    int64_t b = sb * 8 + k0 / 32;
+                    int32_t dot = 0;
+                    for (int64_t k = k0; k < k0 + 16; k++) {
+                        int64_t at = sb * 256 + k;
+                        dot += codes[k] * (high[at] * (low ? LOW_STEPS : 1) + (low ? low[at] : 0));
                     }
+                    total += dot * (scale[k0 / 16] * unit * step[b]);
+                }
             }
             y[m * N + n] = total;
 #endif

@@ -74,6 +74,30 @@ static inline float half_to_float(uint16_t h) {
     return f;
 }
 
+/* The fp16 d of a GGUF Q6_K block (256 columns: 4 low bits ql[128], 2 high bits qh[64], 16 int8 scales, d). */
+static inline float q6_k_d(const uint8_t *block) {
+    uint16_t bits;
+    memcpy(&bits, block + 208, 2);
+    return half_to_float(bits);
+}
+
+/* One GGUF Q6_K block -> int8 codes (-32..31) [256] and fp32 scales d * scale [16], one per 16 columns
+ * (ggml-quants.c's dequantize_row_q6_K: two halves of 128, four 32-runs each). */
+static inline void q6_k_block(const uint8_t *block, int8_t *y, float *scales) {
+    const uint8_t *ql = block, *qh = block + 128;
+    const int8_t *sc = (const int8_t *)(block + 192);
+    float d = q6_k_d(block);
+    for (int h = 0; h < 2; h++, y += 128, ql += 64, qh += 32) {
+        for (int l = 0; l < 32; l++) {
+            y[l] = (int8_t)(((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32);
+            y[l + 32] = (int8_t)(((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32);
+            y[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+            y[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+        }
+    }
+    for (int j = 0; j < 16; j++) scales[j] = d * sc[j];
+}
+
 /* Sum of x [M, K] over each group, so offsets cost one multiply per group:
  * sum_k (s q_k + o) x_k = s sum q_k x_k + o sum x_k. */
 static inline void group_sums(const float *x, float *sums, int64_t M, int64_t K, int64_t group) {
