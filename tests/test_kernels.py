@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from gemma4 import kernels
 from gemma4.model.int8_kv import Int8Tensor, widen
-from gemma4.model.layers import RMSNorm, Router, attend, normed_rotated
+from gemma4.model.layers import KeysOfValues, RMSNorm, Router, attend, normed_rotated
 from gemma4.model.rope import apply_rotary
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="compiled kernels not built")
@@ -98,3 +98,21 @@ def test_the_compiled_router_picks_and_weighs_as_the_operators():
         expected_weights, expected_ids = (t[: len(x)] for t in router(padded))
     assert torch.equal(ids, expected_ids)
     torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_k_eq_v_keys_rebuilt_inside_the_kernel_equal_the_rebuilt_keys(kind):
+    """A K=V layer stores only its values; one query's kernel rebuilds each slot's key (value x k_norm's
+    weight, rotated) as PyTorch rebuilds them all for a prompt."""
+    torch.manual_seed(0)
+    B, H, KV, S, D = 2, 8, 2, 40, 64
+    q = torch.randn(B, 1, H, D)
+    values = torch.randn(B, KV, S, D)
+    values = Int8Tensor.quantize(values) if kind == "int8" else values.bfloat16()
+    angles = torch.rand(B, S, D // 2) * 6
+    keys = KeysOfValues(values, torch.rand(D) + 0.5, torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1))
+    mask = torch.rand(B, 1, 1, S) > 0.3
+    mask[..., 0] = True
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), keys.rebuilt(torch.float32), widen(values, torch.float32), attn_mask=mask,
+                                              scale=1.0, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(attend(q, keys, values, mask, 1.0), expected, atol=1e-5, rtol=1e-5)
