@@ -162,24 +162,25 @@ class RoutedExperts:
     """The expert weight bytes decode steps read, as routed: while `counting()`, each MoE layer's
     router is watched, and a step reads the distinct experts it picks (those this rank holds), whole.
     Watched by wrapping the routers' forward, not by hooks: a layer with forward hooks runs as modules
-    (model/one_token.py), and the bench would time that slower path instead of the one users get."""
+    (model/one_token.py), and the bench would time that slower path instead of the one users get. The
+    picks are only kept during the timed steps, and counted afterwards."""
 
     def __init__(self, lm) -> None:  # noqa: ANN001 - a CausalLM
         self.layers = [layer for layer in lm.model.layers if hasattr(layer, "experts")]
-        self.read = 0
+        self.picks: list[tuple[Any, range, int]] = []  # (expert ids tensor, the experts held, bytes an expert)
         self.steps = 0
         self._on = False
         for layer in self.layers:
             layer.router.forward = self._watch(layer.router.forward, layer.experts)
 
     def _watch(self, route, experts):  # noqa: ANN001, ANN202 - Router.forward, Experts or PackedExperts
+        count = experts.gate_up_proj.shape[0]
+        held, per_expert = range(experts.first, experts.first + count), sum(size for _, size in module_bytes(experts)) // count
+
         def routed(x):  # noqa: ANN001, ANN202
             weights, ids = route(x)
             if self._on:
-                held = experts.gate_up_proj.shape[0]
-                picked = ids.unique()
-                ran = ((picked >= experts.first) & (picked < experts.first + held)).sum().item()
-                self.read += ran * sum(size for _, size in module_bytes(experts)) // held
+                self.picks.append((ids, held, per_expert))
             return weights, ids
 
         return routed
@@ -194,7 +195,11 @@ class RoutedExperts:
             self.steps += 1
 
     def bytes_per_step(self) -> int:
-        return self.read // max(1, self.steps)
+        read = 0
+        for ids, held, per_expert in self.picks:
+            picked = ids.unique()
+            read += int(((picked >= held.start) & (picked < held.stop)).sum()) * per_expert
+        return read // max(1, self.steps)
 
 
 def module_bytes(module) -> Iterator[tuple[str, int]]:  # noqa: ANN001 - an nn.Module

@@ -68,17 +68,13 @@ class BoundMatmul:
       q6_k: GGUF Q6_K blocks [N, K / 256 * 210] (quant/q6_k.py).
     int8 in groups of 32s, q6_k and int4 run on integer products over x rounded to two int8 halves (exact to
     ~1e-5 of each 32 values' largest); `fast` keeps only the high half, as llama.cpp does (changes answers).
-    Holds the tensors it points at. (An int4 stack of experts, codes [E, N/8, K/32, 128], binds as
-    one expert's matrix: layer.c's routed calls find the others.)"""
+    `shape` is W's [N, K] (PackedTensor.shape). Holds the tensors it points at. (An int4 stack of
+    experts, codes [E, N/8, K/32, 128], binds as one expert's matrix: layer.c's routed calls find the others.)"""
 
-    def __init__(self, kind: str, codes: Tensor, scales: Tensor | None, offsets: Tensor | None, group: int, fast: bool):
+    def __init__(self, kind: str, shape: tuple[int, int], codes: Tensor, scales: Tensor | None, offsets: Tensor | None, group: int, fast: bool):
         assert _lib is not None
         self.tensors = (codes, scales, offsets)
-        N, K = codes.shape[-2:]
-        if kind == "int4":
-            N, K = codes.shape[-3] * 8, codes.shape[-2] * 32
-        elif kind == "q6_k":
-            K = K // 210 * 256
+        N, K = shape
         f16 = int(kind == "int4" and scales is not None and scales.dtype == torch.float16)
         self.matrix = Matrix(MATRIX_KINDS[kind], N, K, group, _ptr(codes), _ptr(scales), _ptr(offsets), f16, int(fast))
         self.N = N

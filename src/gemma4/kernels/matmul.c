@@ -109,8 +109,8 @@ static float offset_term(const float *offsets, const float *sums, int64_t n, int
     return s;
 }
 
-/* Each token's dot products with one row of int8 codes in groups of 16 (GGUF Q6_K) or a multiple of
- * 32, on exact integer multiply-adds over the rounded activations (simd.h): 32 weights per maddubs
+/* Each token's dot products with one row of int8 codes in groups of 16 or a multiple of 32 (q6_k_rows
+ * computes the same sums over Q6_K's codes), on exact integer multiply-adds over the rounded activations (simd.h): 32 weights per maddubs
  * instead of converting each to fp32 (which bounds the speed by instructions, not bytes: Q6_K's LM
  * head of the 26B-A4B read at 7 GB/s that way). Every token is computed as it would be alone, so a
  * batch changes no one's answer. */
@@ -141,7 +141,7 @@ static void int8_rows(const RoundedActivations *a, const int8_t *w, const float 
             /* A block's scale found per group, not per block: a division per 32 bytes (b * 32 / group) held
              * this loop to ~25 GB/s on 2 cores, below the memory's ~40. */
             __m256 acc = _mm256_setzero_ps();
-            if (group == 16)  /* two scales a block (Q6_K) */
+            if (group == 16)  /* two scales a block */
                 for (int64_t b = 0; b < B; b++) {
                     __m256i dot = block_dot(row + b * 32, high + b * 32, low ? low + b * 32 : NULL);
                     __m256 s = _mm256_set_m128(_mm_set1_ps(scale[2 * b + 1] * unit), _mm_set1_ps(scale[2 * b] * unit));

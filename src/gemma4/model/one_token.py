@@ -107,7 +107,7 @@ def _expert_kernels(experts: nn.Module, count: int) -> dict[str, kernels.BoundMa
     packed = {"experts_gate_up": experts.packed("gate_up_proj"), "experts_down": experts.packed("down_proj")}
     if not all(p.routable and p.codes.shape[0] == count for p in packed.values()):
         return None
-    return {name: kernels.BoundMatmul("int4", p.codes, p.scales, p.offsets, p.group_size, p.fast_math) for name, p in packed.items()}
+    return {name: kernels.BoundMatmul("int4", p.shape[-2:], p.codes, p.scales, p.offsets, p.group_size, p.fast_math) for name, p in packed.items()}
 
 
 def step(layer: DecoderLayer, bound: kernels.DecodeLayer, x: Tensor, per_layer_input: Tensor | None, inputs: AttentionInputs,

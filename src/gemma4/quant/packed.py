@@ -156,7 +156,9 @@ class PackedTensor:
             streamable = self.codes.is_contiguous()
         else:
             streamable = self.codes.is_contiguous() and (self.shape[-1] % 32 == 0 if self.kind in ("bf16", "f16") else self.group_size % 8 == 0)
-        return kernels.BoundMatmul(self.kind, self.codes, self.scales, self.offsets, self.group_size, self.fast_math) if streamable else None
+        if not streamable:
+            return None
+        return kernels.BoundMatmul(self.kind, self.shape[-2:], self.codes, self.scales, self.offsets, self.group_size, self.fast_math)
 
     def _dense_matmul(self, x: Tensor) -> Tensor:
         N, K = self.shape

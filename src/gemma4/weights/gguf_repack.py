@@ -87,7 +87,8 @@ def repack(data: np.ndarray, type_name: str, shape: tuple[int, ...], tiled: bool
         if type_name == "Q4_K":
             codes = int4.pack(torch.from_numpy(np.ascontiguousarray(codes))).numpy()
     elif type_name == "Q6_K":  # kept as stored (quant/q6_k.py)
-        return PackedTensor("q6_k", torch.from_numpy(np.array(data).reshape(*rows, -1)))  # (a copy: the file's pages, mapped, read at half the speed)
+        # a copy, as every quantized type gets: the loader drops the tensor's mapped pages once repacked
+        return PackedTensor("q6_k", torch.from_numpy(np.array(data).reshape(*rows, -1)))
     else:
         raise ValueError(f"no packed form for {type_name}")
     to_torch = lambda a, width: torch.from_numpy(np.ascontiguousarray(a).reshape(*rows, width))  # noqa: E731
