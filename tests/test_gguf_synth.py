@@ -118,14 +118,14 @@ def test_llama_cpp_runs_it_and_we_read_the_same_model(made, monkeypatch):
     layer = native.lm.model.layers[0]
     experts = [layer.experts.packed(n) for n in ("gate_up_proj", "down_proj")]
     assert all(p.kind == "int4" and p.tiled and p[0]._streaming_kernel is not None for p in experts)  # kept packed, in the kernel's tiles
-    # Kept in the file's types it is the same model: exactly, through dequantizing matmuls; within the
+    # Kept in the file's types it is the same model: to fp32 round-off, through the prompt kernels; within the
     # one-token kernels' rounding of the activations (two int8 halves per 32) through those, save where
     # a router's top-k is tied to within that rounding and a position takes the other expert (one of
     # these 25 did on an AMD Zen 3, none on an Intel Xeon: the machines' float sums differ).
     apart = (native(batch) - dequantized).abs().amax(-1)[0]
     assert (apart > 5e-2).sum().item() <= 1, apart
     monkeypatch.setattr(packed, "STREAMING_MAX_ROWS", 0)
-    assert torch.equal(native(batch), dequantized)
+    torch.testing.assert_close(native(batch), dequantized, atol=1e-3, rtol=0)  # (the largest apart: 2.8e-4)
 
 
 def test_refusals(tmp_path):

@@ -42,6 +42,24 @@ def test_streaming_kernels_equal_the_dequantized_matmul(kind, group, rows, fast_
     assert_matmul(packed, x)
 
 
+@pytest.mark.parametrize("kind,group,f32_scales", [("int4", 64, False), ("int4", 32, True), ("int4", 128, False), ("q4_0", 32, False)])
+@pytest.mark.parametrize("rows", [9, 200])
+def test_the_prompt_kernel_is_the_dequantized_matmul_and_batches_change_no_row(kind, group, f32_scales, rows):
+    """More rows than the one-token kernels take run on int4 tiles dequantized in fp32 (kernels/int4_prompt.c):
+    the dense product to fp32 round-off, each row's answer the same alone as in any batch (200 rows
+    span two of the kernel's blocks of tokens at K = 512)."""
+    torch.manual_seed(0)
+    packed = quantize(torch.randn(296, 512), kind, group)
+    if f32_scales:  # (GGUF Q4_K's)
+        packed = replace(packed, scales=packed.scales.float(), offsets=packed.offsets.float())
+    x = torch.randn(rows, 512)
+    assert packed.row_kernel(rows) is None
+    y = packed.matmul(x)
+    assert_matmul(packed, x)
+    alone = torch.cat([packed._dense_matmul(x[m : m + 1]) for m in (0, 4, rows - 1)])
+    assert torch.equal(alone, y[[0, 4, rows - 1]])
+
+
 def assert_matmul(packed: PackedTensor, x: torch.Tensor) -> None:
     """Within fp32 round-off of expected_matmul, and of one low step per activation (the kernels
     round x * (127 / max) and its rest with the FMA and reciprocal they have: a rest at a half may
@@ -392,8 +410,9 @@ def test_one_token_runs_its_experts_in_one_kernel_call_with_the_same_sums():
 @pytest.mark.parametrize("streaming_max_rows", [16, 8, 0])
 def test_a_prompt_runs_its_experts_grouped_each_as_a_single_weight(streaming_max_rows, monkeypatch):
     """A prompt chunk's token-expert pairs, grouped by expert: bit for bit the per-expert loop's answer,
-    where each expert's rows go through the one-token kernel up to STREAMING_MAX_ROWS of them (all such
-    experts in one routed call: each token then gets what it gets alone) and a dense matmul beyond."""
+    where each expert's rows go through the one-token kernel up to STREAMING_MAX_ROWS of them and the
+    prompt kernel beyond (each kind in one routed call: each token then gets what it gets alone from
+    the same kernel)."""
     from gemma4.model.layers import Experts
     from gemma4.quant import packed
 
@@ -406,5 +425,5 @@ def test_a_prompt_runs_its_experts_grouped_each_as_a_single_weight(streaming_max
     together = module(x, weights, ids)
     assert torch.equal(together, Experts.forward(module, x, weights, ids))
     alone = torch.cat([module(x[t : t + 1], weights[t : t + 1], ids[t : t + 1]) for t in range(12)])
-    if streaming_max_rows:  # expert 4's 12 rows through the one-token kernel, or dense (not its rounding)
-        assert torch.equal(together, alone) == (streaming_max_rows >= 12)
+    # expert 4's 12 rows take the kernel each takes alone where that is the one-token kernel (16) or the prompt kernel (0)
+    assert torch.equal(together, alone) == (streaming_max_rows >= 12 or streaming_max_rows == 0)

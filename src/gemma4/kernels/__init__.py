@@ -97,6 +97,18 @@ def routed_int4_matmul(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor
     return y
 
 
+def prompt_int4_matmul(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int, experts: Tensor | None = None) -> Tensor:
+    """x fp32 [M, K] contiguous @ W.T -> fp32 [M, N] for the many rows of a prompt, W int4 tiles
+    (codes [N/8, K/32, 128], scales/offsets [N/8, K/group, 8]), as exact as dequantizing W for a dense
+    matmul. With `experts` (int64 [M], sorted), W is a stack [E, ...] and row m goes through experts[m]."""
+    assert _lib is not None and (experts is None or (experts.dtype == torch.int64 and experts.is_contiguous()))
+    M, N, K = x.shape[0], codes.shape[-3] * 8, codes.shape[-2] * 32
+    y = torch.empty(M, N)
+    f16 = int(scales.dtype == torch.float16)
+    _lib.prompt_matmul_int4(_ptr(x), _ptr(codes), _ptr(scales), _ptr(offsets), f16, _ptr(experts), _ptr(y), M, N, K, group, torch.get_num_threads())  # type: ignore[union-attr]
+    return y
+
+
 class Norm(ctypes.Structure):
     """layer.c's Norm: an RMSNorm's weight (fp32, or none) and constants."""
 
@@ -285,13 +297,14 @@ def read_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) ->
 
 
 if _lib is not None:
-    for _name in ("matmul_packed", "matmul_int4", "dequantize_int4", "tile_q4_0", "unpack_q6_k", "fit_int4", "code_int4", "fit_q4_0", "rms_norm",
+    for _name in ("matmul_packed", "matmul_int4", "prompt_matmul_int4", "dequantize_int4", "tile_q4_0", "unpack_q6_k", "fit_int4", "code_int4", "fit_q4_0", "rms_norm",
                   "rms_norm_rotary", "attend_one_query", "gelu_tanh", "decode_layer_attention_inputs", "decode_layer_rest",
                   "decode_layer_attention_output", "decode_layer_feedforward", "route"):
         getattr(_lib, _name).restype = None
     _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     _lib.matmul_packed.argtypes = [_p, _p, _p, _i64, _int]
     _lib.matmul_int4.argtypes = [_p, _p, _p, _p, _int, _p, _p, _i64, _i64, _i64, _i64, _int, _int]
+    _lib.prompt_matmul_int4.argtypes = [_p, _p, _p, _p, _int, _p, _p, _i64, _i64, _i64, _i64, _int]
     _lib.gelu_tanh.argtypes = [_p, _p, _p, _i64, _int]
     _lib.decode_layer_attention_inputs.argtypes = [_p, _p, _p, _p, _p, _p, _p, _i64, _int]
     _lib.decode_layer_rest.argtypes = [_p, _p, _p, _p, _i64, _p, _i64, _int]

@@ -69,8 +69,8 @@ class PackedExperts(PackedModule):
 
     def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """Experts.forward, with each expert's rows computed as a single weight's would be: up to
-        STREAMING_MAX_ROWS of them by the one-token kernel (on int4 tiles all such experts' rows in one
-        routed call per projection), more by a dense matmul, exact. The token-expert pairs are sorted by
+        STREAMING_MAX_ROWS of them by the one-token kernel, more by the prompt kernel (exact in fp32),
+        each kind of expert in one routed call per projection. The token-expert pairs are sorted by
         expert, so an expert's rows are one slice and each token sums its experts in the loop's order."""
         stacks = [self.packed(name) for name in self.packed_names]
         if not all(p.routable for p in stacks):
@@ -90,13 +90,9 @@ class PackedExperts(PackedModule):
         else:
             y = torch.empty_like(rows)
             streamed = counts[experts] <= packing.STREAMING_MAX_ROWS
-            if streamed.any():
-                y[streamed] = self._routed(rows[streamed].contiguous(), experts[streamed].contiguous(), *stacks)
-            bounds = [0, *counts.cumsum(0).tolist()]  # expert e's rows: bounds[e] .. bounds[e + 1]
-            for expert in (counts > packing.STREAMING_MAX_ROWS).nonzero().flatten().tolist():
-                mine = slice(bounds[expert], bounds[expert + 1])
-                gate, up = self.project(rows[mine], "gate_up_proj", expert).chunk(2, dim=-1)
-                y[mine] = self.project(gelu_tanh(gate) * up, "down_proj", expert)
+            for streaming, mine in ((True, streamed), (False, ~streamed)):
+                if mine.any():
+                    y[mine] = self._routed(rows[mine].contiguous(), experts[mine].contiguous(), *stacks, streaming=streaming)
         y = (y * share[:, None]).to(out.dtype)
         if x.shape[0] == 1:  # a decode step: one add per expert, in expert order (index_add_ would scatter: ~5 % of a step)
             for row in y:
@@ -108,9 +104,9 @@ class PackedExperts(PackedModule):
         return self.packed(name)[expert].matmul(x)
 
     @staticmethod
-    def _routed(rows: Tensor, experts: Tensor, gate_up_proj: PackedTensor, down_proj: PackedTensor) -> Tensor:
-        gate, up = gate_up_proj.routed_matmul(rows, experts).chunk(2, dim=-1)
-        return down_proj.routed_matmul((gelu_tanh(gate) * up).contiguous(), experts)
+    def _routed(rows: Tensor, experts: Tensor, gate_up_proj: PackedTensor, down_proj: PackedTensor, streaming: bool = True) -> Tensor:
+        gate, up = gate_up_proj.routed_matmul(rows, experts, streaming).chunk(2, dim=-1)
+        return down_proj.routed_matmul((gelu_tanh(gate) * up).contiguous(), experts, streaming)
 
 
 class PackedEmbedding(PackedModule):

@@ -141,8 +141,11 @@ class PackedTensor:
         """A stack of int4 tiles that `routed_matmul` takes."""
         return self.kind == "int4" and self.tiled and self.codes.dim() == 4 and self.codes.is_contiguous() and kernels.available()
 
-    def routed_matmul(self, x: Tensor, experts: Tensor) -> Tensor:
-        """Row m of x (fp32 [M, K], contiguous) through matrix experts[m] of this stack -> fp32 [M, N]."""
+    def routed_matmul(self, x: Tensor, experts: Tensor, streaming: bool = True) -> Tensor:
+        """Row m of x (fp32 [M, K], contiguous) through matrix experts[m] of this stack -> fp32 [M, N],
+        by the one-token kernel (`streaming`) or the prompt kernel, as `matmul` would take the rows."""
+        if not streaming:
+            return kernels.prompt_int4_matmul(x, self.codes, self.scales, self.offsets, self.group_size, experts)  # type: ignore[arg-type]
         return kernels.routed_int4_matmul(x, self.codes, self.scales, self.offsets, self.group_size, self.fast_math, experts)  # type: ignore[arg-type]
 
     @cached_property
@@ -161,6 +164,8 @@ class PackedTensor:
         return kernels.BoundMatmul(self.kind, self.shape[-2:], self.codes, self.scales, self.offsets, self.group_size, self.fast_math)
 
     def _dense_matmul(self, x: Tensor) -> Tensor:
+        if self.tiled and self.codes.is_contiguous() and kernels.available():  # dequantized a tile row at a time (kernels/int4_prompt.c)
+            return kernels.prompt_int4_matmul(x, self.codes, self.scales, self.offsets, self.group_size)  # type: ignore[arg-type]
         N, K = self.shape
         step = max(1, DENSE_BLOCK_BYTES // (4 * K))
         if step >= N:
