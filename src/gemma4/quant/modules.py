@@ -84,15 +84,14 @@ class PackedExperts(PackedModule):
         if not len(experts):
             return out
         rows = x.float().expand(len(experts), -1).contiguous() if x.shape[0] == 1 else x.float()[tokens]
-        counts = torch.bincount(experts)
-        if int(counts.max()) <= packing.STREAMING_MAX_ROWS:  # (a decode step always: masks cost ~5 % of it)
-            y = self._routed(rows, experts, *stacks)
+        streamed = torch.bincount(experts)[experts] <= packing.STREAMING_MAX_ROWS
+        count = int(streamed.sum())
+        if count in (0, len(experts)):  # one kind, as a decode step's or a long prompt's usually are: no masks (~5 % of either)
+            y = self._routed(rows, experts, *stacks, streaming=count > 0)
         else:
             y = torch.empty_like(rows)
-            streamed = counts[experts] <= packing.STREAMING_MAX_ROWS
             for streaming, mine in ((True, streamed), (False, ~streamed)):
-                if mine.any():
-                    y[mine] = self._routed(rows[mine].contiguous(), experts[mine].contiguous(), *stacks, streaming=streaming)
+                y[mine] = self._routed(rows[mine].contiguous(), experts[mine].contiguous(), *stacks, streaming=streaming)
         y = (y * share[:, None]).to(out.dtype)
         if x.shape[0] == 1:  # a decode step: one add per expert, in expert order (index_add_ would scatter: ~5 % of a step)
             for row in y:
