@@ -45,18 +45,22 @@ def test_streaming_kernels_equal_the_dequantized_matmul(kind, group, rows, fast_
 @pytest.mark.parametrize("kind,group,f32_scales", [("int4", 64, False), ("int4", 32, True), ("int4", 128, False), ("q4_0", 32, False)])
 @pytest.mark.parametrize("rows", [9, 200])
 def test_the_prompt_kernel_is_the_dequantized_matmul_and_batches_change_no_row(kind, group, f32_scales, rows):
-    """More rows than the one-token kernels take run on int4 tiles dequantized in fp32 (kernels/int4_prompt.c):
-    the dense product to fp32 round-off, each row's answer the same alone as in any batch (200 rows
-    span two of the kernel's blocks of tokens at K = 512)."""
+    """More rows than the one-token kernels take: int4 tiles dequantized in fp32 a few rows at a time
+    (kernels/int4_prompt.c; a dense weight's prompt takes it where it has its fast form), the dense product to
+    fp32 round-off, each row's answer the same alone as in any batch (200 rows span blocks of tokens)."""
     torch.manual_seed(0)
     packed = quantize(torch.randn(296, 512), kind, group)
     if f32_scales:  # (GGUF Q4_K's)
         packed = replace(packed, scales=packed.scales.float(), offsets=packed.offsets.float())
     x = torch.randn(rows, 512)
     assert packed.row_kernel(rows) is None
-    y = packed.matmul(x)
     assert_matmul(packed, x)
-    alone = torch.cat([packed._dense_matmul(x[m : m + 1]) for m in (0, 4, rows - 1)])
+    prompt = lambda x: kernels.prompt_int4_matmul(x.contiguous(), packed.codes, packed.scales, packed.offsets, packed.group_size)  # noqa: E731
+    y = prompt(x)
+    if kernels.prompt_panels():
+        assert torch.equal(y, packed.matmul(x))
+    torch.testing.assert_close(y, (x.double() @ packed.dequantize().double().T).float(), atol=1e-4, rtol=1e-5)
+    alone = torch.cat([prompt(x[m : m + 1]) for m in (0, 4, rows - 1)])
     assert torch.equal(alone, y[[0, 4, rows - 1]])
 
 

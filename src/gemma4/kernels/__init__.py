@@ -97,6 +97,12 @@ def routed_int4_matmul(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor
     return y
 
 
+def prompt_panels() -> bool:
+    """Whether prompt_int4_matmul has its fast form here (AVX-512 VBMI), which beats a dense matmul over
+    dequantized weights on every shape; the other form only beats it on an expert stack's short runs."""
+    return _lib is not None and bool(_lib.prompt_matmul_int4_has_panels())
+
+
 def prompt_int4_matmul(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int, experts: Tensor | None = None) -> Tensor:
     """x fp32 [M, K] contiguous @ W.T -> fp32 [M, N] for the many rows of a prompt, W int4 tiles
     (codes [N/8, K/32, 128], scales/offsets [N/8, K/group, 8]), as exact as dequantizing W for a dense
@@ -305,6 +311,7 @@ if _lib is not None:
     _lib.matmul_packed.argtypes = [_p, _p, _p, _i64, _int]
     _lib.matmul_int4.argtypes = [_p, _p, _p, _p, _int, _p, _p, _i64, _i64, _i64, _i64, _int, _int]
     _lib.prompt_matmul_int4.argtypes = [_p, _p, _p, _p, _int, _p, _p, _i64, _i64, _i64, _i64, _int]
+    _lib.prompt_matmul_int4_has_panels.restype = ctypes.c_int
     _lib.gelu_tanh.argtypes = [_p, _p, _p, _i64, _int]
     _lib.decode_layer_attention_inputs.argtypes = [_p, _p, _p, _p, _p, _p, _p, _i64, _int]
     _lib.decode_layer_rest.argtypes = [_p, _p, _p, _p, _i64, _p, _i64, _int]

@@ -218,6 +218,17 @@ static void tile_dots(const float *w, const float *x, int count, int64_t K, floa
 }
 #endif
 
+/* Whether this build has the panels form: the rows form beats dequantize + sgemm on an expert stack's
+ * short runs (1.4-1.6x at the 26B-A4B's shapes) but not on a dense weight's 512 rows (0.85-0.95x, AVX2
+ * both, measured on a Zen 4), so without panels a dense prompt keeps PyTorch's matmul (quant/packed.py). */
+int prompt_matmul_int4_has_panels(void) {
+#ifdef GEMMA4_PANELS
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* x [M, K] -> y [M, N]. experts NULL: every token through the one weight. Otherwise the weight is a
  * stack ([E, N/8, K/32, 128], scales and offsets [E, N/8, G, 8]) and row m goes through expert
  * experts[m], the rows sorted by expert (matmul_int4's routed form). Work items are (block of one

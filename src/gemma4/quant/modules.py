@@ -100,7 +100,13 @@ class PackedExperts(PackedModule):
         return out.index_add_(0, tokens, y)
 
     def project(self, x: Tensor, name: str, expert: int) -> Tensor:
-        return self.packed(name)[expert].matmul(x)
+        """One expert's rows as `forward` computes them: beyond STREAMING_MAX_ROWS by the prompt kernel
+        even where a dense weight's prompt keeps PyTorch's matmul (kernels.prompt_panels)."""
+        stack = self.packed(name)
+        if stack.routable and x.shape[0] > packing.STREAMING_MAX_ROWS:
+            experts = torch.full((x.shape[0],), expert, dtype=torch.int64)
+            return stack.routed_matmul(x.float().contiguous(), experts, streaming=False).to(x.dtype)
+        return stack[expert].matmul(x)
 
     @staticmethod
     def _routed(rows: Tensor, experts: Tensor, gate_up_proj: PackedTensor, down_proj: PackedTensor, streaming: bool = True) -> Tensor:

@@ -164,7 +164,7 @@ class PackedTensor:
         return kernels.BoundMatmul(self.kind, self.shape[-2:], self.codes, self.scales, self.offsets, self.group_size, self.fast_math)
 
     def _dense_matmul(self, x: Tensor) -> Tensor:
-        if self.tiled and self.codes.is_contiguous() and kernels.available():  # dequantized a tile row at a time (kernels/int4_prompt.c)
+        if self.tiled and self.codes.is_contiguous() and kernels.prompt_panels():  # dequantized a few rows at a time (kernels/int4_prompt.c)
             return kernels.prompt_int4_matmul(x, self.codes, self.scales, self.offsets, self.group_size)  # type: ignore[arg-type]
         N, K = self.shape
         step = max(1, DENSE_BLOCK_BYTES // (4 * K))
