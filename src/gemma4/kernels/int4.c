@@ -23,15 +23,7 @@
 
 #define MAX_TOKENS 4  /* tokens a tile row takes at once */
 
-static inline float group_value(const void *values, int64_t at, int f16) {
-    return f16 ? half_to_float(((const uint16_t *)values)[at]) : ((const float *)values)[at];
-}
-
 #ifdef GEMMA4_AVX2
-static inline __m256 load_group_values(const void *values, int64_t at, int f16) {
-    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)values + at))) : _mm256_loadu_ps((const float *)values + at);
-}
-
 /* A block's codes (32 columns of a tile's 8 rows), unpacked once for every token that reads it. */
 #ifdef GEMMA4_AVX512
 typedef struct { __m512i lo[2], hi[2]; } Nibbles;  /* chunks 0-1 and 2-3 */
@@ -223,11 +215,7 @@ void dequantize_int4(const uint8_t *codes, const void *scales, const void *offse
         for (int64_t b = 0; b < K / 32; b++) {
             int64_t at = (t * G + b * 32 / group) * 8 + row;
             float s = group_value(scales, at, f16), z = offsets ? group_value(offsets, at, f16) : -8.f * s;
-            for (int j = 0; j < 16; j++) {
-                uint8_t byte = piece[b * TILE_BYTES + j];
-                o[b * 32 + j] = s * (byte & 15) + z;
-                o[b * 32 + 16 + j] = s * (byte >> 4) + z;
-            }
+            dequantize_piece(piece + b * TILE_BYTES, s, z, o + b * 32);
         }
     }
 }

@@ -51,11 +51,6 @@ static int64_t split_rows(const int64_t *experts, int64_t M, int64_t per_block, 
 }
 
 #ifdef GEMMA4_PANELS
-/* 8 scales or offsets (fp16 or fp32) as fp32. */
-static inline __m256 load_eight(const void *values, int64_t at, int f16) {
-    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)values + at))) : _mm256_loadu_ps((const float *)values + at);
-}
-
 /* Byte jj * 8 + r of a gather from a block: row r's byte j0 + jj (j0 = 0, then 8), at (r % 4) * 32 + (r / 4) * 16 + j0 + jj. */
 static void gather_order(int8_t order[2][64]) {
     for (int half = 0; half < 2; half++)
@@ -78,8 +73,8 @@ static void dequantize_pair(const uint8_t *const tiles[2], const void *const sca
         const uint8_t *first = tiles[0] + b * TILE_BYTES, *second = tiles[1] + b * TILE_BYTES;
         PREFETCH(first);
         PREFETCH(second);
-        __m512 scale = _mm512_insertf32x8(_mm512_castps256_ps512(load_eight(scales[0], g * 8, f16)), load_eight(scales[1], g * 8, f16), 1);
-        __m512 offset = offsets[0] ? _mm512_insertf32x8(_mm512_castps256_ps512(load_eight(offsets[0], g * 8, f16)), load_eight(offsets[1], g * 8, f16), 1)
+        __m512 scale = _mm512_insertf32x8(_mm512_castps256_ps512(load_group_values(scales[0], g * 8, f16)), load_group_values(scales[1], g * 8, f16), 1);
+        __m512 offset = offsets[0] ? _mm512_insertf32x8(_mm512_castps256_ps512(load_group_values(offsets[0], g * 8, f16)), load_group_values(offsets[1], g * 8, f16), 1)
                                    : _mm512_mul_ps(scale, _mm512_set1_ps(-8.f));
         __m512i f0 = _mm512_loadu_si512(first), f1 = _mm512_loadu_si512(first + 64);
         __m512i s0 = _mm512_loadu_si512(second), s1 = _mm512_loadu_si512(second + 64);
@@ -143,10 +138,6 @@ static void pack_panels(const float *x, const int64_t *starts, int64_t panels, i
     }
 }
 #else
-static inline float group_value(const void *values, int64_t at, int f16) {
-    return f16 ? half_to_float(((const uint16_t *)values)[at]) : ((const float *)values)[at];
-}
-
 /* Tile `tile` (8 rows, scales and offsets [G, 8] at `scales`, `offsets`) -> fp32 out[8][K], each weight
  * scale * code + offset (-8 scale on the Q4_0 grid). */
 static void dequantize_tile(const uint8_t *tile, const void *scales, const void *offsets, int f16, int64_t K, int64_t group, float *out) {
@@ -158,22 +149,7 @@ static void dequantize_tile(const uint8_t *tile, const void *scales, const void 
         for (int row = 0; row < 8; row++) {
             const uint8_t *piece = tile + (row % 4) * 32 + (row / 4) * 16;  /* byte j: column j low, j + 16 high */
             float s = group_value(scales, g * 8 + row, f16), z = offsets ? group_value(offsets, g * 8 + row, f16) : -8.f * s;
-            float *o = out + row * K + b * 32;
-#ifdef GEMMA4_AVX2
-            __m128i bytes = _mm_loadu_si128((const __m128i *)piece);
-            __m256 scale = _mm256_set1_ps(s), offset = _mm256_set1_ps(z);
-            __m256i nibble = _mm256_set1_epi32(15);
-            for (int half = 0; half < 2; half++) {
-                __m256i q = _mm256_cvtepu8_epi32(half ? _mm_srli_si128(bytes, 8) : bytes);
-                _mm256_storeu_ps(o + 8 * half, _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(_mm256_and_si256(q, nibble)), offset));
-                _mm256_storeu_ps(o + 16 + 8 * half, _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), offset));
-            }
-#else
-            for (int j = 0; j < 16; j++) {
-                o[j] = fmaf(s, (float)(piece[j] & 15), z);
-                o[16 + j] = fmaf(s, (float)(piece[j] >> 4), z);
-            }
-#endif
+            dequantize_piece(piece, s, z, out + row * K + b * 32);
         }
     }
 }

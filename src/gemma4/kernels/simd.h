@@ -98,6 +98,37 @@ static inline void q6_k_block(const uint8_t *block, int8_t *y, float *scales) {
     for (int j = 0; j < 16; j++) scales[j] = d * sc[j];
 }
 
+/* An int4 tile's scales or offsets (fp16 or fp32, [G, 8]): the value at `at`, or (AVX2) 8 from `at` as fp32. */
+static inline float group_value(const void *values, int64_t at, int f16) {
+    return f16 ? half_to_float(((const uint16_t *)values)[at]) : ((const float *)values)[at];
+}
+
+#ifdef GEMMA4_AVX2
+static inline __m256 load_group_values(const void *values, int64_t at, int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)values + at))) : _mm256_loadu_ps((const float *)values + at);
+}
+#endif
+
+/* One row of an int4 tile block as fp32 out[32], scale * code + offset: `piece` is the row's 16 bytes
+ * (byte j: column j in the low nibble, j + 16 in the high one). */
+static inline void dequantize_piece(const uint8_t *piece, float s, float z, float *out) {
+#ifdef GEMMA4_AVX2
+    __m128i bytes = _mm_loadu_si128((const __m128i *)piece);
+    __m256 scale = _mm256_set1_ps(s), offset = _mm256_set1_ps(z);
+    __m256i nibble = _mm256_set1_epi32(15);
+    for (int half = 0; half < 2; half++) {
+        __m256i q = _mm256_cvtepu8_epi32(half ? _mm_srli_si128(bytes, 8) : bytes);
+        _mm256_storeu_ps(out + 8 * half, _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(_mm256_and_si256(q, nibble)), offset));
+        _mm256_storeu_ps(out + 16 + 8 * half, _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), offset));
+    }
+#else
+    for (int j = 0; j < 16; j++) {
+        out[j] = fmaf(s, (float)(piece[j] & 15), z);
+        out[16 + j] = fmaf(s, (float)(piece[j] >> 4), z);
+    }
+#endif
+}
+
 /* Sum of x [M, K] over each group, so offsets cost one multiply per group:
  * sum_k (s q_k + o) x_k = s sum q_k x_k + o sum x_k. */
 static inline void group_sums(const float *x, float *sums, int64_t M, int64_t K, int64_t group) {
