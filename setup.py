@@ -16,7 +16,7 @@ class OptionalBuildExt(build_ext):
 
 kernels = Extension(
     "gemma4.kernels._kernels",
-    sources=[f"src/gemma4/kernels/{name}.c" for name in ("matmul", "int4", "int4_prompt", "decode", "layer", "bandwidth", "gguf", "quantize")],
+    sources=[f"src/gemma4/kernels/{name}.c" for name in ("matmul", "int4", "int4_prompt", "int4_prompt_vnni", "decode", "layer", "bandwidth", "gguf", "quantize")],
     depends=["src/gemma4/kernels/simd.h", "src/gemma4/kernels/kernels.h"],
     extra_compile_args=["-O3", "-march=native", "-fopenmp"],
     extra_link_args=["-fopenmp"],

@@ -44,31 +44,38 @@ def test_streaming_kernels_equal_the_dequantized_matmul(kind, group, rows, fast_
 
 @pytest.mark.parametrize("kind,group,f32_scales", [("int4", 64, False), ("int4", 32, True), ("int4", 128, False), ("q4_0", 32, False)])
 @pytest.mark.parametrize("rows", [9, 200])
-def test_the_prompt_kernel_is_the_dequantized_matmul_and_batches_change_no_row(kind, group, f32_scales, rows):
-    """More rows than the one-token kernels take: int4 tiles dequantized in fp32 a few rows at a time
-    (kernels/int4_prompt.c; a dense weight's prompt takes it where it has its fast form), the dense product to
-    fp32 round-off, each row's answer the same alone as in any batch (200 rows span blocks of tokens)."""
+@pytest.mark.parametrize("halves", [0, 1, 2])
+def test_the_prompt_kernels_are_the_dequantized_matmul_and_batches_change_no_row(kind, group, f32_scales, rows, halves):
+    """More rows than the one-token kernels take: int4 tiles unpacked a few rows at a time, each row's answer
+    the same alone as in any batch (200 rows span blocks of tokens). halves 0 (kernels/int4_prompt.c): the
+    dense product to fp32 round-off; 1 and 2 (kernels/int4_prompt_vnni.c, with AVX-512 VNNI): the
+    activations rounded as the one-token kernels round them (2 by default, 1 with --fast-math), the
+    product as expected_matmul models it. Prompts of a tiled weight take the rounded form where it exists."""
+    if halves and not kernels.prompt_rounding():
+        pytest.skip("the rounded prompt kernel needs AVX-512 VNNI")
     torch.manual_seed(0)
-    packed = quantize(torch.randn(296, 512), kind, group)
+    packed = replace(quantize(torch.randn(296, 512), kind, group), fast_math=halves == 1)
     if f32_scales:  # (GGUF Q4_K's)
         packed = replace(packed, scales=packed.scales.float(), offsets=packed.offsets.float())
     x = torch.randn(rows, 512)
     assert packed.row_kernel(rows) is None
-    assert_matmul(packed, x)
-    prompt = lambda x: kernels.prompt_int4_matmul(x.contiguous(), packed.codes, packed.scales, packed.offsets, packed.group_size)  # noqa: E731
+    prompt = lambda x: kernels.prompt_int4_matmul(x.contiguous(), packed.codes, packed.scales, packed.offsets, packed.group_size, halves=halves)  # noqa: E731
     y = prompt(x)
-    if kernels.prompt_panels():
+    if halves:
+        assert_matmul(packed, x, y)
+    else:
+        torch.testing.assert_close(y, (x.double() @ packed.dequantize().double().T).float(), atol=1e-4, rtol=1e-5)
+    if halves or (kernels.prompt_panels() and not kernels.prompt_rounding()):
         assert torch.equal(y, packed.matmul(x))
-    torch.testing.assert_close(y, (x.double() @ packed.dequantize().double().T).float(), atol=1e-4, rtol=1e-5)
     alone = torch.cat([prompt(x[m : m + 1]) for m in (0, 4, rows - 1)])
     assert torch.equal(alone, y[[0, 4, rows - 1]])
 
 
-def assert_matmul(packed: PackedTensor, x: torch.Tensor) -> None:
-    """Within fp32 round-off of expected_matmul, and of one low step per activation (the kernels
-    round x * (127 / max) and its rest with the FMA and reciprocal they have: a rest at a half may
-    round the other way, and a rest clamped at 127 low steps is up to 1.5 off)."""
-    error = (packed.matmul(x) - expected_matmul(packed, x)).abs()
+def assert_matmul(packed: PackedTensor, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    """y (packed.matmul(x) if not given) within fp32 round-off of expected_matmul, and of one low step per
+    activation (the kernels round x * (127 / max) and its rest with the FMA and reciprocal they have: a
+    rest at a half may round the other way, and a rest clamped at 127 low steps is up to 1.5 off)."""
+    error = ((packed.matmul(x) if y is None else y) - expected_matmul(packed, x)).abs()
     slack = 0.0
     if rounds_activations(packed) and not packed.fast_math:
         low_step = x.view(x.shape[0], -1, 32).abs().amax(-1, keepdim=True).expand(-1, -1, 32).reshape(x.shape) / 127 / 256 * 1.5

@@ -103,15 +103,28 @@ def prompt_panels() -> bool:
     return _lib is not None and bool(_lib.prompt_matmul_int4_has_panels())
 
 
-def prompt_int4_matmul(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int, experts: Tensor | None = None) -> Tensor:
+def prompt_rounding() -> bool:
+    """Whether prompt_int4_matmul can round the activations to int8 halves here (AVX-512 VNNI)."""
+    return available() and bool(_lib.prompt_matmul_int4_rounded_available())  # type: ignore[union-attr]
+
+
+def prompt_int4_matmul(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int, experts: Tensor | None = None,
+                       halves: int = 0) -> Tensor:
     """x fp32 [M, K] contiguous @ W.T -> fp32 [M, N] for the many rows of a prompt, W int4 tiles
-    (codes [N/8, K/32, 128], scales/offsets [N/8, K/group, 8]), as exact as dequantizing W for a dense
-    matmul. With `experts` (int64 [M], sorted), W is a stack [E, ...] and row m goes through experts[m]."""
+    (codes [N/8, K/32, 128], scales/offsets [N/8, K/group, 8]). halves 0: as exact as dequantizing W for a
+    dense matmul; 1 or 2 (where prompt_rounding()): the activations rounded to that many int8 halves, as
+    the one-token kernels round them (2: their default, 1: --fast-math). With `experts` (int64 [M],
+    sorted), W is a stack [E, ...] and row m goes through experts[m]."""
     assert _lib is not None and (experts is None or (experts.dtype == torch.int64 and experts.is_contiguous()))
+    assert halves == 0 or prompt_rounding()
     M, N, K = x.shape[0], codes.shape[-3] * 8, codes.shape[-2] * 32
     y = torch.empty(M, N)
     f16 = int(scales.dtype == torch.float16)
-    _lib.prompt_matmul_int4(_ptr(x), _ptr(codes), _ptr(scales), _ptr(offsets), f16, _ptr(experts), _ptr(y), M, N, K, group, torch.get_num_threads())  # type: ignore[union-attr]
+    args = (_ptr(x), _ptr(codes), _ptr(scales), _ptr(offsets), f16, _ptr(experts), _ptr(y), M, N, K, group)
+    if halves:
+        _lib.prompt_matmul_int4_rounded(*args, halves, torch.get_num_threads())  # type: ignore[union-attr]
+    else:
+        _lib.prompt_matmul_int4(*args, torch.get_num_threads())  # type: ignore[union-attr]
     return y
 
 
@@ -303,7 +316,7 @@ def read_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) ->
 
 
 if _lib is not None:
-    for _name in ("matmul_packed", "matmul_int4", "prompt_matmul_int4", "dequantize_int4", "tile_q4_0", "unpack_q6_k", "fit_int4", "code_int4", "fit_q4_0", "rms_norm",
+    for _name in ("matmul_packed", "matmul_int4", "prompt_matmul_int4", "prompt_matmul_int4_rounded", "dequantize_int4", "tile_q4_0", "unpack_q6_k", "fit_int4", "code_int4", "fit_q4_0", "rms_norm",
                   "rms_norm_rotary", "attend_one_query", "gelu_tanh", "decode_layer_attention_inputs", "decode_layer_rest",
                   "decode_layer_attention_output", "decode_layer_feedforward", "route"):
         getattr(_lib, _name).restype = None
@@ -312,6 +325,8 @@ if _lib is not None:
     _lib.matmul_int4.argtypes = [_p, _p, _p, _p, _int, _p, _p, _i64, _i64, _i64, _i64, _int, _int]
     _lib.prompt_matmul_int4.argtypes = [_p, _p, _p, _p, _int, _p, _p, _i64, _i64, _i64, _i64, _int]
     _lib.prompt_matmul_int4_has_panels.restype = ctypes.c_int
+    _lib.prompt_matmul_int4_rounded.argtypes = [_p, _p, _p, _p, _int, _p, _p, _i64, _i64, _i64, _i64, _int, _int]
+    _lib.prompt_matmul_int4_rounded_available.restype = ctypes.c_int
     _lib.gelu_tanh.argtypes = [_p, _p, _p, _i64, _int]
     _lib.decode_layer_attention_inputs.argtypes = [_p, _p, _p, _p, _p, _p, _p, _i64, _int]
     _lib.decode_layer_rest.argtypes = [_p, _p, _p, _p, _i64, _p, _i64, _int]

@@ -33,14 +33,14 @@
 #define ROWS 8
 #endif
 
-/* The rows of x in panels of up to PANEL rows of one expert (panel p: rows starts[p] .. starts[p + 1]),
+/* The rows of x in panels of up to `panel` rows of one expert (panel p: rows starts[p] .. starts[p + 1]),
  * and the panels in blocks of one expert's, per_block at most (block i: panels blocks[i] .. blocks[i + 1]).
  * Returns the number of blocks; starts and blocks have room for M + 1. */
-static int64_t split_rows(const int64_t *experts, int64_t M, int64_t per_block, int64_t *starts, int64_t *blocks) {
+int64_t split_rows(const int64_t *experts, int64_t M, int64_t panel, int64_t per_block, int64_t *starts, int64_t *blocks) {
     int64_t panels = 0, count = 0;
     for (int64_t m = 0; m < M; m++) {
         int new_expert = m == 0 || (experts && experts[m] != experts[m - 1]);
-        if (new_expert || m - starts[panels - 1] == PANEL) {
+        if (new_expert || m - starts[panels - 1] == panel) {
             if (new_expert || panels - blocks[count - 1] == per_block) blocks[count++] = panels;
             starts[panels++] = m;
         }
@@ -214,7 +214,7 @@ void prompt_matmul_int4(const float *x, const uint8_t *codes, const void *scales
     int64_t T = N / 8, G = K / group, width = f16 ? 2 : 4, parts = (N + ROWS - 1) / ROWS;
     int64_t per_block = BLOCK_BYTES / (K * 4 * PANEL);
     int64_t *starts = (int64_t *)malloc((M + 1) * sizeof(int64_t)), *blocks = (int64_t *)malloc((M + 1) * sizeof(int64_t));
-    int64_t block_count = split_rows(experts, M, per_block > 1 ? per_block : 1, starts, blocks);
+    int64_t block_count = split_rows(experts, M, PANEL, per_block > 1 ? per_block : 1, starts, blocks);
     int64_t tile_codes = (K / 32) * TILE_BYTES, tile_values = G * 8 * width;
 #ifdef GEMMA4_PANELS
     float *panels = (float *)malloc(M * K * sizeof(float));

@@ -11,6 +11,7 @@ void matmul_int8(const float *x, const int8_t *w, const float *scales, const flo
 void matmul_q6_k(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int fast, int threads);
 void matmul_int4(const float *x, const uint8_t *codes, const void *scales, const void *offsets, int f16, const int64_t *experts,
                  float *y, int64_t M, int64_t N, int64_t K, int64_t group, int fast, int threads);
+int64_t split_rows(const int64_t *experts, int64_t M, int64_t panel, int64_t per_block, int64_t *starts, int64_t *blocks);
 void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int64_t dim, float eps, float offset);
 void rms_norm_rotary(const float *x, const float *weight, const float *cos, const float *sin, float *out, int64_t tokens,
                      int64_t heads, int64_t dim, float eps, float offset);

@@ -145,7 +145,7 @@ class PackedTensor:
         """Row m of x (fp32 [M, K], contiguous) through matrix experts[m] of this stack -> fp32 [M, N],
         by the one-token kernel (`streaming`) or the prompt kernel, as `matmul` would take the rows."""
         if not streaming:
-            return kernels.prompt_int4_matmul(x, self.codes, self.scales, self.offsets, self.group_size, experts)  # type: ignore[arg-type]
+            return self._prompt_matmul(x, experts)
         return kernels.routed_int4_matmul(x, self.codes, self.scales, self.offsets, self.group_size, self.fast_math, experts)  # type: ignore[arg-type]
 
     @cached_property
@@ -163,9 +163,15 @@ class PackedTensor:
             return None
         return kernels.BoundMatmul(self.kind, self.shape[-2:], self.codes, self.scales, self.offsets, self.group_size, self.fast_math)
 
+    def _prompt_matmul(self, x: Tensor, experts: Tensor | None = None) -> Tensor:
+        """Many rows through int4 tiles: with AVX-512 VNNI the activations rounded as the one-token kernels
+        round them (kernels/int4_prompt_vnni.c), else exact in fp32 (kernels/int4_prompt.c)."""
+        halves = (1 if self.fast_math else 2) if kernels.prompt_rounding() else 0
+        return kernels.prompt_int4_matmul(x, self.codes, self.scales, self.offsets, self.group_size, experts, halves)  # type: ignore[arg-type]
+
     def _dense_matmul(self, x: Tensor) -> Tensor:
-        if self.tiled and self.codes.is_contiguous() and kernels.prompt_panels():  # dequantized a few rows at a time (kernels/int4_prompt.c)
-            return kernels.prompt_int4_matmul(x, self.codes, self.scales, self.offsets, self.group_size)  # type: ignore[arg-type]
+        if self.tiled and self.codes.is_contiguous() and (kernels.prompt_rounding() or kernels.prompt_panels()):
+            return self._prompt_matmul(x)
         N, K = self.shape
         step = max(1, DENSE_BLOCK_BYTES // (4 * K))
         if step >= N:

@@ -1,0 +1,230 @@
+/* Prompt-shaped matmuls over int4 tiles with the activations rounded to int8, as the one-token kernels
+ * round them (round_block, simd.h: per 32-block, one int8 half with --fast-math, two otherwise), and
+ * the products summed in integers by AVX-512 VNNI: y[M, N] = x[M, K] . W[N, K]^T.
+ *
+ * The fp32 prompt kernel (int4_prompt.c) does one FMA per weight and token, 32 multiply-adds an
+ * instruction; a VNNI multiply-add does 64 (16 rows x 4 adjacent columns), so a 32-column block of 16
+ * rows costs a token 8 of them (16 with two halves) and 4 to bring the integer sum to fp32 under its
+ * scales: ~2.5x (one half) or ~1.5x (two) the fp32 kernel's arithmetic rate. Tiling as there: 16
+ * weight rows unpacked to bytes in L2 (column-quads in 32-bit lanes, one register per 4 columns),
+ * panels of up to 16 tokens whose sums stay in registers, each token's 4 activation bytes broadcast from
+ * memory into the multiply-add. Each token's answer depends on nothing but its own activations: the
+ * same in any batch. */
+
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "kernels.h"
+#include "simd.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(GEMMA4_AVX2)
+#define GEMMA4_VNNI_PANELS 1
+#define PANEL 16 /* tokens per panel: 16 sums + 8 weight vectors + scales and temporaries in 32 registers */
+#define BLOCK_BYTES (768 << 10) /* rounded activations per block of tokens (int4_prompt.c's BLOCK_BYTES) */
+
+/* A panel's rounded activations, block-major so that a token's bytes are at offsets known at compile time. */
+typedef struct {
+    int8_t *high, *low; /* [K/32][count][32]; low NULL with one half */
+    float *step;        /* [K/32][count]: the block's step (over LOW_STEPS with two halves) */
+    int32_t *bias;      /* [K/32][count]: -8 x the block's integer sum, so codes count from 8 (int4.c's reason) */
+    float *sums;        /* [G][count]: the exact fp32 group sums the offsets multiply; NULL without offsets */
+} Panel;
+
+/* Rows x[0 .. count) (K apart) rounded into panel p (its arrays sized for `count` tokens). */
+static void round_panel(const float *x, int64_t count, int64_t K, int64_t group, int halves, Panel p) {
+    int64_t B = K / 32, G = K / group;
+    float rest[32];
+    for (int64_t m = 0; m < count; m++)
+        for (int64_t b = 0; b < B; b++) {
+            const float *xb = x + m * K + b * 32;
+            int8_t *high = p.high + (b * count + m) * 32, *low = p.low ? p.low + (b * count + m) * 32 : NULL;
+            float amax = block_max(xb), inverse = amax > 0.f ? 127.f / amax : 0.f, step = amax / 127.f;
+            round_block(xb, inverse, high);
+            int32_t sum = 0;
+            for (int j = 0; j < 32; j++) sum += high[j];
+            if (halves == 2) {
+                for (int j = 0; j < 32; j++) rest[j] = xb[j] - high[j] * step;
+                round_block(rest, inverse * LOW_STEPS, low);
+                sum *= LOW_STEPS;
+                for (int j = 0; j < 32; j++) sum += low[j];
+                step /= LOW_STEPS;
+            }
+            p.step[b * count + m] = step;
+            p.bias[b * count + m] = -8 * sum;
+        }
+    if (p.sums) {
+        float *sums = (float *)malloc(count * G * sizeof(float));
+        group_sums(x, sums, count, K, group);
+        for (int64_t m = 0; m < count; m++)
+            for (int64_t g = 0; g < G; g++) p.sums[g * count + m] = sums[m * G + g];
+        free(sums);
+    }
+}
+
+/* Two tile rows (the second may repeat the first) -> per 32-column block b, 8 vectors at codes + b * 512
+ * (vector j: lane r holds row r's codes of columns 4j .. 4j + 3, one byte each, 0..15), the 16 rows'
+ * scales at scale_out + b * 16, and their offsets plus 8 scales at offset_out + b * 16 (codes count from
+ * 8; none on the Q4_0 grid, whose offset is -8 scale). A tile row's byte j holds column j in its low
+ * nibble and j + 16 in its high one, so row r's 32-bit word i holds columns 4i .. 4i + 3 (low nibbles)
+ * and 16 + 4i .. (high). */
+static void unpack_pair(const uint8_t *const tiles[2], const void *const scales[2], const void *const offsets[2], int f16, int64_t K,
+                        int64_t group, int8_t *codes, float *scale_out, float *offset_out) {
+    __m512i order[4];
+    for (int i = 0; i < 4; i++) {  /* row r's word i in a tile's 32 words: (r % 4) * 8 + (r / 4) * 4 + i */
+        int32_t words[16];
+        for (int r = 0; r < 16; r++) words[r] = (r % 8 % 4) * 8 + (r % 8 / 4) * 4 + i;
+        order[i] = _mm512_loadu_si512(words);
+    }
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    for (int64_t b = 0; b < K / 32; b++) {
+        const uint8_t *first = tiles[0] + b * TILE_BYTES, *second = tiles[1] + b * TILE_BYTES;
+        PREFETCH(first);
+        PREFETCH(second);
+        __m512i f0 = _mm512_loadu_si512(first), f1 = _mm512_loadu_si512(first + 64);
+        __m512i s0 = _mm512_loadu_si512(second), s1 = _mm512_loadu_si512(second + 64);
+        __m512i *out = (__m512i *)(codes + b * 512);
+        for (int i = 0; i < 4; i++) {
+            __m512i a = _mm512_permutex2var_epi32(f0, order[i], f1), c = _mm512_permutex2var_epi32(s0, order[i], s1);
+            __m512i words = _mm512_inserti64x4(a, _mm512_castsi512_si256(c), 1);
+            _mm512_store_si512(out + i, _mm512_and_si512(words, nibble));
+            _mm512_store_si512(out + 4 + i, _mm512_and_si512(_mm512_srli_epi32(words, 4), nibble));
+        }
+        int64_t g = b * 32 / group;
+        __m512 scale = _mm512_insertf32x8(_mm512_castps256_ps512(load_group_values(scales[0], g * 8, f16)), load_group_values(scales[1], g * 8, f16), 1);
+        _mm512_store_ps(scale_out + b * 16, scale);
+        if (offsets[0]) {
+            __m512 offset = _mm512_insertf32x8(_mm512_castps256_ps512(load_group_values(offsets[0], g * 8, f16)), load_group_values(offsets[1], g * 8, f16), 1);
+            _mm512_store_ps(offset_out + b * 16, _mm512_fmadd_ps(scale, _mm512_set1_ps(8.f), offset));
+        }
+    }
+}
+
+/* A panel of `count` tokens (a literal where inlined) against 16 unpacked rows -> y[m * N + row] for the
+ * rows in `rows`. Per block and token: the integer dot products of the 16 rows (8 multiply-adds a half,
+ * the activations' words broadcast from memory), counted from 8, then one FMA under scale x step; the
+ * offsets' share once per group. */
+static inline __attribute__((always_inline)) void panel_dots(const int8_t *codes, const float *scales, const float *offsets, Panel p, int count,
+                                                             int64_t K, int64_t group, float *y, int64_t N, __mmask16 rows) {
+    __m512 sums[PANEL];
+#pragma GCC unroll 16
+    for (int m = 0; m < count; m++) sums[m] = _mm512_setzero_ps();
+    const int64_t blocks = group / 32;
+    for (int64_t b = 0; b < K / 32; b++) {
+        const __m512i *w = (const __m512i *)(codes + b * 512);
+        __m512i w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6], w7 = w[7];
+        __m512 scale = _mm512_load_ps(scales + b * 16);
+        const int32_t *high = (const int32_t *)(p.high + b * count * 32), *low = p.low ? (const int32_t *)(p.low + b * count * 32) : NULL;
+        const float *step = p.step + b * count;
+        const int32_t *bias = p.bias + b * count;
+#pragma GCC unroll 16
+        for (int m = 0; m < count; m++) {
+            const int32_t *h = high + m * 8;
+            __m512i dot = low ? _mm512_setzero_si512() : _mm512_set1_epi32(bias[m]);
+            dot = _mm512_dpbusd_epi32(dot, w0, _mm512_set1_epi32(h[0]));
+            dot = _mm512_dpbusd_epi32(dot, w1, _mm512_set1_epi32(h[1]));
+            dot = _mm512_dpbusd_epi32(dot, w2, _mm512_set1_epi32(h[2]));
+            dot = _mm512_dpbusd_epi32(dot, w3, _mm512_set1_epi32(h[3]));
+            dot = _mm512_dpbusd_epi32(dot, w4, _mm512_set1_epi32(h[4]));
+            dot = _mm512_dpbusd_epi32(dot, w5, _mm512_set1_epi32(h[5]));
+            dot = _mm512_dpbusd_epi32(dot, w6, _mm512_set1_epi32(h[6]));
+            dot = _mm512_dpbusd_epi32(dot, w7, _mm512_set1_epi32(h[7]));
+            if (low) {
+                const int32_t *l = low + m * 8;
+                dot = _mm512_add_epi32(_mm512_slli_epi32(dot, 8), _mm512_set1_epi32(bias[m]));
+                dot = _mm512_dpbusd_epi32(dot, w0, _mm512_set1_epi32(l[0]));
+                dot = _mm512_dpbusd_epi32(dot, w1, _mm512_set1_epi32(l[1]));
+                dot = _mm512_dpbusd_epi32(dot, w2, _mm512_set1_epi32(l[2]));
+                dot = _mm512_dpbusd_epi32(dot, w3, _mm512_set1_epi32(l[3]));
+                dot = _mm512_dpbusd_epi32(dot, w4, _mm512_set1_epi32(l[4]));
+                dot = _mm512_dpbusd_epi32(dot, w5, _mm512_set1_epi32(l[5]));
+                dot = _mm512_dpbusd_epi32(dot, w6, _mm512_set1_epi32(l[6]));
+                dot = _mm512_dpbusd_epi32(dot, w7, _mm512_set1_epi32(l[7]));
+            }
+            sums[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale, _mm512_set1_ps(step[m])), sums[m]);
+        }
+        if (offsets && (b + 1) % blocks == 0) {
+            int64_t g = b / blocks;
+            __m512 offset = _mm512_load_ps(offsets + b * 16);
+#pragma GCC unroll 16
+            for (int m = 0; m < count; m++) sums[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(p.sums[g * count + m]), sums[m]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int m = 0; m < count; m++) _mm512_mask_storeu_ps(y + m * N, rows, sums[m]);
+}
+
+#define PANEL_CASE(n) case n: panel_dots(codes, scales, offsets, p, n, K, group, y, N, rows); break;
+
+static void panel_dots_any(const int8_t *codes, const float *scales, const float *offsets, Panel p, int count, int64_t K, int64_t group,
+                           float *y, int64_t N, __mmask16 rows) {
+    switch (count) {  /* literal counts: the sums stay in registers */
+        PANEL_CASE(1) PANEL_CASE(2) PANEL_CASE(3) PANEL_CASE(4) PANEL_CASE(5) PANEL_CASE(6) PANEL_CASE(7) PANEL_CASE(8)
+        PANEL_CASE(9) PANEL_CASE(10) PANEL_CASE(11) PANEL_CASE(12) PANEL_CASE(13) PANEL_CASE(14) PANEL_CASE(15) default: PANEL_CASE(16)
+    }
+}
+
+/* Panel i of rows starts[i] .. starts[i + 1], its arrays carved from one allocation at token starts[i]. */
+static Panel panel_at(int8_t *high, int8_t *low, float *step, int32_t *bias, float *sums, int64_t m0, int64_t K, int64_t group) {
+    Panel p = {high + m0 * K, low ? low + m0 * K : NULL, step + m0 * (K / 32), bias + m0 * (K / 32), sums ? sums + m0 * (K / group) : NULL};
+    return p;
+}
+#endif
+
+/* Whether this build has the kernel (AVX-512 with VNNI). */
+int prompt_matmul_int4_rounded_available(void) {
+#ifdef GEMMA4_VNNI_PANELS
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* x [M, K] -> y [M, N] as prompt_matmul_int4 (int4_prompt.c), the activations rounded to `halves` (1 or 2)
+ * int8 halves. Does nothing without GEMMA4_VNNI_PANELS (prompt_matmul_int4_rounded_available). */
+void prompt_matmul_int4_rounded(const float *x, const uint8_t *codes, const void *scales, const void *offsets, int f16, const int64_t *experts,
+                                float *y, int64_t M, int64_t N, int64_t K, int64_t group, int halves, int threads) {
+#ifdef GEMMA4_VNNI_PANELS
+    int64_t T = N / 8, G = K / group, B = K / 32, width = f16 ? 2 : 4, parts = (N + 15) / 16;
+    int64_t token_bytes = K * halves + B * 8 + (offsets ? G * 4 : 0), per_block = BLOCK_BYTES / (token_bytes * PANEL);
+    int64_t *starts = (int64_t *)malloc((M + 1) * sizeof(int64_t)), *blocks = (int64_t *)malloc((M + 1) * sizeof(int64_t));
+    int64_t block_count = split_rows(experts, M, PANEL, per_block > 1 ? per_block : 1, starts, blocks), panels = blocks[block_count];
+    int8_t *high = (int8_t *)malloc(M * K), *low = halves == 2 ? (int8_t *)malloc(M * K) : NULL;
+    float *step = (float *)malloc(M * B * sizeof(float)), *sums = offsets ? (float *)malloc(M * G * sizeof(float)) : NULL;
+    int32_t *bias = (int32_t *)malloc(M * B * sizeof(int32_t));
+    int64_t tile_codes = B * TILE_BYTES, tile_values = G * 8 * width;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < panels; i++)
+            round_panel(x + starts[i] * K, starts[i + 1] - starts[i], K, group, halves, panel_at(high, low, step, bias, sums, starts[i], K, group));
+        int8_t *unpacked = (int8_t *)aligned_alloc(64, 16 * K);
+        float *row_scales = (float *)aligned_alloc(64, B * 16 * sizeof(float)), *row_offsets = (float *)aligned_alloc(64, B * 16 * sizeof(float));
+#pragma omp for schedule(dynamic, 2)  /* runs of 2: a thread's next tiles are those it prefetches */
+        for (int64_t i = 0; i < block_count * parts; i++) {
+            int64_t b = i / parts, t = i % parts * 2, e = experts ? experts[starts[blocks[b]]] : 0;
+            const uint8_t *tile = codes + (e * T + t) * tile_codes;
+            const char *s = (const char *)scales + (e * T + t) * tile_values;
+            const char *o = offsets ? (const char *)offsets + (e * T + t) * tile_values : NULL;
+            int odd = t + 1 == T;  /* the last of an odd number of tiles: paired with itself, the copy not stored */
+            const uint8_t *tiles[2] = {tile, odd ? tile : tile + tile_codes};
+            const void *tile_scales[2] = {s, odd ? s : s + tile_values}, *tile_offsets[2] = {o, o && !odd ? o + tile_values : o};
+            unpack_pair(tiles, tile_scales, tile_offsets, f16, K, group, unpacked, row_scales, row_offsets);
+            for (int64_t q = blocks[b]; q < blocks[b + 1]; q++)
+                panel_dots_any(unpacked, row_scales, offsets ? row_offsets : NULL, panel_at(high, low, step, bias, sums, starts[q], K, group),
+                               (int)(starts[q + 1] - starts[q]), K, group, y + starts[q] * N + t * 8, N, odd ? 0x00FF : 0xFFFF);
+        }
+        free(unpacked);
+        free(row_scales);
+        free(row_offsets);
+    }
+    free(high);
+    free(low);
+    free(step);
+    free(bias);
+    free(sums);
+    free(starts);
+    free(blocks);
+#else
+    (void)x, (void)codes, (void)scales, (void)offsets, (void)f16, (void)experts, (void)y, (void)M, (void)N, (void)K, (void)group, (void)halves, (void)threads;
+#endif
+}
