@@ -16,7 +16,7 @@ from .parallel.sharding import WHOLE, Shard, cut_of
 from .plan import LayerPlan, build_plan
 from .runtime.kv_cache import DEFAULT_CHUNK, global_capacity
 from .quant.modules import UNPACKED
-from .quant.packed import DENSE_BLOCK_BYTES, packed_nbytes, packed_row_bytes
+from .quant.packed import packed_nbytes, packed_row_bytes, prompt_scratch_bytes
 from .weights.layout import TensorSpec, checkpoint_tensors
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -138,8 +138,9 @@ def plan_memory(
     ple_resident = min(ple_table, context * batch * ple_row_pages) if savings.ple_on_disk else ple_table
     kv = serving_kv_bytes(plan, context, batch, kv_dtype, snapshots, savings)
     activations = _prefill_peak(plan, text.hidden_size, min(prefill_chunk, context), context, batch, width)
-    if quant:  # prefill dequantizes one block of a packed matrix at a time for a dense fp32 matmul
-        activations += DENSE_BLOCK_BYTES
+    if quant:  # a prefill matmul's own copy: of its rows, for the int4 prompt kernels, or of a dequantized block of the weight
+        chunk = batch * min(prefill_chunk, context)
+        activations += prompt_scratch_bytes(max(chunk * max(p.mlp_width for p in plan), chunk * (text.top_k_experts or 0) * text.hidden_size))
     if media:  # encoding comes before the prefill: the larger transient of the two
         activations = max(activations, _encoder_peak(config, encoder_width))
     resident = RUNTIME_BYTES + sum(weights.values()) + ple_resident + sum(kv.values()) + activations

@@ -97,12 +97,6 @@ def routed_int4_matmul(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor
     return y
 
 
-def prompt_panels() -> bool:
-    """Whether prompt_int4_matmul has its fast form here (AVX-512 VBMI), which beats a dense matmul over
-    dequantized weights on every shape; the other form only beats it on an expert stack's short runs."""
-    return _lib is not None and bool(_lib.prompt_matmul_int4_has_panels())
-
-
 def prompt_rounding() -> bool:
     """Whether prompt_int4_matmul can round the activations to int8 halves here (AVX-512 VNNI)."""
     return available() and bool(_lib.prompt_matmul_int4_rounded_available())  # type: ignore[union-attr]
@@ -112,7 +106,7 @@ def prompt_int4_matmul(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor
                        halves: int = 0) -> Tensor:
     """x fp32 [M, K] contiguous @ W.T -> fp32 [M, N] for the many rows of a prompt, W int4 tiles
     (codes [N/8, K/32, 128], scales/offsets [N/8, K/group, 8]). halves 0: as exact as dequantizing W for a
-    dense matmul; 1 or 2 (where prompt_rounding()): the activations rounded to that many int8 halves, as
+    dense matmul (faster than that on an expert stack's runs only); 1 or 2 (where prompt_rounding()): the activations rounded to that many int8 halves, as
     the one-token kernels round them (2: their default, 1: --fast-math). With `experts` (int64 [M],
     sorted), W is a stack [E, ...] and row m goes through experts[m]."""
     assert _lib is not None and (experts is None or (experts.dtype == torch.int64 and experts.is_contiguous()))
@@ -324,7 +318,6 @@ if _lib is not None:
     _lib.matmul_packed.argtypes = [_p, _p, _p, _i64, _int]
     _lib.matmul_int4.argtypes = [_p, _p, _p, _p, _int, _p, _p, _i64, _i64, _i64, _i64, _int, _int]
     _lib.prompt_matmul_int4.argtypes = [_p, _p, _p, _p, _int, _p, _p, _i64, _i64, _i64, _i64, _int]
-    _lib.prompt_matmul_int4_has_panels.restype = ctypes.c_int
     _lib.prompt_matmul_int4_rounded.argtypes = [_p, _p, _p, _p, _int, _p, _p, _i64, _i64, _i64, _i64, _int, _int]
     _lib.prompt_matmul_int4_rounded_available.restype = ctypes.c_int
     _lib.gelu_tanh.argtypes = [_p, _p, _p, _i64, _int]

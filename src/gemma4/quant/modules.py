@@ -69,7 +69,7 @@ class PackedExperts(PackedModule):
 
     def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """Experts.forward, with each expert's rows computed as a single weight's would be: up to
-        STREAMING_MAX_ROWS of them by the one-token kernel, more by the prompt kernel (exact in fp32),
+        STREAMING_MAX_ROWS of them by the one-token kernel, more by the prompt kernel (PackedTensor.routed_matmul),
         each kind of expert in one routed call per projection. The token-expert pairs are sorted by
         expert, so an expert's rows are one slice and each token sums its experts in the loop's order."""
         stacks = [self.packed(name) for name in self.packed_names]
@@ -101,7 +101,7 @@ class PackedExperts(PackedModule):
 
     def project(self, x: Tensor, name: str, expert: int) -> Tensor:
         """One expert's rows as `forward` computes them: beyond STREAMING_MAX_ROWS by the prompt kernel
-        even where a dense weight's prompt keeps PyTorch's matmul (kernels.prompt_panels)."""
+        even where a dense weight's prompt keeps PyTorch's matmul (without AVX-512 VNNI)."""
         stack = self.packed(name)
         if stack.routable and x.shape[0] > packing.STREAMING_MAX_ROWS:
             experts = torch.full((x.shape[0],), expert, dtype=torch.int64)

@@ -165,18 +165,27 @@ class PackedTensor:
 
     def _prompt_matmul(self, x: Tensor, experts: Tensor | None = None) -> Tensor:
         """Many rows through int4 tiles: with AVX-512 VNNI the activations rounded as the one-token kernels
-        round them (kernels/int4_prompt_vnni.c), else exact in fp32 (kernels/int4_prompt.c)."""
+        round them (kernels/int4_prompt_vnni.c), else exact in fp32 (kernels/int4_prompt.c: an expert
+        stack's runs only, where it beats dequantize + sgemm)."""
         halves = (1 if self.fast_math else 2) if kernels.prompt_rounding() else 0
         return kernels.prompt_int4_matmul(x, self.codes, self.scales, self.offsets, self.group_size, experts, halves)  # type: ignore[arg-type]
 
     def _dense_matmul(self, x: Tensor) -> Tensor:
-        if self.tiled and self.codes.is_contiguous() and (kernels.prompt_rounding() or kernels.prompt_panels()):
+        if self.tiled and self.codes.is_contiguous() and kernels.prompt_rounding():
             return self._prompt_matmul(x)
         N, K = self.shape
         step = max(1, DENSE_BLOCK_BYTES // (4 * K))
         if step >= N:
             return F.linear(x, self.dequantize())
         return torch.cat([F.linear(x, self.dequantize(slice(n, n + step))) for n in range(0, N, step)], dim=-1)
+
+
+def prompt_scratch_bytes(values: int) -> int:
+    """The most a prefill matmul over `values` activations (rows x K, the largest of a chunk) holds beside
+    them: their int8 halves and per-32 steps (kernels/int4_prompt_vnni.c), or a dequantized block of the
+    weight (PackedTensor._dense_matmul)."""
+    per_value = 2.25 if kernels.prompt_rounding() else 0
+    return max(DENSE_BLOCK_BYTES, int(values * per_value))
 
 
 def quantize(weight: Tensor, kind: str, group: int | None = None, rows: bool = False) -> PackedTensor:
