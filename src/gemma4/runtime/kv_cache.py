@@ -105,8 +105,8 @@ class ModelCache:
                 ring = ring.clone()
                 ring[:, self.length % self.window] = positions[:, 0]
                 keys[SLIDING] = ring
-            else:
-                keys[SLIDING] = torch.cat((ring, positions), dim=1)
+            else:  # a chunk sees the ring's filled slots (all of them once it has wrapped), then itself
+                keys[SLIDING] = torch.cat((ring[:, : self._ring_filled()], positions), dim=1)
         if FULL in self.types:
             held = self.slot_positions[FULL]
             capacity = global_capacity(self.length + T, self.context, self.chunk)
@@ -157,6 +157,11 @@ class ModelCache:
         empty = (lambda: Int8Tensor.zeros(shape)) if self.dtype == torch.int8 else (lambda: like.new_zeros(shape, dtype=self.dtype))
         return _LayerKV(None if plan.k_eq_v else empty(), empty())
 
+    def _ring_filled(self) -> int:
+        """Ring slots written so far: slot = position % window, so before it wraps the first `length`
+        (a first chunk of 512 attended to 1,536 slots, two thirds of them empty and masked)."""
+        return min(self.length, self.window)
+
     def _ring_slots(self, T: int) -> tuple[Tensor, int]:
         """Slots the last min(T, window) new tokens go to (earlier ones would be overwritten anyway)."""
         last = min(T, self.window)
@@ -170,8 +175,9 @@ class ModelCache:
             if kv.key is not None:
                 kv.key[:, :, slot] = key[:, :, 0]  # type: ignore[index]
             return kv.key, kv.value
-        full_key = None if kv.key is None else _cat(kv.key, key)  # type: ignore[arg-type]
-        full_value = _cat(kv.value, value)
+        filled = self._ring_filled()
+        full_key = None if kv.key is None else _cat(kv.key[:, :, :filled], key)  # type: ignore[arg-type]
+        full_value = _cat(kv.value[:, :, :filled], value)
         slots, last = self._ring_slots(T)
         kv.value[:, :, slots] = value[:, :, -last:]
         if kv.key is not None:
