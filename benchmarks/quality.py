@@ -2,9 +2,10 @@
 agreement, KL divergence and perplexity against the exact model (the checkpoint's weights in fp32,
 one full forward), over public-domain texts.
 
-Each load is measured twice: one full forward (what the weights alone cost: the prompt path
-dequantizes them into fp32 matmuls) and teacher-forced through the decode path, one cached step per
-token as `generate` runs it (what a user gets: the one-token kernels and the K/V cache's dtype).
+Each load is measured twice: one full forward (the prompt path: what the weights cost, and where
+the CPU has AVX-512 VNNI the int4 prompt kernel's rounding of the activations, as decode rounds them)
+and teacher-forced through the decode path, one cached step per token as `generate` runs it (what a
+user gets: the one-token kernels and the K/V cache's dtype).
 
 The K/V cache's dtypes are measured the same way over a text several sliding windows long.
 

@@ -16,11 +16,13 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
 
 import gemma4
+from gemma4 import kernels
 from gemma4.benchmark.peers import converter_script, gguf_for
 from gemma4.errors import ConfigError, Gemma4Error
 from gemma4.parallel.sharding import Shard, held_bytes
@@ -130,7 +132,14 @@ def test_ranks_give_the_single_process_model(ranked):
             # model's two best tokens are that close, greedy may take either. A tiny random model amplifies that
             # rounding ~1000-fold, so the distance is taken over two orders of the single process's sums (its
             # threads: 1 and as many as it has), as the ranks' own order is another (one sample varied 2x here).
-            assert (got["logits"] - expected).abs().max().item() <= 1e-3 * expected.abs().max().item(), job
+            # Where int4 prompts round their activations too (AVX-512 VNNI), the one-shot logits take the same
+            # measure: their distance from the exact prompt path's.
+            one_shot_noise = 1e-3 * expected.abs().max().item()
+            if kernels.prompt_rounding():
+                with patch.object(kernels, "prompt_rounding", lambda: False):
+                    exact_prompts = single(prompt)
+                one_shot_noise = max(one_shot_noise, 3 * (expected - exact_prompts).abs().max().item())
+            assert (got["logits"] - expected).abs().max().item() <= one_shot_noise, job
             noise = max((decode - expected[0, : 2 * window + 3]).abs().max().item() for decode in (expected_decode, single_decode(single, prompt, window, threads=1)))
             assert (got["decode"] - expected_decode).abs().max().item() <= 3 * noise, job
             steps = teacher_forced_logits(single.lm, single.one_bos(prompt[0, :9].tolist()) + got["greedy"])[-len(got["greedy"]) - 1 : -1]
