@@ -41,7 +41,7 @@ def load(
         kv_dtype: the K/V cache's dtype, "bf16", "fp16" or "fp32" (default: fp16 beside packed weights,
             else the compute dtype).
         fast_math: packed int8/int4 matmuls round activations to 8 bits, as llama.cpp does: faster
-            decoding, but not the model's own answers (next-token KL ~0.02-0.05 on Gemma 3 270M, where
+            decoding and (int4, with AVX-512 VNNI) prompts, but not the model's own answers (next-token KL ~0.02-0.05 on Gemma 3 270M, where
             the default's is ~1e-5).
         tp: run the model over this many ranks (tensor parallelism; the 26B-A4B's experts spread over
             them). Call on every rank of an initialised default process group (torchrun sets it up):

@@ -42,7 +42,7 @@ class PackedTensor:
     offsets: Tensor | None = None
     group: int = 0  # 0: one group per row
     tiled: bool = False  # int4 only
-    fast_math: bool = False  # int8/int4 matmuls of up to 8 rows round activations to int8 only (llama.cpp's way; changes answers)
+    fast_math: bool = False  # int8/int4 matmuls round activations to int8 only (llama.cpp's way; changes answers): one-token kernels, and int4 prompts with VNNI
 
     @classmethod
     def of(cls, codes: Tensor, scales: Tensor | None = None, offsets: Tensor | None = None, dims: int = 2) -> PackedTensor:
