@@ -105,10 +105,11 @@ def prompt_rounding() -> bool:
 def prompt_int4_matmul(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int, experts: Tensor | None = None,
                        halves: int = 0) -> Tensor:
     """x fp32 [M, K] contiguous @ W.T -> fp32 [M, N] for the many rows of a prompt, W int4 tiles
-    (codes [N/8, K/32, 128], scales/offsets [N/8, K/group, 8]). halves 0: as exact as dequantizing W for a
-    dense matmul (faster than that on an expert stack's runs only); 1 or 2 (where prompt_rounding()): the activations rounded to that many int8 halves, as
-    the one-token kernels round them (2: their default, 1: --fast-math). With `experts` (int64 [M],
-    sorted), W is a stack [E, ...] and row m goes through experts[m]."""
+    (codes [N/8, K/32, 128], scales/offsets [N/8, K/group, 8]). halves 0: as exact as dequantizing W
+    for a dense matmul (and faster than that on an expert stack's runs only); 1 or 2, where
+    prompt_rounding(): the activations rounded to that many int8 halves as the one-token kernels round
+    them (2: their default, 1: --fast-math). With `experts` (int64 [M], sorted), W is a stack [E, ...]
+    and row m goes through experts[m]."""
     assert _lib is not None and (experts is None or (experts.dtype == torch.int64 and experts.is_contiguous()))
     assert halves == 0 or prompt_rounding()
     M, N, K = x.shape[0], codes.shape[-3] * 8, codes.shape[-2] * 32
