@@ -30,27 +30,16 @@ typedef struct {
     float *sums;        /* [G][count]: the exact fp32 group sums the offsets multiply; NULL without offsets */
 } Panel;
 
-/* Rows x[0 .. count) (K apart) rounded into panel p (its arrays sized for `count` tokens). */
+/* Rows x[0 .. count) (K apart) rounded into panel p (its arrays sized for `count` tokens) by round_32. */
 static void round_panel(const float *x, int64_t count, int64_t K, int64_t group, int halves, Panel p) {
     int64_t B = K / 32, G = K / group;
-    float rest[32];
     for (int64_t m = 0; m < count; m++)
         for (int64_t b = 0; b < B; b++) {
-            const float *xb = x + m * K + b * 32;
-            int8_t *high = p.high + (b * count + m) * 32, *low = p.low ? p.low + (b * count + m) * 32 : NULL;
-            float amax = block_max(xb), inverse = amax > 0.f ? 127.f / amax : 0.f, step = amax / 127.f;
-            round_block(xb, inverse, high);
-            int32_t sum = 0;
-            for (int j = 0; j < 32; j++) sum += high[j];
-            if (halves == 2) {
-                for (int j = 0; j < 32; j++) rest[j] = xb[j] - high[j] * step;
-                round_block(rest, inverse * LOW_STEPS, low);
-                sum *= LOW_STEPS;
-                for (int j = 0; j < 32; j++) sum += low[j];
-                step /= LOW_STEPS;
-            }
-            p.step[b * count + m] = step;
-            p.bias[b * count + m] = -8 * sum;
+            int64_t at = b * count + m;
+            int32_t sum;
+            float step = round_32(x + m * K + b * 32, p.high + at * 32, halves == 2 ? p.low + at * 32 : NULL, &sum);
+            p.step[at] = halves == 2 ? step / LOW_STEPS : step;
+            p.bias[at] = -8 * sum;
         }
     if (p.sums) {
         float *sums = (float *)malloc(count * G * sizeof(float));

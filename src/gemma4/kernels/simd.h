@@ -240,26 +240,27 @@ static inline float block_max(const float *xb) {
 #endif
 }
 
+/* One block of 32 activations rounded as above into high[32] (and low[32], unless NULL: one half) ->
+ * its step, max / 127, with *sum its integer sum (LOW_STEPS high + low, or high alone). */
+static inline float round_32(const float *xb, int8_t *high, int8_t *low, int32_t *sum) {
+    float amax = block_max(xb), inverse = amax > 0.f ? 127.f / amax : 0.f, step = amax / 127.f, rest[32];
+    round_block(xb, inverse, high);
+    if (low) {
+        for (int j = 0; j < 32; j++) rest[j] = xb[j] - high[j] * step;
+        round_block(rest, inverse * LOW_STEPS, low);
+    }
+    int32_t total = 0;
+    for (int j = 0; j < 32; j++) total += low ? high[j] * LOW_STEPS + low[j] : high[j];
+    *sum = total;
+    return step;
+}
+
 /* x [M, K] rounded as above; free with release_activations. */
 static inline RoundedActivations round_activations(const float *x, int64_t M, int64_t K, int fast) {
     int64_t B = M * K / 32;
     RoundedActivations a = {(int8_t *)malloc(M * K), fast ? NULL : (int8_t *)malloc(M * K), (float *)malloc(B * sizeof(float)),
                             (int32_t *)malloc(B * sizeof(int32_t))};
-    float rest[32];
-    for (int64_t b = 0; b < B; b++) {
-        const float *xb = x + b * 32;
-        int8_t *high = a.high + b * 32, *low = fast ? NULL : a.low + b * 32;
-        float amax = block_max(xb), inverse = amax > 0.f ? 127.f / amax : 0.f;
-        a.step[b] = amax / 127.f;
-        round_block(xb, inverse, high);
-        if (!fast) {
-            for (int j = 0; j < 32; j++) rest[j] = xb[j] - high[j] * a.step[b];
-            round_block(rest, inverse * LOW_STEPS, low);
-        }
-        int32_t sum = 0;
-        for (int j = 0; j < 32; j++) sum += fast ? high[j] : high[j] * LOW_STEPS + low[j];
-        a.sums[b] = sum;
-    }
+    for (int64_t b = 0; b < B; b++) a.step[b] = round_32(x + b * 32, a.high + b * 32, fast ? NULL : a.low + b * 32, a.sums + b);
     return a;
 }
 
