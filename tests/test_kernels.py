@@ -30,7 +30,7 @@ def test_rms_norm_equals_the_operators(with_scale, offset):
         torch.testing.assert_close(norm(x), torch_rms_norm(x, norm.weight, 1e-6, offset), atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("heads,kv_heads,slots,dim", [(8, 1, 512, 256), (4, 2, 37, 32), (2, 2, 5, 16), (12, 1, 29, 64)])
+@pytest.mark.parametrize("heads,kv_heads,slots,dim", [(8, 1, 512, 256), (4, 2, 37, 32), (2, 2, 5, 16), (12, 1, 29, 64), (2, 2, 9, 64)])
 def test_one_query_attention_equals_sdpa(heads, kv_heads, slots, dim):
     """Grouped queries, a masked cache slice of a larger buffer (as a global layer's), two sequences."""
     torch.manual_seed(1)
@@ -45,16 +45,18 @@ def test_one_query_attention_equals_sdpa(heads, kv_heads, slots, dim):
     torch.testing.assert_close(attend(q, key, value, mask, 0.7), expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("group", [8, 2])
 @pytest.mark.parametrize("kind", ["bf16", "fp16", "int8"])
-def test_one_query_attention_reads_a_narrow_cache_as_its_widened_values(kind):
-    """16-bit caches and int8 codes with a scale per head and position (read in place from a larger buffer)."""
+def test_one_query_attention_reads_a_narrow_cache_as_its_widened_values(kind, group):
+    """16-bit caches and int8 codes with a scale per head and position (read in place from a larger
+    buffer), 8 queries per KV head as the E2B's layers, 2 as the 26B-A4B's sliding ones."""
     torch.manual_seed(3)
     key, value = torch.randn(2, 2, 2, 48, 32).unbind(0)
     if kind == "int8":
         key, value = (Int8Tensor.quantize(t)[:, :, :40] for t in (key, value))
     else:
         key, value = (t.to(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[kind]))[:, :, :40] for t in (key, value))
-    q = torch.randn(2, 1, 16, 32)  # 8 queries per KV head, as Gemma 4's
+    q = torch.randn(2, 1, 2 * group, 32)
     mask = torch.rand(2, 1, 1, 40) > 0.2
     wide = [widen(t, torch.float32) for t in (key, value)]
     expected = F.scaled_dot_product_attention(q.transpose(1, 2), *wide, attn_mask=mask, scale=0.5, enable_gqa=True)

@@ -38,25 +38,54 @@ static inline __m256 kv_load8(const void *kv, int64_t at, int kind, float scale)
 static inline float block_scale(const uint16_t *scales, int64_t d, int64_t block) { return scales ? half_to_float(scales[d / block]) : 1.f; }
 
 #ifdef GEMMA4_AVX2
-/* Queries g0 .. g0 + n of `dots`. Inlined with a literal n where it can be (8: Gemma 4's 8:1 GQA), so the
- * n sums stay in registers: with n known only at run time they went through the stack, and a call
- * took several times its multiply-adds. */
+/* Queries g0 .. g0 + n of `dots`, each sum split over R running sums (columns d + 8 r, d + 8 (r + R), ...)
+ * added at the end. Inlined with literal n and R (n R = 8), so the sums stay in registers: with n known
+ * only at run time they went through the stack, and a call took several times its multiply-adds. R > 1
+ * where few queries share a KV head (the 26B-A4B's sliding layers: 2): one sum per query was a chain
+ * of D / 8 dependent multiply-adds, each waiting out the last's latency (4 cycles), where 8 chains keep
+ * both FMA units busy. */
 static inline __attribute__((always_inline)) void dot_queries(const float *q, const void *k, int64_t k0, int kind,
                                                               const uint16_t *scales, int64_t block, float *out, int64_t g0,
-                                                              int64_t n, int64_t D) {
+                                                              int64_t n, int R, int64_t D) {
     __m256 acc[8];
-    for (int64_t g = 0; g < n; g++) acc[g] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) {  /* D % 8 == 0 (the caller checks) */
-        __m256 kv = kv_load8(k, k0 + d, kind, block_scale(scales, d, block));
-        for (int64_t g = 0; g < n; g++) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (g0 + g) * D + d), kv, acc[g]);
+    for (int64_t i = 0; i < n * R; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8 * R)  /* D % (8 R) == 0 (the callers check) */
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            __m256 kv = kv_load8(k, k0 + d + 8 * r, kind, block_scale(scales, d + 8 * r, block));
+#pragma GCC unroll 8
+            for (int64_t g = 0; g < n; g++) acc[g * R + r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (g0 + g) * D + d + 8 * r), kv, acc[g * R + r]);
+        }
+    __m256 sums[8];
+    for (int64_t g = 0; g < n; g++) {
+        sums[g] = acc[g * R];
+        for (int r = 1; r < R; r++) sums[g] = _mm256_add_ps(sums[g], acc[g * R + r]);
     }
     if (n == 8) {  /* the 8 sums as one vector: a transposing add tree (40 instructions as 8 horizontal sums) */
-        __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-        __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+        __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(sums[0], sums[1]), _mm256_hadd_ps(sums[2], sums[3]));
+        __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(sums[4], sums[5]), _mm256_hadd_ps(sums[6], sums[7]));
         _mm256_storeu_ps(out + g0, _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31)));
         return;
     }
-    for (int64_t g = 0; g < n; g++) out[g0 + g] = hsum(acc[g]);
+    for (int64_t g = 0; g < n; g++) out[g0 + g] = hsum(sums[g]);
+}
+#endif
+
+#ifdef GEMMA4_AVX2
+/* `dots` for one kind of K/V values, inlined with it literal (kv_load8's branches on it leave the loop). */
+static inline __attribute__((always_inline)) void dots_of_kind(const float *q, const void *k, int64_t k0, int kind, const uint16_t *scales,
+                                                               int64_t block, float *out, int64_t group, int64_t D) {
+    for (int64_t g0 = 0; g0 < group; g0 += 8) {
+        int64_t n = group - g0 < 8 ? group - g0 : 8;
+        int chains = 8 / n > 1 && D % (8 * (8 / n)) == 0 ? 8 / n : 1;
+        switch (n * 16 + chains) {  /* the GQA groups of Gemma 4's layers: 8 (E2B, E4B, global layers), 2 (the 26B-A4B's and 31B's sliding layers) */
+        case 8 * 16 + 1: dot_queries(q, k, k0, kind, scales, block, out, g0, 8, 1, D); break;
+        case 4 * 16 + 2: dot_queries(q, k, k0, kind, scales, block, out, g0, 4, 2, D); break;
+        case 2 * 16 + 4: dot_queries(q, k, k0, kind, scales, block, out, g0, 2, 4, D); break;
+        case 1 * 16 + 8: dot_queries(q, k, k0, kind, scales, block, out, g0, 1, 8, D); break;
+        default: dot_queries(q, k, k0, kind, scales, block, out, g0, n, 1, D);
+        }
+    }
 }
 #endif
 
@@ -65,15 +94,11 @@ static inline __attribute__((always_inline)) void dot_queries(const float *q, co
 static void dots(const float *q, const void *k, int64_t k0, int kind, const uint16_t *scales, int64_t block, float *out, int64_t group,
                  int64_t D) {
 #ifdef GEMMA4_AVX2
-    for (int64_t g0 = 0; g0 < group; g0 += 8) {
-        int64_t n = group - g0 < 8 ? group - g0 : 8;
-        switch (n) {  /* the GQA groups of Gemma 4's layers: 8 (E2B, E4B, global layers), 2 (the 26B-A4B's and 31B's sliding layers) */
-        case 8: dot_queries(q, k, k0, kind, scales, block, out, g0, 8, D); break;
-        case 4: dot_queries(q, k, k0, kind, scales, block, out, g0, 4, D); break;
-        case 2: dot_queries(q, k, k0, kind, scales, block, out, g0, 2, D); break;
-        case 1: dot_queries(q, k, k0, kind, scales, block, out, g0, 1, D); break;
-        default: dot_queries(q, k, k0, kind, scales, block, out, g0, n, D);
-        }
+    switch (kind) {
+    case KV_F32: dots_of_kind(q, k, k0, KV_F32, scales, block, out, group, D); break;
+    case KV_BF16: dots_of_kind(q, k, k0, KV_BF16, scales, block, out, group, D); break;
+    case KV_F16: dots_of_kind(q, k, k0, KV_F16, scales, block, out, group, D); break;
+    default: dots_of_kind(q, k, k0, KV_I8, scales, block, out, group, D);
     }
 #else
     for (int64_t g = 0; g < group; g++) {  /* one long serial sum: in double, to stay within fp32 round-off */
@@ -96,8 +121,10 @@ static inline __attribute__((always_inline)) void weighted_columns(const float *
     for (int64_t s = s0; s < s1; s++) {
         if (!mask[s]) continue;
         const float *ps = p + (s - s0) * group + g0;
+#pragma GCC unroll 8
         for (int c = 0; c < C; c++) {
             __m256 vv = kv_load8(v, v0 + s * D + d + 8 * c, kind, block_scale(scales ? scales + s * blocks : NULL, d + 8 * c, block));
+#pragma GCC unroll 8
             for (int64_t g = 0; g < n; g++) acc[g * C + c] = _mm256_fmadd_ps(_mm256_set1_ps(ps[g]), vv, acc[g * C + c]);
         }
     }
@@ -106,13 +133,11 @@ static inline __attribute__((always_inline)) void weighted_columns(const float *
 }
 #endif
 
-/* part[g] outputs (at offset 2 of each `width`, zeroed by the caller) = sum over allowed slots s of
- * p[s, g] * v[s] (v's slot s at element v0 + s D, its int8 scales at scales + s D / block), each
- * output's sum over s in order. A pass over the slots takes 32 columns (a 16-bit row's cache line)
- * where few queries share the KV head, 8 where many do: the sums stay in registers. */
-static void weighted_sum(const float *p, const void *v, int64_t v0, int kind, const uint16_t *scales, int64_t block,
-                         const uint8_t *mask, int64_t s0, int64_t s1, float *part, int64_t group, int64_t D, int64_t width) {
 #ifdef GEMMA4_AVX2
+/* `weighted_sum` for one kind of K/V values, inlined with it literal (as dots_of_kind). */
+static inline __attribute__((always_inline)) void weighted_sum_of_kind(const float *p, const void *v, int64_t v0, int kind, const uint16_t *scales,
+                                                                       int64_t block, const uint8_t *mask, int64_t s0, int64_t s1, float *part,
+                                                                       int64_t group, int64_t D, int64_t width) {
     for (int64_t g0 = 0; g0 < group; g0 += 8) {
         int64_t n = group - g0 < 8 ? group - g0 : 8;
         int C = n <= 2 && D % 32 == 0 ? 4 : n <= 4 && D % 16 == 0 ? 2 : 1;
@@ -125,6 +150,22 @@ static void weighted_sum(const float *p, const void *v, int64_t v0, int kind, co
             else if (n == 8) weighted_columns(p, v, v0, kind, scales, block, mask, s0, s1, part, g0, 8, group, d, 1, D, width);
             else weighted_columns(p, v, v0, kind, scales, block, mask, s0, s1, part, g0, n, group, d, 1, D, width);
         }
+    }
+}
+#endif
+
+/* part[g] outputs (at offset 2 of each `width`, zeroed by the caller) = sum over allowed slots s of
+ * p[s, g] * v[s] (v's slot s at element v0 + s D, its int8 scales at scales + s D / block), each
+ * output's sum over s in order. A pass over the slots takes 32 columns (a 16-bit row's cache line)
+ * where few queries share the KV head, 8 where many do: the sums stay in registers. */
+static void weighted_sum(const float *p, const void *v, int64_t v0, int kind, const uint16_t *scales, int64_t block,
+                         const uint8_t *mask, int64_t s0, int64_t s1, float *part, int64_t group, int64_t D, int64_t width) {
+#ifdef GEMMA4_AVX2
+    switch (kind) {
+    case KV_F32: weighted_sum_of_kind(p, v, v0, KV_F32, scales, block, mask, s0, s1, part, group, D, width); break;
+    case KV_BF16: weighted_sum_of_kind(p, v, v0, KV_BF16, scales, block, mask, s0, s1, part, group, D, width); break;
+    case KV_F16: weighted_sum_of_kind(p, v, v0, KV_F16, scales, block, mask, s0, s1, part, group, D, width); break;
+    default: weighted_sum_of_kind(p, v, v0, KV_I8, scales, block, mask, s0, s1, part, group, D, width);
     }
 #else
     int64_t blocks = D / block;
