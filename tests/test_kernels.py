@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from gemma4 import kernels
 from gemma4.model.int8_kv import Int8Tensor, widen
 from gemma4.model.layers import KeysOfValues, RMSNorm, Router, attend, normed_rotated
-from gemma4.model.rope import apply_rotary
+from gemma4.model.rope import KeyRotations, apply_rotary, rotary_tables
+from gemma4.plan import RopePlan
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="compiled kernels not built")
 
@@ -105,16 +106,34 @@ def test_the_compiled_router_picks_and_weighs_as_the_operators():
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
 def test_k_eq_v_keys_rebuilt_inside_the_kernel_equal_the_rebuilt_keys(kind):
     """A K=V layer stores only its values; one query's kernel rebuilds each slot's key (value x k_norm's
-    weight, rotated) as PyTorch rebuilds them all for a prompt."""
+    weight, rotated at its position: proportional RoPE, 12 of 32 pairs turning) as PyTorch's tables
+    rotate them all for a prompt. Slots hold positions out of order; empty ones (-1) are masked."""
     torch.manual_seed(0)
     B, H, KV, S, D = 2, 8, 2, 40, 64
+    rope = RopePlan(1e6, 12, D)
     q = torch.randn(B, 1, H, D)
     values = torch.randn(B, KV, S, D)
     values = Int8Tensor.quantize(values) if kind == "int8" else values.bfloat16()
-    angles = torch.rand(B, S, D // 2) * 6
-    keys = KeysOfValues(values, torch.rand(D) + 0.5, torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1))
-    mask = torch.rand(B, 1, 1, S) > 0.3
+    weight = torch.rand(D) + 0.5
+    positions = torch.randperm(3000)[: B * S].view(B, S)
+    positions[:, -3:] = -1
+    mask = (torch.rand(B, 1, 1, S) > 0.3) & (positions >= 0)[:, None, None]
     mask[..., 0] = True
-    expected = F.scaled_dot_product_attention(q.transpose(1, 2), keys.rebuilt(torch.float32), widen(values, torch.float32), attn_mask=mask,
+    keys = KeysOfValues(values, weight, positions, KeyRotations(rope, torch.float32).covering(positions))
+    cos, sin = rotary_tables(rope, positions, torch.float32)
+    rebuilt = apply_rotary(widen(values, torch.float32) * weight, cos[:, None], sin[:, None], head_axis=None)
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), rebuilt, widen(values, torch.float32), attn_mask=mask,
                                               scale=1.0, enable_gqa=True).transpose(1, 2)
     torch.testing.assert_close(attend(q, keys, values, mask, 1.0), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attend(q.expand(B, 2, H, D), keys, values, mask.expand(B, 1, 2, S), 1.0), expected.expand(B, 2, H, D), atol=1e-5, rtol=1e-5)
+
+
+def test_key_rotations_are_the_rotary_tables():
+    """The kept rows of rotated pairs, grown as positions arrive, give rotary_tables' values bit for bit."""
+    for rope, dtype in ((RopePlan(1e6, 64, 512), torch.float32), (RopePlan(1e4, 128, 256), torch.bfloat16), (RopePlan(1e6, 16, 64, 8.0), torch.float32)):
+        rotations = KeyRotations(rope, dtype)
+        for positions in (torch.arange(5)[None], torch.tensor([[3, 7, 2000, 0]]), torch.arange(3000).view(2, 1500)):
+            cos, sin = rotations.covering(positions).tables(positions)
+            expected = rotary_tables(rope, positions, dtype)
+            assert torch.equal(cos, expected[0].float()) and torch.equal(sin, expected[1].float())
+        assert len(rotations.cos) == 3072  # rows for the positions seen, in steps of KeyRotations.GROWTH

@@ -12,6 +12,7 @@ from typing import Any
 
 from .config import SLIDING, ModelConfig
 from .model.int8_kv import block_size
+from .model.rope import KeyRotations
 from .parallel.sharding import WHOLE, Shard, cut_of
 from .plan import LayerPlan, build_plan
 from .runtime.kv_cache import DEFAULT_CHUNK, global_capacity
@@ -137,13 +138,14 @@ def plan_memory(
     ple_row_pages = sum((-(-part // PAGE) + 1) * PAGE for part in row_parts if part)
     ple_resident = min(ple_table, context * batch * ple_row_pages) if savings.ple_on_disk else ple_table
     kv = serving_kv_bytes(plan, context, batch, kv_dtype, snapshots, savings)
+    rotations = key_rotation_bytes(plan, context)
     activations = _prefill_peak(plan, text.hidden_size, min(prefill_chunk, context), context, batch, width)
     if quant:  # a prefill matmul's own copy: of its rows, for the int4 prompt kernels, or of a dequantized block of the weight
         chunk = batch * min(prefill_chunk, context)
         activations += prompt_scratch_bytes(max(chunk * max(p.mlp_width for p in plan), chunk * (text.top_k_experts or 0) * text.hidden_size))
     if media:  # encoding comes before the prefill: the larger transient of the two
         activations = max(activations, _encoder_peak(config, encoder_width))
-    resident = RUNTIME_BYTES + sum(weights.values()) + ple_resident + sum(kv.values()) + activations
+    resident = RUNTIME_BYTES + sum(weights.values()) + ple_resident + sum(kv.values()) + rotations + activations
     return {
         "context": context,
         "batch": batch,
@@ -154,10 +156,20 @@ def plan_memory(
         "ple_table": {"bytes": ple_table, "resident": ple_resident, "on_disk": savings.ple_on_disk},
         "encoders_on_disk": 0 if media else encoders,
         "kv_cache": kv,
+        "key_rotations": rotations,
         "activation_peak": activations,
         "runtime": RUNTIME_BYTES,
         "total_resident": resident,
     }
+
+
+def key_rotation_bytes(plan: tuple[LayerPlan, ...], context: int) -> int:
+    """The cos and sin rows (fp32) K=V layers keep for their keys' rotated pairs, one per position up
+    to the context, in model.rope.KeyRotations' steps: one table per attention type, whatever the batch."""
+    growth = KeyRotations.GROWTH
+    positions = -(-context // growth) * growth
+    pairs = {p.attention_type: p.rope.rotated_pairs for p in plan if p.k_eq_v}
+    return sum(2 * 4 * positions * n for n in pairs.values())
 
 
 def _is_split(spec: TensorSpec) -> bool:

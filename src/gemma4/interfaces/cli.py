@@ -88,6 +88,8 @@ def _plan(args: argparse.Namespace) -> None:
             print(f"  PLE table {ple['bytes'] / 1e9:.2f} GB on disk, {where:<15}{gb(ple['resident'])}")
         for kind, n in p["kv_cache"].items():
             print(f"  KV cache {kind:<26}{gb(n)}")
+        if p["key_rotations"]:
+            print(f"  K=V keys' rotation tables         {gb(p['key_rotations'])}")
         print(f"  prefill activation peak           {gb(p['activation_peak'])}")
         print(f"  runtime (Python, PyTorch)         {gb(p['runtime'])}")
         print(f"  total resident                    {gb(p['total_resident'])}  (encoders stay on disk: {p['encoders_on_disk'] / 1e9:.2f} GB)")

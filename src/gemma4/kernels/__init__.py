@@ -218,12 +218,13 @@ KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3
 
 
 def attend_one_query(q: Tensor, key: Tensor | Int8Tensor, value: Tensor | Int8Tensor, allowed: Tensor, scale: float,
-                     key_of_value: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                     key_of_value: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """q: fp32 [B, H, D] contiguous; key, value: fp32, bf16, fp16 or Int8Tensor (both the same)
     [B, KV, S, D] (a cache buffer's slice is read in place; other layouts are copied first);
     allowed: bool [B, S] contiguous -> fp32 [B, H, D]. key_of_value (K=V layers, where `key` is
-    ignored): k_norm's weight fp32 [D] and the slots' rotary tables fp32 [B, S, D], each slot's key
-    being its value times the weight, rotated."""
+    ignored): k_norm's weight fp32 [D], the cos and sin of each position's rotated pairs fp32
+    [positions, pairs] (model/rope.py's KeyRotations) and the slots' positions int64 [B, S], each
+    allowed slot's key being its value times the weight, rotated at its position."""
     B, H, D = q.shape
     if key_of_value is not None:
         key = value
@@ -235,11 +236,12 @@ def attend_one_query(q: Tensor, key: Tensor | Int8Tensor, value: Tensor | Int8Te
     scales = [None if t is None else t if t.stride()[2:] == (blocks, 1) else t.contiguous() for t in scales]
     strides = [(ctypes.c_int64 * 2)(*t.stride()[:2]) for t in (key, value)]
     scale_strides = (ctypes.c_int64 * 4)(*[n for t in scales for n in (t.stride()[:2] if t is not None else (0, 0))])
-    weight, cos, sin = (t.contiguous() for t in key_of_value) if key_of_value is not None else (None, None, None)
+    weight, cos, sin, positions = (t.contiguous() for t in key_of_value) if key_of_value is not None else (None,) * 4
     out = torch.empty_like(q)
     _lib.attend_one_query(  # type: ignore[union-attr]
         _ptr(q), _ptr(key), _ptr(value), KV_KINDS[key.dtype], *map(_ptr, scales), _ptr(allowed), _ptr(out), B, H, KV, S, D, *strides,
-        scale_strides, D // blocks, _ptr(weight), _ptr(cos), _ptr(sin), scale, torch.get_num_threads(),
+        scale_strides, D // blocks, _ptr(weight), _ptr(cos), _ptr(sin), _ptr(positions), 0 if cos is None else cos.shape[1], scale,
+        torch.get_num_threads(),
     )
     return out
 
@@ -337,4 +339,4 @@ if _lib is not None:
     _lib.route.argtypes = [_p, _p, ctypes.c_float, _p, _p, _i64, _i64, _i64, _i64, ctypes.c_float, _p, _p, _int]
     _lib.rms_norm.argtypes = [_p, _p, _p, _i64, _i64, ctypes.c_float, ctypes.c_float]
     _lib.rms_norm_rotary.argtypes = [_p, _p, _p, _p, _p, _i64, _i64, _i64, ctypes.c_float, ctypes.c_float]
-    _lib.attend_one_query.argtypes = [_p, _p, _p, _int, _p, _p, _p, _p, *[_i64] * 5, _p, _p, _p, _i64, _p, _p, _p, ctypes.c_float, _int]
+    _lib.attend_one_query.argtypes = [_p, _p, _p, _int, _p, _p, _p, _p, *[_i64] * 5, _p, _p, _p, _i64, _p, _p, _p, _p, _i64, ctypes.c_float, _int]

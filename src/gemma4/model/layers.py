@@ -16,7 +16,7 @@ from .. import kernels
 from ..config import TextConfig
 from ..plan import LayerPlan
 from .int8_kv import Int8Tensor, widen
-from .rope import apply_rotary
+from .rope import KeyRotations, apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -66,8 +66,8 @@ class KeyInputs:
     """The keys one store holds for this step: which each query may see, and (K=V layers) their rotation."""
 
     mask: Tensor  # [b, 1, T, S] bool, True where attention is allowed
-    key_cos: Tensor | None  # [b, S, D] at the key positions: K=V layers rotate keys on read
-    key_sin: Tensor | None
+    positions: Tensor  # [b, S] int64, the keys' positions (-1: an empty slot)
+    rotations: KeyRotations | None  # K=V layers rotate keys on read: their tables, covering `positions`
 
     def last(self, n: int) -> KeyInputs:
         return replace(self, mask=self.mask[:, :, -n:])
@@ -93,13 +93,14 @@ class KeysOfValues:
 
     values: Tensor | Int8Tensor  # [b, K, S, D], as cached
     weight: Tensor  # k_norm's [D]
-    cos: Tensor  # [b, S, D]
-    sin: Tensor
+    positions: Tensor  # [b, S] int64 (-1: an empty slot, never attended)
+    rotations: KeyRotations
 
     def rebuilt(self, dtype: torch.dtype) -> Tensor:
         """The keys [b, K, S, D], computed in fp32 (as the one-query kernel computes them), then cast."""
         key = widen(self.values, torch.float32) * self.weight.float()
-        return apply_rotary(key, self.cos.float().unsqueeze(1), self.sin.float().unsqueeze(1), head_axis=None).to(dtype)
+        cos, sin = self.rotations.tables(self.positions.clamp(min=0))
+        return apply_rotary(key, cos.unsqueeze(1), sin.unsqueeze(1), head_axis=None).to(dtype)
 
 
 def attend(q: Tensor, key: Tensor | Int8Tensor | KeysOfValues, value: Tensor | Int8Tensor, mask: Tensor, scale: float) -> Tensor:
@@ -111,7 +112,7 @@ def attend(q: Tensor, key: Tensor | Int8Tensor | KeysOfValues, value: Tensor | I
     fused_kv = isinstance(key, KeysOfValues) or key.dtype == value.dtype
     if q.shape[1] == 1 and q.shape[-1] % 8 == 0 and q.dtype == torch.float32 and fused_kv and value.dtype in kernels.KV_KINDS and kernels.available():
         if isinstance(key, KeysOfValues):
-            rotated = (key.weight.float(), key.cos.float(), key.sin.float())
+            rotated = (key.weight.float(), key.rotations.cos, key.rotations.sin, key.positions.contiguous())
             return kernels.attend_one_query(q[:, 0].contiguous(), value, value, mask[:, 0, 0].contiguous(), scale, rotated)[:, None]
         return kernels.attend_one_query(q[:, 0].contiguous(), key, value, mask[:, 0, 0].contiguous(), scale)[:, None]
     key = key.rebuilt(q.dtype) if isinstance(key, KeysOfValues) else widen(key, q.dtype)
@@ -190,7 +191,7 @@ class Attention(nn.Module):
             return kv.read(self.plan.kv_source)
         key, value = kv.update(self.plan.index, new_key, new_value)  # type: ignore[arg-type]
         if new_key is None:  # K=V: one tensor is stored, keys are rebuilt on read
-            key = KeysOfValues(value, self.k_norm.weight, keys.key_cos, keys.key_sin)  # type: ignore[arg-type]
+            key = KeysOfValues(value, self.k_norm.weight, keys.positions, keys.rotations)  # type: ignore[arg-type]
         kv.share(self.plan.index, key, value)  # type: ignore[arg-type]
         return key, value  # type: ignore[return-value]
 

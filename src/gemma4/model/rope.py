@@ -1,6 +1,7 @@
 """Rotary tables. Sliding layers rotate every pair (theta 1e4); global layers use proportional
 RoPE: theta 1e6 over the full 512-wide head, only the first 25 % of pairs rotate, the rest
-are identity. Tables are built per step from the positions at hand, never for the whole context."""
+are identity. Query tables are built per step from the positions at hand; K=V layers, which rotate
+their cached keys on every read, keep one row of rotated pairs per position seen (`KeyRotations`)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,37 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, head_axis: int | None = 2)
     half = x.shape[-1] // 2
     rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated_half * sin
+
+
+class KeyRotations:
+    """cos and sin of the rotated pairs [positions, rotated_pairs] of every position seen so far, the
+    values `rotary_tables` gives (fp32, rounded to `dtype`), kept between steps. K=V layers rotate each
+    cached key on every read: recomputing the tables of all held keys each step cost a 26B-A4B decode
+    step 2.3 ms at 576 tokens and 138 ms at 32K, where a step's new rows cost nothing. Rows are added
+    `GROWTH` positions at a time; identity pairs are not stored (a global layer's 512-wide head keeps
+    64 of 256 pairs: 512 bytes a position)."""
+
+    GROWTH = 1024
+
+    def __init__(self, rope: RopePlan, dtype: torch.dtype):
+        self.rope, self.dtype = rope, dtype
+        self.cos = self.sin = torch.empty(0, rope.rotated_pairs)
+
+    def covering(self, positions: Tensor) -> KeyRotations:
+        """Self, with rows for every position up to the largest of `positions`."""
+        seen, last = len(self.cos), int(positions.max()) if positions.numel() else -1
+        if last >= seen:
+            new = torch.arange(seen, (last // self.GROWTH + 1) * self.GROWTH, device=positions.device)
+            freqs = new[:, None].float() * inverse_frequencies(self.rope)[: self.rope.rotated_pairs].to(positions.device)
+            self.cos = torch.cat((self.cos, freqs.cos().to(self.dtype).float()))
+            self.sin = torch.cat((self.sin, freqs.sin().to(self.dtype).float()))
+        return self
+
+    def tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin [*positions.shape, head_dim] fp32 at positions (>= 0, covered), as rotary_tables'."""
+        identity = self.rope.head_dim // 2 - self.rope.rotated_pairs
+        halves = []
+        for rows, fill in ((self.cos, 1.0), (self.sin, 0.0)):
+            half = torch.cat((rows[positions], torch.full((*positions.shape, identity), fill)), dim=-1)
+            halves.append(torch.cat((half, half), dim=-1))
+        return halves[0], halves[1]

@@ -14,7 +14,7 @@ from ..config import FULL, SLIDING, TextConfig
 from ..plan import LayerPlan, build_plan
 from . import one_token as one_token_path
 from .layers import AttentionInputs, DecoderLayer, KeyInputs, KVStore, RMSNorm
-from .rope import rotary_tables
+from .rope import KeyRotations, rotary_tables
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -118,6 +118,8 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(hidden, eps, offset=config.norm_offset)
         # Layers from here on read others' K/V and store none: prefill runs them only where outputs are needed.
         self.first_shared = next((p.index for p in self.plan if not p.owns_kv), len(self.plan))
+        # K=V layers rotate their keys on read: each such attention type's tables, kept between steps (per dtype).
+        self.key_rotations: dict[tuple[str, torch.dtype], KeyRotations] = {}
         self.rotates_keys_on_read = {t: any(p.k_eq_v for p in self.plan if p.attention_type == t) for t in (SLIDING, FULL)}
 
     @property
@@ -150,12 +152,17 @@ class TextModel(nn.Module):
             keys = []
             for rows, row_blocks, held in zip(queries, query_blocks, key_positions):
                 held = held[p.attention_type]
-                key_cos, key_sin = rotary_tables(p.rope, held, dtype) if self.rotates_keys_on_read[p.attention_type] else (None, None)
+                rotations = self._key_rotations(p, dtype).covering(held) if self.rotates_keys_on_read[p.attention_type] else None
                 both_ways = row_blocks if p.is_sliding else None
                 held_blocks = None if both_ways is None else key_blocks(rows, both_ways, held)
-                keys.append(KeyInputs(attention_mask(rows, held, p.sliding_window, both_ways, held_blocks), key_cos, key_sin))
+                keys.append(KeyInputs(attention_mask(rows, held, p.sliding_window, both_ways, held_blocks), held, rotations))
             inputs[p.attention_type] = AttentionInputs(cos, sin, tuple(keys))
         return inputs
+
+    def _key_rotations(self, p: LayerPlan, dtype: torch.dtype) -> KeyRotations:
+        if (p.attention_type, dtype) not in self.key_rotations:
+            self.key_rotations[p.attention_type, dtype] = KeyRotations(p.rope, dtype)
+        return self.key_rotations[p.attention_type, dtype]
 
     def forward(
         self,
