@@ -450,9 +450,11 @@ void route(const float *x, const float *scale, float root, const float *proj, co
             int64_t h = 0;
             float dot = 0.f;
 #ifdef GEMMA4_AVX2
-            __m256 acc = _mm256_setzero_ps();
-            for (; h + 8 <= H; h += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(normed + h), _mm256_loadu_ps(w + h), acc);
-            dot = hsum(acc);
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (; h + 32 <= H; h += 32)  /* four running sums: one was a chain of H / 8 dependent multiply-adds */
+                for (int r = 0; r < 4; r++) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(normed + h + 8 * r), _mm256_loadu_ps(w + h + 8 * r), acc[r]);
+            for (; h + 8 <= H; h += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(normed + h), _mm256_loadu_ps(w + h), acc[0]);
+            dot = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 #endif
             for (; h < H; h++) dot += normed[h] * w[h];
             probs[e] = dot;
