@@ -69,9 +69,7 @@ static inline __attribute__((always_inline)) void dot_queries(const float *q, co
     }
     for (int64_t g = 0; g < n; g++) out[g0 + g] = hsum(sums[g]);
 }
-#endif
 
-#ifdef GEMMA4_AVX2
 /* `dots` for one kind of K/V values, inlined with it literal (kv_load8's branches on it leave the loop). */
 static inline __attribute__((always_inline)) void dots_of_kind(const float *q, const void *k, int64_t k0, int kind, const uint16_t *scales,
                                                                int64_t block, float *out, int64_t group, int64_t D) {
@@ -131,9 +129,7 @@ static inline __attribute__((always_inline)) void weighted_columns(const float *
     for (int64_t g = 0; g < n; g++)
         for (int c = 0; c < C; c++) _mm256_storeu_ps(part + (g0 + g) * width + 2 + d + 8 * c, acc[g * C + c]);
 }
-#endif
 
-#ifdef GEMMA4_AVX2
 /* `weighted_sum` for one kind of K/V values, inlined with it literal (as dots_of_kind). */
 static inline __attribute__((always_inline)) void weighted_sum_of_kind(const float *p, const void *v, int64_t v0, int kind, const uint16_t *scales,
                                                                        int64_t block, const uint8_t *mask, int64_t s0, int64_t s1, float *part,
