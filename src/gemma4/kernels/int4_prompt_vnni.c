@@ -112,26 +112,28 @@ static inline __attribute__((always_inline)) void panel_dots(const int8_t *codes
 #pragma GCC unroll 16
         for (int m = 0; m < count; m++) {
             const int32_t *h = high + m * 8;
-            __m512i dot = low ? _mm512_setzero_si512() : _mm512_set1_epi32(bias[m]);
-            dot = _mm512_dpbusd_epi32(dot, w0, _mm512_set1_epi32(h[0]));
-            dot = _mm512_dpbusd_epi32(dot, w1, _mm512_set1_epi32(h[1]));
-            dot = _mm512_dpbusd_epi32(dot, w2, _mm512_set1_epi32(h[2]));
-            dot = _mm512_dpbusd_epi32(dot, w3, _mm512_set1_epi32(h[3]));
-            dot = _mm512_dpbusd_epi32(dot, w4, _mm512_set1_epi32(h[4]));
-            dot = _mm512_dpbusd_epi32(dot, w5, _mm512_set1_epi32(h[5]));
-            dot = _mm512_dpbusd_epi32(dot, w6, _mm512_set1_epi32(h[6]));
-            dot = _mm512_dpbusd_epi32(dot, w7, _mm512_set1_epi32(h[7]));
+            /* Four chains of four multiply-adds (two a half), summed after: the same integers as one chain of 16, whose
+             * latency the out-of-order window did not hide (13-15 % slower with two halves, 2 % with one). */
+            __m512i a = _mm512_dpbusd_epi32(low ? _mm512_setzero_si512() : _mm512_set1_epi32(bias[m]), w0, _mm512_set1_epi32(h[0]));
+            __m512i c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w4, _mm512_set1_epi32(h[4]));
+            a = _mm512_dpbusd_epi32(a, w1, _mm512_set1_epi32(h[1]));
+            c = _mm512_dpbusd_epi32(c, w5, _mm512_set1_epi32(h[5]));
+            a = _mm512_dpbusd_epi32(a, w2, _mm512_set1_epi32(h[2]));
+            c = _mm512_dpbusd_epi32(c, w6, _mm512_set1_epi32(h[6]));
+            a = _mm512_dpbusd_epi32(a, w3, _mm512_set1_epi32(h[3]));
+            c = _mm512_dpbusd_epi32(c, w7, _mm512_set1_epi32(h[7]));
+            __m512i dot = _mm512_add_epi32(a, c);
             if (low) {
                 const int32_t *l = low + m * 8;
-                dot = _mm512_add_epi32(_mm512_slli_epi32(dot, 8), _mm512_set1_epi32(bias[m]));
-                dot = _mm512_dpbusd_epi32(dot, w0, _mm512_set1_epi32(l[0]));
-                dot = _mm512_dpbusd_epi32(dot, w1, _mm512_set1_epi32(l[1]));
-                dot = _mm512_dpbusd_epi32(dot, w2, _mm512_set1_epi32(l[2]));
-                dot = _mm512_dpbusd_epi32(dot, w3, _mm512_set1_epi32(l[3]));
-                dot = _mm512_dpbusd_epi32(dot, w4, _mm512_set1_epi32(l[4]));
-                dot = _mm512_dpbusd_epi32(dot, w5, _mm512_set1_epi32(l[5]));
-                dot = _mm512_dpbusd_epi32(dot, w6, _mm512_set1_epi32(l[6]));
-                dot = _mm512_dpbusd_epi32(dot, w7, _mm512_set1_epi32(l[7]));
+                __m512i e = _mm512_dpbusd_epi32(_mm512_set1_epi32(bias[m]), w0, _mm512_set1_epi32(l[0]));
+                __m512i f = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w4, _mm512_set1_epi32(l[4]));
+                e = _mm512_dpbusd_epi32(e, w1, _mm512_set1_epi32(l[1]));
+                f = _mm512_dpbusd_epi32(f, w5, _mm512_set1_epi32(l[5]));
+                e = _mm512_dpbusd_epi32(e, w2, _mm512_set1_epi32(l[2]));
+                f = _mm512_dpbusd_epi32(f, w6, _mm512_set1_epi32(l[6]));
+                e = _mm512_dpbusd_epi32(e, w3, _mm512_set1_epi32(l[3]));
+                f = _mm512_dpbusd_epi32(f, w7, _mm512_set1_epi32(l[7]));
+                dot = _mm512_add_epi32(_mm512_slli_epi32(dot, 8), _mm512_add_epi32(e, f));
             }
             sums[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale, _mm512_set1_ps(step[m])), sums[m]);
         }

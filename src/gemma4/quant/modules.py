@@ -92,7 +92,7 @@ class PackedExperts(PackedModule):
             y = torch.empty_like(rows)
             for streaming, mine in ((True, streamed), (False, ~streamed)):
                 y[mine] = self._routed(rows[mine].contiguous(), experts[mine].contiguous(), *stacks, streaming=streaming)
-        y = (y * share[:, None]).to(out.dtype)
+        y = y.mul_(share[:, None]).to(out.dtype)  # in place: a long prompt's y is tens of MB
         if x.shape[0] == 1:  # a decode step: one add per expert, in expert order (index_add_ would scatter: ~5 % of a step)
             for row in y:
                 out += row

@@ -23,6 +23,7 @@ from ..model.multimodal import MediaEncoders, merge
 from ..parallel.ranks import ALONE, Ranks
 from ..parallel.sharding import WHOLE, Shard
 from ..quant.modules import set_fast_math
+from . import heap
 from .chat_format import render_chat
 from .chat_parser import ChatResult, Event, OutputParser
 from .generate import DEFAULT_PREFILL_CHUNK, Batch, Prompt, Session, sample_loop, turn_marks
@@ -65,6 +66,7 @@ class Model:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         self.lm = lm
+        heap.reuse_large_blocks()
         self.ranks = ALONE
         self.fast_math = False
         self.configure()
