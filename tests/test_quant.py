@@ -50,7 +50,8 @@ def test_the_prompt_kernels_are_the_dequantized_matmul_and_batches_change_no_row
     the same alone as in any batch (200 rows span blocks of tokens). halves 0 (kernels/int4_prompt.c): the
     dense product to fp32 round-off; 1 and 2 (kernels/int4_prompt_vnni.c, with AVX-512 VNNI): the
     activations rounded as the one-token kernels round them (2 by default, 1 with --fast-math), the
-    product as expected_matmul models it. Prompts of a tiled weight take the rounded form where it exists."""
+    product as expected_matmul models it, and a decode step's rows get the same bits from the one-token
+    kernels. Prompts of a tiled weight take the rounded form where it exists."""
     if halves and not kernels.prompt_rounding():
         pytest.skip("the rounded prompt kernel needs AVX-512 VNNI")
     torch.manual_seed(0)
@@ -64,6 +65,8 @@ def test_the_prompt_kernels_are_the_dequantized_matmul_and_batches_change_no_row
     if halves:
         assert_matmul(packed, x, y)
         assert torch.equal(y, packed.matmul(x))
+        for n in (1, 3, 4, 8):  # the one-token kernels (tile rows, or pairs of them from 4 rows) sum as the prompt kernel does
+            assert torch.equal(packed.row_kernel(n)(x[:n].contiguous()), y[:n])
     else:
         torch.testing.assert_close(y, (x.double() @ packed.dequantize().double().T).float(), atol=1e-4, rtol=1e-5)
     alone = torch.cat([prompt(x[m : m + 1]) for m in (0, 4, rows - 1)])
@@ -435,5 +438,6 @@ def test_a_prompt_runs_its_experts_grouped_each_as_a_single_weight(streaming_max
     together = module(x, weights, ids)
     assert torch.equal(together, Experts.forward(module, x, weights, ids))
     alone = torch.cat([module(x[t : t + 1], weights[t : t + 1], ids[t : t + 1]) for t in range(12)])
-    # expert 4's 12 rows take the kernel each takes alone where that is the one-token kernel (16) or the prompt kernel (0)
-    assert torch.equal(together, alone) == (streaming_max_rows >= 12 or streaming_max_rows == 0)
+    # expert 4's 12 rows take the kernel each takes alone where that is the one-token kernel (16) or the prompt kernel (0);
+    # at 8 the prompt kernel, whose sums are the one-token kernel's where it rounds the activations (AVX-512 VNNI), else exact
+    assert torch.equal(together, alone) == (streaming_max_rows >= 12 or streaming_max_rows == 0 or kernels.prompt_rounding())

@@ -10,8 +10,11 @@
  * vector. Row-major weights spend about twice the instructions per weight on the per-row scalar work,
  * and run out of instructions before they run out of memory bandwidth. Up to 8 tokens (a batch, a
  * short prefill chunk) share each tile while it sits in L1, its codes unpacked once for every 4 of
- * them, each token's sums computed exactly as they would be alone; more run a dense matmul over
- * dequantize_int4. Without offsets the grid is llama.cpp's Q4_0, w = scale * (code - 8): the offset
+ * them, each token's sums computed exactly as they would be alone; more run the prompt kernels.
+ * With AVX-512, 4 or more rows of one weight take pairs of tile rows instead, unpacked in registers to
+ * a row per 32-bit lane (pair_dots): ~20 instructions a token for 16 rows where a tile costs ~27 for 8,
+ * but fewer rows stream faster as tiles. Both sum in the prompt kernel's order (int4_prompt_vnni.c), so
+ * a row's outputs are the same bits in any batch, from either form, and in a prompt. Without offsets the grid is llama.cpp's Q4_0, w = scale * (code - 8): the offset
  * -8 scale is applied from the scales rather than stored (the 26B-A4B's experts: 1.4 GB less). */
 
 #include <math.h>
@@ -22,6 +25,7 @@
 #include "simd.h"
 
 #define MAX_TOKENS 4  /* tokens a tile row takes at once */
+#define PAIR_MIN_TOKENS 4  /* rows of one weight from which pairs of tile rows (AVX-512) take them: fewer stream faster as tiles */
 
 #ifdef GEMMA4_AVX2
 /* A block's codes (32 columns of a tile's 8 rows), unpacked once for every token that reads it. */
@@ -88,12 +92,11 @@ static inline __m256i block_rows(const Nibbles *w, const int8_t *high, const int
 static inline __attribute__((always_inline)) void tile_dots(const uint8_t *tile, const RoundedActivations *a, int64_t m0, int count,
                                                             int64_t K, const float *x_sums, const void *scales, const void *offsets,
                                                             int f16, int64_t G, int64_t blocks, float *y, int64_t N) {
-    const float unit = a->low ? 1.f / LOW_STEPS : 1.f;
     const int64_t B = K / 32;
-    __m256 acc[MAX_TOKENS], offset_acc[MAX_TOKENS], group_acc[MAX_TOKENS];
-    for (int j = 0; j < count; j++) acc[j] = offset_acc[j] = _mm256_setzero_ps();
+    __m256 acc[MAX_TOKENS];
+    for (int j = 0; j < count; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
-        for (int j = 0; j < count; j++) group_acc[j] = _mm256_setzero_ps();
+        __m256 scale = load_group_values(scales, g * 8, f16);
         for (int64_t b = g * blocks; b < (g + 1) * blocks; b++, tile += TILE_BYTES) {
             PREFETCH(tile);
             PREFETCH(tile + 64);
@@ -102,17 +105,16 @@ static inline __attribute__((always_inline)) void tile_dots(const uint8_t *tile,
                 int64_t m = m0 + j;
                 __m256i rows = block_rows(&w, a->high + m * K + b * 32, a->low ? a->low + m * K + b * 32 : NULL);
                 __m256i dots = _mm256_sub_epi32(rows, _mm256_set1_epi32(8 * a->sums[m * B + b]));
-                group_acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(a->step[m * B + b] * unit), group_acc[j]);
+                float step = a->low ? a->step[m * B + b] / LOW_STEPS : a->step[m * B + b];
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(scale, _mm256_set1_ps(step)), acc[j]);
             }
         }
-        __m256 scale = load_group_values(scales, g * 8, f16);
-        __m256 offset = offsets ? _mm256_fmadd_ps(scale, _mm256_set1_ps(8.f), load_group_values(offsets, g * 8, f16)) : scale;
-        for (int j = 0; j < count; j++) {
-            acc[j] = _mm256_fmadd_ps(group_acc[j], scale, acc[j]);
-            if (offsets) offset_acc[j] = _mm256_fmadd_ps(offset, _mm256_set1_ps(x_sums[(m0 + j) * G + g]), offset_acc[j]);
+        if (offsets) {
+            __m256 offset = _mm256_fmadd_ps(scale, _mm256_set1_ps(8.f), load_group_values(offsets, g * 8, f16));
+            for (int j = 0; j < count; j++) acc[j] = _mm256_fmadd_ps(offset, _mm256_set1_ps(x_sums[(m0 + j) * G + g]), acc[j]);
         }
     }
-    for (int j = 0; j < count; j++) _mm256_storeu_ps(y + (m0 + j) * N, _mm256_add_ps(acc[j], offset_acc[j]));
+    for (int j = 0; j < count; j++) _mm256_storeu_ps(y + (m0 + j) * N, acc[j]);
 }
 #else
 /* The same sums without SIMD. */
@@ -146,6 +148,83 @@ static void tile_dot(const uint8_t *tile, const RoundedActivations *a, int64_t m
 }
 #endif
 
+#ifdef GEMMA4_AVX512
+/* x [M, K] rounded into one panel of M tokens (simd.h): token j of a run at a constant offset from its first. */
+static Panel round_rows(const float *x, int64_t M, int64_t K, int64_t group, int fast, int offsets) {
+    int64_t B = K / 32;
+    Panel p = {(int8_t *)malloc(M * K), fast ? NULL : (int8_t *)malloc(M * K), (float *)malloc(M * B * sizeof(float)),
+               (int32_t *)malloc(M * B * sizeof(int32_t)), offsets ? (float *)malloc(M * (K / group) * sizeof(float)) : NULL};
+    round_panel(x, M, K, group, fast ? 1 : 2, p);
+    return p;
+}
+
+static void release_panel(Panel p) {
+    free(p.high);
+    free(p.low);
+    free(p.step);
+    free(p.bias);
+    free(p.sums);
+}
+
+/* Tile rows t and t + 1 (16 weight rows) against tokens m0 .. m0 + count (a literal where inlined), in the
+ * prompt kernel's arithmetic (int4_prompt_vnni.c: the same sums in the same order). */
+static inline __attribute__((always_inline)) void pair_dots(const uint8_t *first, const uint8_t *second, const void *const scales[2],
+                                                            const void *const offsets[2], int f16, const Panel *p, int64_t M,
+                                                            int64_t m0, int count, int two_halves, int64_t K, int64_t G, int64_t blocks,
+                                                            float *y, int64_t N, __mmask16 rows) {
+    __m512 sums[MAX_TOKENS];
+    for (int j = 0; j < count; j++) sums[j] = _mm512_setzero_ps();
+    const int8_t *high = p->high + m0 * 32, *low = two_halves ? p->low + m0 * 32 : NULL;
+    const float *step = p->step + m0;
+    const int32_t *bias = p->bias + m0;
+    const __m512i row_of_lane = _mm512_loadu_si512(PAIR_ROW_OF_LANE);
+    for (int64_t g = 0; g < G; g++) {
+        __m512 scale = _mm512_permutexvar_ps(row_of_lane, pair_values(scales, g * 8, f16));
+        for (int64_t b = g * blocks; b < (g + 1) * blocks; b++, high += M * 32, low = two_halves ? low + M * 32 : NULL, step += M, bias += M) {
+            const uint8_t *one = first + b * TILE_BYTES, *two = second + b * TILE_BYTES;
+            PREFETCH(one);
+            PREFETCH(one + 64);
+            PREFETCH(two);
+            PREFETCH(two + 64);
+            PairCodes c = unpack_pair_block(one, two);
+            for (int j = 0; j < count; j++) {
+                __m512i dot = pair_block_dot(c, (const int32_t *)(high + j * 32), two_halves ? (const int32_t *)(low + j * 32) : NULL, bias[j]);
+                sums[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale, _mm512_set1_ps(step[j])), sums[j]);
+            }
+        }
+        if (offsets[0]) {
+            __m512 offset = _mm512_fmadd_ps(scale, _mm512_set1_ps(8.f), _mm512_permutexvar_ps(row_of_lane, pair_values(offsets, g * 8, f16)));
+            for (int j = 0; j < count; j++) sums[j] = _mm512_fmadd_ps(offset, _mm512_set1_ps(p->sums[g * M + m0 + j]), sums[j]);
+        }
+    }
+    const __m512i lane_of_row = _mm512_loadu_si512(PAIR_LANE_OF_ROW);
+    for (int j = 0; j < count; j++) _mm512_mask_storeu_ps(y + (m0 + j) * N, rows, _mm512_permutexvar_ps(lane_of_row, sums[j]));
+}
+
+#define PAIR_CASE(n, halves) pair_dots(first, second, pair_scales, pair_offsets, f16, p, M, m, n, halves, K, G, blocks, y + t * 8, N, rows); break;
+
+/* Tile rows t and t + 1 of a weight (T of them; the last of an odd number pairs with itself) against tokens
+ * m0 .. m1, into y[m, 8t .. 8t + 16). */
+static inline void pair_row(const uint8_t *tiles, const void *scales, const void *offsets, int f16, const Panel *p, int64_t M, float *y,
+                            int64_t t, int64_t T, int64_t m0, int64_t m1, int64_t N, int64_t K, int64_t group) {
+    int64_t G = K / group, width = f16 ? 2 : 4, blocks = group / 32, odd = t + 1 == T;
+    int64_t tile_codes = (K / 32) * TILE_BYTES, tile_values = G * 8 * width;
+    const uint8_t *first = tiles + t * tile_codes, *second = odd ? first : first + tile_codes;
+    const char *s = (const char *)scales + t * tile_values, *o = offsets ? (const char *)offsets + t * tile_values : NULL;
+    const void *pair_scales[2] = {s, odd ? s : s + tile_values}, *pair_offsets[2] = {o, o && !odd ? o + tile_values : o};
+    __mmask16 rows = odd ? 0x00FF : 0xFFFF;
+    for (int64_t m = m0; m < m1; m += MAX_TOKENS) {
+        int64_t count = m1 - m < MAX_TOKENS ? m1 - m : MAX_TOKENS;
+        if (p->low) {
+            switch (count) { case 1: PAIR_CASE(1, 1) case 2: PAIR_CASE(2, 1) case 3: PAIR_CASE(3, 1) default: PAIR_CASE(4, 1) }
+        } else {
+            switch (count) { case 1: PAIR_CASE(1, 0) case 2: PAIR_CASE(2, 0) case 3: PAIR_CASE(3, 0) default: PAIR_CASE(4, 0) }
+        }
+    }
+}
+#undef PAIR_CASE
+#endif
+
 /* Tile row t of a weight against tokens m0 .. m1 of the rounded activations, into y[m, 8t .. 8t + 8). */
 static inline void tile_row(const uint8_t *tiles, const void *scales, const void *offsets, int f16, const RoundedActivations *a,
                             const float *x_sums, float *y, int64_t t, int64_t m0, int64_t m1, int64_t N, int64_t K, int64_t group) {
@@ -176,6 +255,27 @@ static inline void tile_row(const uint8_t *tiles, const void *scales, const void
 void matmul_int4(const float *x, const uint8_t *codes, const void *scales, const void *offsets, int f16, const int64_t *experts,
                  float *y, int64_t M, int64_t N, int64_t K, int64_t group, int fast, int threads) {
     int64_t G = K / group, T = N / 8, width = f16 ? 2 : 4;
+    int64_t *starts = (int64_t *)malloc((M + 1) * sizeof(int64_t)), runs = 0, longest = 0;  /* run r: rows starts[r] .. starts[r + 1] */
+    for (int64_t m = 0; m < M; m++)
+        if (m == 0 || (experts && experts[m] != experts[m - 1])) starts[runs++] = m;
+    starts[runs] = M;
+    for (int64_t r = 0; r < runs; r++) longest = starts[r + 1] - starts[r] > longest ? starts[r + 1] - starts[r] : longest;
+    int64_t codes_per_expert = T * (K / 32) * TILE_BYTES, values_per_expert = T * G * 8 * width;
+#define EXPERT(e) codes + (e) * codes_per_expert, (const char *)scales + (e) * values_per_expert, offsets ? (const char *)offsets + (e) * values_per_expert : NULL
+#ifdef GEMMA4_AVX512
+    if (longest >= PAIR_MIN_TOKENS) {  /* the same sums as tile_row's, fewer instructions a token */
+        Panel p = round_rows(x, M, K, group, fast, offsets != NULL);
+        int64_t pairs = (T + 1) / 2;
+#pragma omp parallel for schedule(dynamic, 8) num_threads(threads)
+        for (int64_t i = 0; i < runs * pairs; i++) {
+            int64_t r = i / pairs, e = experts ? experts[starts[r]] : 0;
+            pair_row(EXPERT(e), f16, &p, M, y, i % pairs * 2, T, starts[r], starts[r + 1], N, K, group);
+        }
+        release_panel(p);
+        free(starts);
+        return;
+    }
+#endif
     RoundedActivations a = round_activations(x, M, K, fast);
     float *sums = NULL;  /* what the offsets' share multiplies (see tile_dots) */
     if (offsets) {
@@ -186,19 +286,14 @@ void matmul_int4(const float *x, const uint8_t *codes, const void *scales, const
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t t = 0; t < T; t++) tile_row(codes, scales, offsets, f16, &a, sums, y, t, 0, M, N, K, group);
     } else {
-        int64_t *starts = (int64_t *)malloc((M + 1) * sizeof(int64_t)), runs = 0;  /* run r: rows starts[r] .. starts[r + 1] */
-        for (int64_t m = 0; m < M; m++)
-            if (m == 0 || experts[m] != experts[m - 1]) starts[runs++] = m;
-        starts[runs] = M;
-        int64_t codes_per_expert = T * (K / 32) * TILE_BYTES, values_per_expert = T * G * 8 * width;
 #pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
         for (int64_t i = 0; i < runs * T; i++) {
             int64_t r = i / T, e = experts[starts[r]];
-            tile_row(codes + e * codes_per_expert, (const char *)scales + e * values_per_expert,
-                     offsets ? (const char *)offsets + e * values_per_expert : NULL, f16, &a, sums, y, i % T, starts[r], starts[r + 1], N, K, group);
+            tile_row(EXPERT(e), f16, &a, sums, y, i % T, starts[r], starts[r + 1], N, K, group);
         }
-        free(starts);
     }
+#undef EXPERT
+    free(starts);
     release_activations(a);
     free(sums);
 }

@@ -17,43 +17,10 @@
 #include "kernels.h"
 #include "simd.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(GEMMA4_AVX2)
+#ifdef GEMMA4_AVX512  /* (simd.h: AVX-512 BW, VL and VNNI) */
 #define GEMMA4_VNNI_PANELS 1
 #define PANEL 16 /* tokens per panel: 16 sums + 8 weight vectors + scales and temporaries in 32 registers */
 #define BLOCK_BYTES (768 << 10) /* rounded activations per block of tokens (int4_prompt.c's BLOCK_BYTES) */
-
-/* A panel's rounded activations, block-major so that a token's bytes are at offsets known at compile time. */
-typedef struct {
-    int8_t *high, *low; /* [K/32][count][32]; low NULL with one half */
-    float *step;        /* [K/32][count]: the block's step (over LOW_STEPS with two halves) */
-    int32_t *bias;      /* [K/32][count]: -8 x the block's integer sum, so codes count from 8 (int4.c's reason) */
-    float *sums;        /* [G][count]: the exact fp32 group sums the offsets multiply; NULL without offsets */
-} Panel;
-
-/* Rows x[0 .. count) (K apart) rounded into panel p (its arrays sized for `count` tokens) by round_32. */
-static void round_panel(const float *x, int64_t count, int64_t K, int64_t group, int halves, Panel p) {
-    int64_t B = K / 32, G = K / group;
-    for (int64_t m = 0; m < count; m++)
-        for (int64_t b = 0; b < B; b++) {
-            int64_t at = b * count + m;
-            int32_t sum;
-            float step = round_32(x + m * K + b * 32, p.high + at * 32, halves == 2 ? p.low + at * 32 : NULL, &sum);
-            p.step[at] = halves == 2 ? step / LOW_STEPS : step;
-            p.bias[at] = -8 * sum;
-        }
-    if (p.sums) {
-        float *sums = (float *)malloc(count * G * sizeof(float));
-        group_sums(x, sums, count, K, group);
-        for (int64_t m = 0; m < count; m++)
-            for (int64_t g = 0; g < G; g++) p.sums[g * count + m] = sums[m * G + g];
-        free(sums);
-    }
-}
-
-/* Two tiles' 8 scales or offsets of a group (at `at` of each) as one vector of their 16 rows. */
-static inline __m512 pair_values(const void *const values[2], int64_t at, int f16) {
-    return _mm512_insertf32x8(_mm512_castps256_ps512(load_group_values(values[0], at, f16)), load_group_values(values[1], at, f16), 1);
-}
 
 /* Two tile rows (the second may repeat the first) -> per 32-column block b, 8 vectors at codes + b * 512
  * (vector j: lane r holds row r's codes of columns 4j .. 4j + 3, one byte each, 0..15), the 16 rows'
@@ -91,11 +58,10 @@ static void unpack_pair(const uint8_t *const tiles[2], const void *const scales[
 }
 
 /* A panel of `count` tokens (a literal where inlined) against 16 unpacked rows -> y[m * N + row] for the
- * rows in `rows`. Per block and token: the integer dot products of the 16 rows (8 multiply-adds a half,
- * the activations' words broadcast from memory), counted from 8, then one FMA under scale x step; the
- * offsets' share once per group. (The weights as 8 named registers and the multiply-adds written out: as
- * an array and a loop, even unrolled, GCC kept them in memory and the kernel ran 2-3x slower; as a
- * statement macro for both halves, 3-5 % slower with two.) */
+ * rows in `rows`. Per block and token: the integer dot products of the 16 rows (pair_block_dot, simd.h),
+ * then one FMA under scale x step; the offsets' share once per group. The one-token kernels (int4.c) sum
+ * the same way, in the same order. (The weights as 8 named registers: as an array and a loop, even
+ * unrolled, GCC kept them in memory and the kernel ran 2-3x slower.) */
 static inline __attribute__((always_inline)) void panel_dots(const int8_t *codes, const float *scales, const float *offsets, Panel p, int count,
                                                              int64_t K, int64_t group, float *y, int64_t N, __mmask16 rows) {
     __m512 sums[PANEL];
@@ -104,37 +70,14 @@ static inline __attribute__((always_inline)) void panel_dots(const int8_t *codes
     const int64_t blocks = group / 32;
     for (int64_t b = 0; b < K / 32; b++) {
         const __m512i *w = (const __m512i *)(codes + b * 512);
-        __m512i w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6], w7 = w[7];
+        PairCodes c = {w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]};
         __m512 scale = _mm512_load_ps(scales + b * 16);
         const int32_t *high = (const int32_t *)(p.high + b * count * 32), *low = p.low ? (const int32_t *)(p.low + b * count * 32) : NULL;
         const float *step = p.step + b * count;
         const int32_t *bias = p.bias + b * count;
 #pragma GCC unroll 16
         for (int m = 0; m < count; m++) {
-            const int32_t *h = high + m * 8;
-            /* Four chains of four multiply-adds (two a half), summed after: the same integers as one chain of 16, whose
-             * latency the out-of-order window did not hide (13-15 % slower with two halves, 2 % with one). */
-            __m512i a = _mm512_dpbusd_epi32(low ? _mm512_setzero_si512() : _mm512_set1_epi32(bias[m]), w0, _mm512_set1_epi32(h[0]));
-            __m512i c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w4, _mm512_set1_epi32(h[4]));
-            a = _mm512_dpbusd_epi32(a, w1, _mm512_set1_epi32(h[1]));
-            c = _mm512_dpbusd_epi32(c, w5, _mm512_set1_epi32(h[5]));
-            a = _mm512_dpbusd_epi32(a, w2, _mm512_set1_epi32(h[2]));
-            c = _mm512_dpbusd_epi32(c, w6, _mm512_set1_epi32(h[6]));
-            a = _mm512_dpbusd_epi32(a, w3, _mm512_set1_epi32(h[3]));
-            c = _mm512_dpbusd_epi32(c, w7, _mm512_set1_epi32(h[7]));
-            __m512i dot = _mm512_add_epi32(a, c);
-            if (low) {
-                const int32_t *l = low + m * 8;
-                __m512i e = _mm512_dpbusd_epi32(_mm512_set1_epi32(bias[m]), w0, _mm512_set1_epi32(l[0]));
-                __m512i f = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w4, _mm512_set1_epi32(l[4]));
-                e = _mm512_dpbusd_epi32(e, w1, _mm512_set1_epi32(l[1]));
-                f = _mm512_dpbusd_epi32(f, w5, _mm512_set1_epi32(l[5]));
-                e = _mm512_dpbusd_epi32(e, w2, _mm512_set1_epi32(l[2]));
-                f = _mm512_dpbusd_epi32(f, w6, _mm512_set1_epi32(l[6]));
-                e = _mm512_dpbusd_epi32(e, w3, _mm512_set1_epi32(l[3]));
-                f = _mm512_dpbusd_epi32(f, w7, _mm512_set1_epi32(l[7]));
-                dot = _mm512_add_epi32(_mm512_slli_epi32(dot, 8), _mm512_add_epi32(e, f));
-            }
+            __m512i dot = pair_block_dot(c, high + m * 8, low ? low + m * 8 : NULL, bias[m]);
             sums[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale, _mm512_set1_ps(step[m])), sums[m]);
         }
         if (offsets && (b + 1) % blocks == 0) {

@@ -200,6 +200,64 @@ static inline __m512i rounded_dot512(int has_low, __m512i u0, __m512i high0, __m
 
 /* 16 bytes at p in each 128-bit lane. */
 static inline __m512i broadcast16(const int8_t *p) { return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)p)); }
+
+/* Two tiles' 8 scales or offsets of a group (at `at` of each) as one vector of their 16 rows. */
+static inline __m512 pair_values(const void *const values[2], int64_t at, int f16) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(load_group_values(values[0], at, f16)), load_group_values(values[1], at, f16), 1);
+}
+
+/* One 32-column block of two int4 tiles (the second may repeat the first) as 16 rows in 8 vectors: in vector
+ * j, each 32-bit lane holds one row's codes of columns 4j .. 4j + 3, one byte each (0..15). In this layout a
+ * lane sums one row, so a token's 4 activation bytes broadcast into a multiply-add and no row sum needs a
+ * horizontal reduction. A tile's 32-byte chunk c holds rows c and c + 4, 16 bytes each; a row's byte j
+ * holds column j in its low nibble and j + 16 in its high one, so its 32-bit word i holds columns 4i .. 4i + 3
+ * (low nibbles) and 16 + 4i .. (high). Two rounds of in-lane unpacks (cheap, where cross-lane permutes
+ * are not) transpose the words, leaving lane l with row PAIR_ROW_OF_LANE[l]. */
+static const int32_t PAIR_ROW_OF_LANE[16] = {0, 2, 8, 10, 4, 6, 12, 14, 1, 3, 9, 11, 5, 7, 13, 15};
+static const int32_t PAIR_LANE_OF_ROW[16] = {0, 8, 1, 9, 4, 12, 5, 13, 2, 10, 3, 11, 6, 14, 7, 15};
+typedef struct {
+    __m512i w0, w1, w2, w3, w4, w5, w6, w7;
+} PairCodes;
+
+static inline __attribute__((always_inline)) PairCodes unpack_pair_block(const uint8_t *first, const uint8_t *second) {
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    __m512i a = _mm512_loadu_si512(first), b = _mm512_loadu_si512(first + 64);  /* 128-bit lanes: rows 0, 4, 1, 5 and 2, 6, 3, 7 */
+    __m512i c = _mm512_loadu_si512(second), d = _mm512_loadu_si512(second + 64);
+    __m512i ab_lo = _mm512_unpacklo_epi32(a, b), ab_hi = _mm512_unpackhi_epi32(a, b);
+    __m512i cd_lo = _mm512_unpacklo_epi32(c, d), cd_hi = _mm512_unpackhi_epi32(c, d);
+    __m512i q0 = _mm512_unpacklo_epi64(ab_lo, cd_lo), q1 = _mm512_unpackhi_epi64(ab_lo, cd_lo);  /* words 0 and 1 of the 16 rows */
+    __m512i q2 = _mm512_unpacklo_epi64(ab_hi, cd_hi), q3 = _mm512_unpackhi_epi64(ab_hi, cd_hi);
+    PairCodes codes = {_mm512_and_si512(q0, nibble), _mm512_and_si512(q1, nibble), _mm512_and_si512(q2, nibble), _mm512_and_si512(q3, nibble),
+                       _mm512_and_si512(_mm512_srli_epi32(q0, 4), nibble), _mm512_and_si512(_mm512_srli_epi32(q1, 4), nibble),
+                       _mm512_and_si512(_mm512_srli_epi32(q2, 4), nibble), _mm512_and_si512(_mm512_srli_epi32(q3, 4), nibble)};
+    return codes;
+}
+
+/* A token's integer dot products with the 16 rows of c over one block: high and low its rounded halves' 8
+ * words (low NULL: one half), bias -8 x the block's integer sum (codes count from 8). Four chains of four
+ * multiply-adds (two a half), summed after: the same integers as one chain of 16, whose latency the
+ * out-of-order window did not hide (a prompt's matmuls 13-15 % slower with two halves, 2 % with one). */
+static inline __attribute__((always_inline)) __m512i pair_block_dot(PairCodes c, const int32_t *high, const int32_t *low, int32_t bias) {
+    __m512i a = _mm512_dpbusd_epi32(low ? _mm512_setzero_si512() : _mm512_set1_epi32(bias), c.w0, _mm512_set1_epi32(high[0]));
+    __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c.w4, _mm512_set1_epi32(high[4]));
+    a = _mm512_dpbusd_epi32(a, c.w1, _mm512_set1_epi32(high[1]));
+    b = _mm512_dpbusd_epi32(b, c.w5, _mm512_set1_epi32(high[5]));
+    a = _mm512_dpbusd_epi32(a, c.w2, _mm512_set1_epi32(high[2]));
+    b = _mm512_dpbusd_epi32(b, c.w6, _mm512_set1_epi32(high[6]));
+    a = _mm512_dpbusd_epi32(a, c.w3, _mm512_set1_epi32(high[3]));
+    b = _mm512_dpbusd_epi32(b, c.w7, _mm512_set1_epi32(high[7]));
+    __m512i dot = _mm512_add_epi32(a, b);
+    if (!low) return dot;
+    __m512i e = _mm512_dpbusd_epi32(_mm512_set1_epi32(bias), c.w0, _mm512_set1_epi32(low[0]));
+    __m512i f = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c.w4, _mm512_set1_epi32(low[4]));
+    e = _mm512_dpbusd_epi32(e, c.w1, _mm512_set1_epi32(low[1]));
+    f = _mm512_dpbusd_epi32(f, c.w5, _mm512_set1_epi32(low[5]));
+    e = _mm512_dpbusd_epi32(e, c.w2, _mm512_set1_epi32(low[2]));
+    f = _mm512_dpbusd_epi32(f, c.w6, _mm512_set1_epi32(low[6]));
+    e = _mm512_dpbusd_epi32(e, c.w3, _mm512_set1_epi32(low[3]));
+    f = _mm512_dpbusd_epi32(f, c.w7, _mm512_set1_epi32(low[7]));
+    return _mm512_add_epi32(_mm512_slli_epi32(dot, 8), _mm512_add_epi32(e, f));
+}
 #endif
 #endif
 
@@ -270,5 +328,35 @@ static inline void release_activations(RoundedActivations a) {
     free(a.step);
     free(a.sums);
 }
+
+#ifdef GEMMA4_AVX512
+/* A panel's rounded activations, block-major so that a token's bytes are at offsets known at compile time. */
+typedef struct {
+    int8_t *high, *low; /* [K/32][count][32]; low NULL with one half */
+    float *step;        /* [K/32][count]: the block's step (over LOW_STEPS with two halves) */
+    int32_t *bias;      /* [K/32][count]: -8 x the block's integer sum, so codes count from 8 (int4.c's reason) */
+    float *sums;        /* [G][count]: the exact fp32 group sums the offsets multiply; NULL without offsets */
+} Panel;
+
+/* Rows x[0 .. count) (K apart) rounded into panel p (its arrays sized for `count` tokens) by round_32. */
+static inline void round_panel(const float *x, int64_t count, int64_t K, int64_t group, int halves, Panel p) {
+    int64_t B = K / 32, G = K / group;
+    for (int64_t m = 0; m < count; m++)
+        for (int64_t b = 0; b < B; b++) {
+            int64_t at = b * count + m;
+            int32_t sum;
+            float step = round_32(x + m * K + b * 32, p.high + at * 32, halves == 2 ? p.low + at * 32 : NULL, &sum);
+            p.step[at] = halves == 2 ? step / LOW_STEPS : step;
+            p.bias[at] = -8 * sum;
+        }
+    if (p.sums) {
+        float *sums = (float *)malloc(count * G * sizeof(float));
+        group_sums(x, sums, count, K, group);
+        for (int64_t m = 0; m < count; m++)
+            for (int64_t g = 0; g < G; g++) p.sums[g * count + m] = sums[m * G + g];
+        free(sums);
+    }
+}
+#endif
 
 #endif
