@@ -14,8 +14,9 @@
  * With AVX-512, 4 or more rows of one weight take pairs of tile rows instead, unpacked in registers to
  * a row per 32-bit lane (pair_dots): ~20 instructions a token for 16 rows where a tile costs ~27 for 8,
  * but fewer rows stream faster as tiles. Both sum in the prompt kernel's order (int4_prompt_vnni.c), so
- * a row's outputs are the same bits in any batch, from either form, and in a prompt. Without offsets the grid is llama.cpp's Q4_0, w = scale * (code - 8): the offset
- * -8 scale is applied from the scales rather than stored (the 26B-A4B's experts: 1.4 GB less). */
+ * a row's outputs are the same bits in any batch, from either form, and in a prompt. Without offsets the
+ * grid is llama.cpp's Q4_0, w = scale * (code - 8): the offset -8 scale is applied from the scales rather
+ * than stored (the 26B-A4B's experts: 1.4 GB less). */
 
 #include <math.h>
 #include <stdint.h>
