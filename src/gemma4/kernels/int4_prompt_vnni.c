@@ -22,38 +22,32 @@
 #define PANEL 16 /* tokens per panel: 16 sums + 8 weight vectors + scales and temporaries in 32 registers */
 #define BLOCK_BYTES (768 << 10) /* rounded activations per block of tokens (int4_prompt.c's BLOCK_BYTES) */
 
-/* Two tile rows (the second may repeat the first) -> per 32-column block b, 8 vectors at codes + b * 512
- * (vector j: lane r holds row r's codes of columns 4j .. 4j + 3, one byte each, 0..15), the 16 rows'
+/* Two tile rows (the second may repeat the first) -> per 32-column block b, unpack_pair_block's 8 vectors at
+ * codes + b * 512 (simd.h: a row per 32-bit lane, lane l holding row PAIR_ROW_OF_LANE[l]), the 16 rows'
  * scales at scale_out + b * 16, and their offsets plus 8 scales at offset_out + b * 16 (codes count from
- * 8; none on the Q4_0 grid, whose offset is -8 scale). A tile row's byte j holds column j in its low
- * nibble and j + 16 in its high one, so row r's 32-bit word i holds columns 4i .. 4i + 3 (low nibbles)
- * and 16 + 4i .. (high). */
+ * 8; none on the Q4_0 grid, whose offset is -8 scale), in the same lane order. */
 static void unpack_pair(const uint8_t *const tiles[2], const void *const scales[2], const void *const offsets[2], int f16, int64_t K,
                         int64_t group, int8_t *codes, float *scale_out, float *offset_out) {
-    __m512i order[4];
-    for (int i = 0; i < 4; i++) {  /* row r's word i in a tile's 32 words: (r % 4) * 8 + (r / 4) * 4 + i */
-        int32_t words[16];
-        for (int r = 0; r < 16; r++) words[r] = (r % 8 % 4) * 8 + (r % 8 / 4) * 4 + i;
-        order[i] = _mm512_loadu_si512(words);
-    }
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const __m512i row_of_lane = _mm512_loadu_si512(PAIR_ROW_OF_LANE);
     for (int64_t b = 0; b < K / 32; b++) {
         const uint8_t *first = tiles[0] + b * TILE_BYTES, *second = tiles[1] + b * TILE_BYTES;
         PREFETCH(first);
         PREFETCH(second);
-        __m512i f0 = _mm512_loadu_si512(first), f1 = _mm512_loadu_si512(first + 64);
-        __m512i s0 = _mm512_loadu_si512(second), s1 = _mm512_loadu_si512(second + 64);
+        PairCodes c = unpack_pair_block(first, second);
         __m512i *out = (__m512i *)(codes + b * 512);
-        for (int i = 0; i < 4; i++) {
-            __m512i a = _mm512_permutex2var_epi32(f0, order[i], f1), c = _mm512_permutex2var_epi32(s0, order[i], s1);
-            __m512i words = _mm512_inserti64x4(a, _mm512_castsi512_si256(c), 1);
-            _mm512_store_si512(out + i, _mm512_and_si512(words, nibble));
-            _mm512_store_si512(out + 4 + i, _mm512_and_si512(_mm512_srli_epi32(words, 4), nibble));
-        }
+        _mm512_store_si512(out, c.w0);
+        _mm512_store_si512(out + 1, c.w1);
+        _mm512_store_si512(out + 2, c.w2);
+        _mm512_store_si512(out + 3, c.w3);
+        _mm512_store_si512(out + 4, c.w4);
+        _mm512_store_si512(out + 5, c.w5);
+        _mm512_store_si512(out + 6, c.w6);
+        _mm512_store_si512(out + 7, c.w7);
         int64_t g = b * 32 / group;
-        __m512 scale = pair_values(scales, g * 8, f16);
+        __m512 scale = _mm512_permutexvar_ps(row_of_lane, pair_values(scales, g * 8, f16));
         _mm512_store_ps(scale_out + b * 16, scale);
-        if (offsets[0]) _mm512_store_ps(offset_out + b * 16, _mm512_fmadd_ps(scale, _mm512_set1_ps(8.f), pair_values(offsets, g * 8, f16)));
+        if (offsets[0])
+            _mm512_store_ps(offset_out + b * 16, _mm512_fmadd_ps(scale, _mm512_set1_ps(8.f), _mm512_permutexvar_ps(row_of_lane, pair_values(offsets, g * 8, f16))));
     }
 }
 
@@ -87,8 +81,9 @@ static inline __attribute__((always_inline)) void panel_dots(const int8_t *codes
             for (int m = 0; m < count; m++) sums[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(p.sums[g * count + m]), sums[m]);
         }
     }
+    const __m512i lane_of_row = _mm512_loadu_si512(PAIR_LANE_OF_ROW);
 #pragma GCC unroll 16
-    for (int m = 0; m < count; m++) _mm512_mask_storeu_ps(y + m * N, rows, sums[m]);
+    for (int m = 0; m < count; m++) _mm512_mask_storeu_ps(y + m * N, rows, _mm512_permutexvar_ps(lane_of_row, sums[m]));
 }
 
 #define PANEL_CASE(n) case n: panel_dots(codes, scales, offsets, p, n, K, group, y, N, rows); break;
