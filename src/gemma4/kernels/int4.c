@@ -150,23 +150,6 @@ static void tile_dot(const uint8_t *tile, const RoundedActivations *a, int64_t m
 #endif
 
 #ifdef GEMMA4_AVX512
-/* x [M, K] rounded into one panel of M tokens (simd.h): token j of a run at a constant offset from its first. */
-static Panel round_rows(const float *x, int64_t M, int64_t K, int64_t group, int fast, int offsets) {
-    int64_t B = K / 32;
-    Panel p = {(int8_t *)malloc(M * K), fast ? NULL : (int8_t *)malloc(M * K), (float *)malloc(M * B * sizeof(float)),
-               (int32_t *)malloc(M * B * sizeof(int32_t)), offsets ? (float *)malloc(M * (K / group) * sizeof(float)) : NULL};
-    round_panel(x, M, K, group, fast ? 1 : 2, p);
-    return p;
-}
-
-static void release_panel(Panel p) {
-    free(p.high);
-    free(p.low);
-    free(p.step);
-    free(p.bias);
-    free(p.sums);
-}
-
 /* Tile rows t and t + 1 (16 weight rows) against tokens m0 .. m0 + count (a literal where inlined), in the
  * prompt kernel's arithmetic (int4_prompt_vnni.c: the same sums in the same order). */
 static inline __attribute__((always_inline)) void pair_dots(const uint8_t *first, const uint8_t *second, const void *const scales[2],
@@ -202,18 +185,15 @@ static inline __attribute__((always_inline)) void pair_dots(const uint8_t *first
     for (int j = 0; j < count; j++) _mm512_mask_storeu_ps(y + (m0 + j) * N, rows, _mm512_permutexvar_ps(lane_of_row, sums[j]));
 }
 
-#define PAIR_CASE(n, halves) pair_dots(first, second, pair_scales, pair_offsets, f16, p, M, m, n, halves, K, G, blocks, y + t * 8, N, rows); break;
+#define PAIR_CASE(n, halves) \
+    pair_dots(pair.tiles[0], pair.tiles[1], pair.scales, pair.offsets, f16, p, M, m, n, halves, K, G, blocks, y + t * 8, N, pair.rows); break;
 
 /* Tile rows t and t + 1 of a weight (T of them; the last of an odd number pairs with itself) against tokens
  * m0 .. m1, into y[m, 8t .. 8t + 16). */
 static inline void pair_row(const uint8_t *tiles, const void *scales, const void *offsets, int f16, const Panel *p, int64_t M, float *y,
                             int64_t t, int64_t T, int64_t m0, int64_t m1, int64_t N, int64_t K, int64_t group) {
-    int64_t G = K / group, width = f16 ? 2 : 4, blocks = group / 32, odd = t + 1 == T;
-    int64_t tile_codes = (K / 32) * TILE_BYTES, tile_values = G * 8 * width;
-    const uint8_t *first = tiles + t * tile_codes, *second = odd ? first : first + tile_codes;
-    const char *s = (const char *)scales + t * tile_values, *o = offsets ? (const char *)offsets + t * tile_values : NULL;
-    const void *pair_scales[2] = {s, odd ? s : s + tile_values}, *pair_offsets[2] = {o, o && !odd ? o + tile_values : o};
-    __mmask16 rows = odd ? 0x00FF : 0xFFFF;
+    int64_t G = K / group, blocks = group / 32;
+    TilePair pair = tile_pair(tiles, scales, offsets, f16, t, T, K, group);
     for (int64_t m = m0; m < m1; m += MAX_TOKENS) {
         int64_t count = m1 - m < MAX_TOKENS ? m1 - m : MAX_TOKENS;
         if (p->low) {
@@ -265,7 +245,8 @@ void matmul_int4(const float *x, const uint8_t *codes, const void *scales, const
 #define EXPERT(e) codes + (e) * codes_per_expert, (const char *)scales + (e) * values_per_expert, offsets ? (const char *)offsets + (e) * values_per_expert : NULL
 #ifdef GEMMA4_AVX512
     if (longest >= PAIR_MIN_TOKENS) {  /* the same sums as tile_row's, fewer instructions a token */
-        Panel p = round_rows(x, M, K, group, fast, offsets != NULL);
+        Panel p = alloc_panel(M, K, group, fast ? 1 : 2, offsets != NULL);
+        round_panel(x, M, K, group, fast ? 1 : 2, p);
         int64_t pairs = (T + 1) / 2;
 #pragma omp parallel for schedule(dynamic, 8) num_threads(threads)
         for (int64_t i = 0; i < runs * pairs; i++) {

@@ -97,8 +97,9 @@ static void panel_dots_any(const int8_t *codes, const float *scales, const float
 }
 
 /* Panel i of rows starts[i] .. starts[i + 1], its arrays carved from one allocation at token starts[i]. */
-static Panel panel_at(int8_t *high, int8_t *low, float *step, int32_t *bias, float *sums, int64_t m0, int64_t K, int64_t group) {
-    Panel p = {high + m0 * K, low ? low + m0 * K : NULL, step + m0 * (K / 32), bias + m0 * (K / 32), sums ? sums + m0 * (K / group) : NULL};
+static Panel panel_at(Panel all, int64_t m0, int64_t K, int64_t group) {
+    Panel p = {all.high + m0 * K, all.low ? all.low + m0 * K : NULL, all.step + m0 * (K / 32), all.bias + m0 * (K / 32),
+               all.sums ? all.sums + m0 * (K / group) : NULL};
     return p;
 }
 #endif
@@ -121,40 +122,30 @@ void prompt_matmul_int4_rounded(const float *x, const uint8_t *codes, const void
     int64_t token_bytes = K * halves + B * 8 + (offsets ? G * 4 : 0), per_block = BLOCK_BYTES / (token_bytes * PANEL);
     int64_t *starts = (int64_t *)malloc((M + 1) * sizeof(int64_t)), *blocks = (int64_t *)malloc((M + 1) * sizeof(int64_t));
     int64_t block_count = split_rows(experts, M, PANEL, per_block > 1 ? per_block : 1, starts, blocks), panels = blocks[block_count];
-    int8_t *high = (int8_t *)malloc(M * K), *low = halves == 2 ? (int8_t *)malloc(M * K) : NULL;
-    float *step = (float *)malloc(M * B * sizeof(float)), *sums = offsets ? (float *)malloc(M * G * sizeof(float)) : NULL;
-    int32_t *bias = (int32_t *)malloc(M * B * sizeof(int32_t));
+    Panel all = alloc_panel(M, K, group, halves, offsets != NULL);
     int64_t tile_codes = B * TILE_BYTES, tile_values = G * 8 * width;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < panels; i++)
-            round_panel(x + starts[i] * K, starts[i + 1] - starts[i], K, group, halves, panel_at(high, low, step, bias, sums, starts[i], K, group));
+            round_panel(x + starts[i] * K, starts[i + 1] - starts[i], K, group, halves, panel_at(all, starts[i], K, group));
         int8_t *unpacked = (int8_t *)aligned_alloc(64, 16 * K);
         float *row_scales = (float *)aligned_alloc(64, B * 16 * sizeof(float)), *row_offsets = (float *)aligned_alloc(64, B * 16 * sizeof(float));
 #pragma omp for schedule(dynamic, 2)  /* runs of 2: a thread's next tiles are those it prefetches */
         for (int64_t i = 0; i < block_count * parts; i++) {
             int64_t b = i / parts, t = i % parts * 2, e = experts ? experts[starts[blocks[b]]] : 0;
-            const uint8_t *tile = codes + (e * T + t) * tile_codes;
-            const char *s = (const char *)scales + (e * T + t) * tile_values;
-            const char *o = offsets ? (const char *)offsets + (e * T + t) * tile_values : NULL;
-            int odd = t + 1 == T;  /* the last of an odd number of tiles: paired with itself, the copy not stored */
-            const uint8_t *tiles[2] = {tile, odd ? tile : tile + tile_codes};
-            const void *tile_scales[2] = {s, odd ? s : s + tile_values}, *tile_offsets[2] = {o, o && !odd ? o + tile_values : o};
-            unpack_pair(tiles, tile_scales, tile_offsets, f16, K, group, unpacked, row_scales, row_offsets);
+            TilePair pair = tile_pair(codes + e * T * tile_codes, (const char *)scales + e * T * tile_values,
+                                      offsets ? (const char *)offsets + e * T * tile_values : NULL, f16, t, T, K, group);
+            unpack_pair(pair.tiles, pair.scales, pair.offsets, f16, K, group, unpacked, row_scales, row_offsets);
             for (int64_t q = blocks[b]; q < blocks[b + 1]; q++)
-                panel_dots_any(unpacked, row_scales, offsets ? row_offsets : NULL, panel_at(high, low, step, bias, sums, starts[q], K, group),
-                               (int)(starts[q + 1] - starts[q]), K, group, y + starts[q] * N + t * 8, N, odd ? 0x00FF : 0xFFFF);
+                panel_dots_any(unpacked, row_scales, offsets ? row_offsets : NULL, panel_at(all, starts[q], K, group),
+                               (int)(starts[q + 1] - starts[q]), K, group, y + starts[q] * N + t * 8, N, pair.rows);
         }
         free(unpacked);
         free(row_scales);
         free(row_offsets);
     }
-    free(high);
-    free(low);
-    free(step);
-    free(bias);
-    free(sums);
+    release_panel(all);
     free(starts);
     free(blocks);
 #else

@@ -340,6 +340,40 @@ typedef struct {
     float *sums;        /* [G][count]: the exact fp32 group sums the offsets multiply; NULL without offsets */
 } Panel;
 
+/* Arrays for M tokens' rounded activations (with sums where the weight has offsets); free with release_panel. */
+static inline Panel alloc_panel(int64_t M, int64_t K, int64_t group, int halves, int offsets) {
+    int64_t B = K / 32;
+    Panel p = {(int8_t *)malloc(M * K), halves == 2 ? (int8_t *)malloc(M * K) : NULL, (float *)malloc(M * B * sizeof(float)),
+               (int32_t *)malloc(M * B * sizeof(int32_t)), offsets ? (float *)malloc(M * (K / group) * sizeof(float)) : NULL};
+    return p;
+}
+
+static inline void release_panel(Panel p) {
+    free(p.high);
+    free(p.low);
+    free(p.step);
+    free(p.bias);
+    free(p.sums);
+}
+
+/* Tile rows t and t + 1 of a weight's T (the last of an odd number paired with itself, its copy not stored):
+ * their codes, scales and offsets (NULL without), and the rows a pair's 16 outputs store. */
+typedef struct {
+    const uint8_t *tiles[2];
+    const void *scales[2], *offsets[2];
+    __mmask16 rows;
+} TilePair;
+
+static inline TilePair tile_pair(const uint8_t *codes, const void *scales, const void *offsets, int f16, int64_t t, int64_t T, int64_t K,
+                                 int64_t group) {
+    int64_t tile_codes = (K / 32) * TILE_BYTES, tile_values = (K / group) * 8 * (f16 ? 2 : 4), odd = t + 1 == T;
+    const uint8_t *tile = codes + t * tile_codes;
+    const char *s = (const char *)scales + t * tile_values, *o = offsets ? (const char *)offsets + t * tile_values : NULL;
+    TilePair pair = {{tile, odd ? tile : tile + tile_codes}, {s, odd ? s : s + tile_values}, {o, o && !odd ? o + tile_values : o},
+                     (__mmask16)(odd ? 0x00FF : 0xFFFF)};
+    return pair;
+}
+
 /* Rows x[0 .. count) (K apart) rounded into panel p (its arrays sized for `count` tokens) by round_32. */
 static inline void round_panel(const float *x, int64_t count, int64_t K, int64_t group, int halves, Panel p) {
     int64_t B = K / 32, G = K / group;
