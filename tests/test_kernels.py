@@ -31,6 +31,16 @@ def test_rms_norm_equals_the_operators(with_scale, offset):
         torch.testing.assert_close(norm(x), torch_rms_norm(x, norm.weight, 1e-6, offset), atol=1e-6, rtol=1e-5)
 
 
+def test_the_soft_cap_is_tanh_within_a_few_ulp():
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(70_000) * s for s in (1e-3, 0.3, 5.0, 30.0, 1e3)] + [torch.tensor([0.0, -0.0, float("inf"), -float("inf")])])
+    exact = (x.double() / 30).tanh() * 30
+    ours = kernels.softcap_(x.clone(), 30.0)  # (more than 2^18 values: the threaded path; the last few: the scalar tail)
+    assert ((ours.double() - exact).abs() <= 4e-7 * exact.abs()).all()
+    assert ours[-2:].tolist() == [30.0, -30.0]
+    assert kernels.softcap_(torch.full((11,), float("nan")), 30.0).isnan().all()  # a vector of 8 and the tail
+
+
 @pytest.mark.parametrize("heads,kv_heads,slots,dim", [(8, 1, 512, 256), (4, 2, 37, 32), (2, 2, 5, 16), (12, 1, 29, 64), (2, 2, 9, 64)])
 def test_one_query_attention_equals_sdpa(heads, kv_heads, slots, dim):
     """Grouped queries, a masked cache slice of a larger buffer (as a global layer's), two sequences."""

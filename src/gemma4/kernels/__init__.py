@@ -188,6 +188,12 @@ def gelu_tanh(x: Tensor) -> Tensor:
     return out
 
 
+def softcap_(x: Tensor, cap: float) -> Tensor:
+    """x = cap * tanh(x / cap) in place, x fp32 contiguous (a few ulp from PyTorch's three operators)."""
+    _lib.softcap(_ptr(x), x.numel(), cap, torch.get_num_threads())  # type: ignore[union-attr]
+    return x
+
+
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float) -> Tensor:
     """x: fp32 [..., D] contiguous; weight: fp32 [D] or None."""
     out = torch.empty_like(x)
@@ -229,21 +235,33 @@ def attend_one_query(q: Tensor, key: Tensor | Int8Tensor, value: Tensor | Int8Te
     if key_of_value is not None:
         key = value
     KV, S = key.shape[1], key.shape[2]
-    scales = [t.scales if isinstance(t, Int8Tensor) else None for t in (key, value)]
-    key, value = (t.codes if isinstance(t, Int8Tensor) else t for t in (key, value))
-    key, value = (t if t.stride()[2:] == (D, 1) else t.contiguous() for t in (key, value))
-    blocks = scales[0].shape[-1] if scales[0] is not None else 1
-    scales = [None if t is None else t if t.stride()[2:] == (blocks, 1) else t.contiguous() for t in scales]
-    strides = [(ctypes.c_int64 * 2)(*t.stride()[:2]) for t in (key, value)]
-    scale_strides = (ctypes.c_int64 * 4)(*[n for t in scales for n in (t.stride()[:2] if t is not None else (0, 0))])
+    if isinstance(value, Int8Tensor):
+        key_scales, value_scales = key.scales, value.scales  # type: ignore[union-attr]
+        key, value = key.codes, value.codes  # type: ignore[union-attr]
+        blocks = key_scales.shape[-1]
+        key_scales, value_scales = (t if t.stride()[2:] == (blocks, 1) else t.contiguous() for t in (key_scales, value_scales))
+        scale_strides = (*key_scales.stride()[:2], *value_scales.stride()[:2])
+    else:  # (a decode step's common case, ~40 such calls: no more Python here than it needs)
+        key_scales = value_scales = None
+        blocks, scale_strides = 1, (0, 0, 0, 0)
+    key_strides, value_strides = key.stride(), value.stride()
+    if key_strides[2:] != (D, 1):
+        key = key.contiguous()
+        key_strides = key.stride()
+    if value_strides[2:] != (D, 1):
+        value = value.contiguous()
+        value_strides = value.stride()
     weight, cos, sin, positions = (t.contiguous() for t in key_of_value) if key_of_value is not None else (None,) * 4
     out = torch.empty_like(q)
     _lib.attend_one_query(  # type: ignore[union-attr]
-        _ptr(q), _ptr(key), _ptr(value), KV_KINDS[key.dtype], *map(_ptr, scales), _ptr(allowed), _ptr(out), B, H, KV, S, D, *strides,
-        scale_strides, D // blocks, _ptr(weight), _ptr(cos), _ptr(sin), _ptr(positions), 0 if cos is None else cos.shape[1], scale,
-        torch.get_num_threads(),
+        q.data_ptr(), key.data_ptr(), value.data_ptr(), KV_KINDS[key.dtype], _ptr(key_scales), _ptr(value_scales), allowed.data_ptr(),
+        out.data_ptr(), B, H, KV, S, D, _Strides2(*key_strides[:2]), _Strides2(*value_strides[:2]), _Strides4(*scale_strides), D // blocks,
+        _ptr(weight), _ptr(cos), _ptr(sin), _ptr(positions), 0 if cos is None else cos.shape[1], scale, torch.get_num_threads(),
     )
     return out
+
+
+_Strides2, _Strides4 = ctypes.c_int64 * 2, ctypes.c_int64 * 4
 
 
 def dequantize_int4(codes: Tensor, scales: Tensor, offsets: Tensor | None, group: int, rows: slice) -> Tensor:
@@ -314,7 +332,7 @@ def read_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) ->
 
 if _lib is not None:
     for _name in ("matmul_packed", "matmul_int4", "prompt_matmul_int4", "prompt_matmul_int4_rounded", "dequantize_int4", "tile_q4_0", "unpack_q6_k", "fit_int4", "code_int4", "fit_q4_0", "rms_norm",
-                  "rms_norm_rotary", "attend_one_query", "gelu_tanh", "decode_layer_attention_inputs", "decode_layer_rest",
+                  "rms_norm_rotary", "attend_one_query", "gelu_tanh", "softcap", "decode_layer_attention_inputs", "decode_layer_rest",
                   "decode_layer_attention_output", "decode_layer_feedforward", "route"):
         getattr(_lib, _name).restype = None
     _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -324,6 +342,7 @@ if _lib is not None:
     _lib.prompt_matmul_int4_rounded.argtypes = [_p, _p, _p, _p, _int, _p, _p, _i64, _i64, _i64, _i64, _int, _int]
     _lib.prompt_matmul_int4_rounded_available.restype = ctypes.c_int
     _lib.gelu_tanh.argtypes = [_p, _p, _p, _i64, _int]
+    _lib.softcap.argtypes = [_p, _i64, ctypes.c_float, _int]
     _lib.decode_layer_attention_inputs.argtypes = [_p, _p, _p, _p, _p, _p, _p, _i64, _int]
     _lib.decode_layer_rest.argtypes = [_p, _p, _p, _p, _i64, _p, _i64, _int]
     _lib.decode_layer_attention_output.argtypes = [_p, _p, _p, _p, _i64, _int]

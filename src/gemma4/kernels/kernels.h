@@ -16,5 +16,6 @@ void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int
 void rms_norm_rotary(const float *x, const float *weight, const float *cos, const float *sin, float *out, int64_t tokens,
                      int64_t heads, int64_t dim, float eps, float offset);
 void gelu_tanh(const float *x, const float *times, float *out, int64_t n, int threads);
+void softcap(float *x, int64_t n, float cap, int threads);
 
 #endif

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -72,6 +73,12 @@ class KeyInputs:
     def last(self, n: int) -> KeyInputs:
         return replace(self, mask=self.mask[:, :, -n:])
 
+    @cached_property
+    def last_query_allowed(self) -> Tensor:
+        """[b, S] bool contiguous: the slots the last query may see (a decode step's one query), made
+        once a step for all layers of its type."""
+        return self.mask[:, 0, -1].contiguous()
+
 
 @dataclass(frozen=True)
 class AttentionInputs:
@@ -84,6 +91,12 @@ class AttentionInputs:
     def last(self, n: int) -> AttentionInputs:
         """The same inputs for the last n queries only."""
         return AttentionInputs(self.cos[:, -n:], self.sin[:, -n:], tuple(k.last(n) for k in self.keys))
+
+    @cached_property
+    def table_rows(self) -> tuple[Tensor, Tensor]:
+        """cos, sin as [B T, D] contiguous, made once a step for all layers of this type."""
+        D = self.cos.shape[-1]
+        return self.cos.reshape(-1, D).contiguous(), self.sin.reshape(-1, D).contiguous()
 
 
 @dataclass(frozen=True)
@@ -109,16 +122,27 @@ def attend(q: Tensor, key: Tensor | Int8Tensor | KeysOfValues, value: Tensor | I
     step) takes a fused kernel where it is built, which reads a 16-bit cache as it is (and rebuilds a
     K=V layer's keys slot by slot): at E2B's decode shapes PyTorch's attention takes twice as long,
     plus the widening copies."""
-    fused_kv = isinstance(key, KeysOfValues) or key.dtype == value.dtype
-    if q.shape[1] == 1 and q.shape[-1] % 8 == 0 and q.dtype == torch.float32 and fused_kv and value.dtype in kernels.KV_KINDS and kernels.available():
-        if isinstance(key, KeysOfValues):
-            rotated = (key.weight.float(), key.rotations.cos, key.rotations.sin, key.positions.contiguous())
-            return kernels.attend_one_query(q[:, 0].contiguous(), value, value, mask[:, 0, 0].contiguous(), scale, rotated)[:, None]
-        return kernels.attend_one_query(q[:, 0].contiguous(), key, value, mask[:, 0, 0].contiguous(), scale)[:, None]
+    if q.shape[1] == 1 and one_query_kernel_takes(q, key, value):
+        return attend_one_query(q[:, 0].contiguous(), key, value, mask[:, 0, 0].contiguous(), scale)[:, None]
     key = key.rebuilt(q.dtype) if isinstance(key, KeysOfValues) else widen(key, q.dtype)
     value = widen(value, q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), key, value, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)
+
+
+def one_query_kernel_takes(q: Tensor, key: Tensor | Int8Tensor | KeysOfValues, value: Tensor | Int8Tensor) -> bool:
+    """Whether `attend_one_query` takes these: fp32 queries, head_dim a multiple of 8, one kind of K/V it reads."""
+    fused_kv = isinstance(key, KeysOfValues) or key.dtype == value.dtype
+    return q.shape[-1] % 8 == 0 and q.dtype == torch.float32 and fused_kv and value.dtype in kernels.KV_KINDS and kernels.available()
+
+
+def attend_one_query(q: Tensor, key: Tensor | Int8Tensor | KeysOfValues, value: Tensor | Int8Tensor, allowed: Tensor, scale: float) -> Tensor:
+    """`attend` of one query per row, in the fused kernel: q [B, H, D] contiguous, allowed [B, S] bool
+    contiguous -> [B, H, D]."""
+    if isinstance(key, KeysOfValues):
+        rotated = (key.weight.float(), key.rotations.cos, key.rotations.sin, key.positions.contiguous())
+        return kernels.attend_one_query(q, value, value, allowed, scale, rotated)
+    return kernels.attend_one_query(q, key, value, allowed, scale)
 
 
 class KVStore(Protocol):

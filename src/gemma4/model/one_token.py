@@ -15,6 +15,7 @@ forward hooks; anything else runs as modules."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,13 +23,16 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from .layers import AttentionInputs, DecoderLayer, KVStore, RMSNorm, attend
+from .layers import AttentionInputs, DecoderLayer, KeyInputs, KVStore, RMSNorm, attend, attend_one_query, one_query_kernel_takes
 
 
 @dataclass
 class _Binding:
     """A layer's kernels.DecodeLayer, and what it was made from: each (dict, key, value) found there
-    then, so a reload or a --fast-math switch (which replace those values) makes it stale."""
+    then, so a reload or a --fast-math switch (which replace those values) makes it stale.
+
+    Both checks run every step for every layer, between weight streams that leave the caches cold:
+    as generator expressions they took ~40 us a layer (1.3 ms of a 26B-A4B step), so they iterate in C."""
 
     layer: kernels.DecodeLayer
     rows: int  # the most rows it takes
@@ -36,8 +40,18 @@ class _Binding:
     modules: list[nn.Module]  # whose forward hooks this path would skip
     keep: list[object]  # what the struct points at
 
+    def __post_init__(self) -> None:
+        self._wheres, self._keys, self._values = (list(column) for column in zip(*self.sources))
+        self._hooks = [hooks for m in self.modules for hooks in (m._forward_hooks, m._forward_pre_hooks)]
+
     def current(self) -> bool:
-        return all(where.get(key) is value for where, key, value in self.sources)
+        return all(map(operator.is_, map(dict.get, self._wheres, self._keys), self._values))
+
+    def hooked(self) -> bool:
+        """Whether a forward hook is now set on one of its modules (their hook dicts are kept: PyTorch adds
+        to them in place) or on every module."""
+        module = torch.nn.modules.module
+        return bool(module._global_forward_hooks or module._global_forward_pre_hooks) or any(self._hooks)
 
 
 def bind(layer: DecoderLayer, rows: int) -> kernels.DecodeLayer | None:
@@ -46,11 +60,8 @@ def bind(layer: DecoderLayer, rows: int) -> kernels.DecodeLayer | None:
     binding = layer.__dict__.get("_one_token")
     if binding is None or rows > binding.rows or not binding.current():
         binding = layer.__dict__["_one_token"] = _bind(layer, rows)
-    if binding is None or rows > binding.rows:
+    if binding is None or rows > binding.rows or binding.hooked():  # (tensor parallelism sums o_proj's and down_proj's outputs over ranks in hooks)
         return None
-    hooks = torch.nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or any(m._forward_hooks or m._forward_pre_hooks for m in binding.modules):
-        return None  # (tensor parallelism sums o_proj's and down_proj's outputs over ranks in hooks)
     return binding.layer
 
 
@@ -113,22 +124,31 @@ def _expert_kernels(experts: nn.Module, count: int) -> dict[str, kernels.BoundMa
 def step(layer: DecoderLayer, bound: kernels.DecodeLayer, x: Tensor, per_layer_input: Tensor | None, inputs: AttentionInputs,
          stores: Sequence[KVStore]) -> Tensor:
     """`layer(x, per_layer_input, inputs, stores)` for x fp32 [B, 1, hidden] contiguous (one token per
-    row, fp32 rotary tables), the layer bound by `bind`."""
+    row, fp32 rotary tables), the layer bound by `bind`. Between the compiled calls every PyTorch operator
+    starts with cold caches (each layer's weight stream evicts them), ~5-20 us each: so few are made here."""
     attention = layer.self_attn
     B = x.shape[0]
     flat = x.view(B, -1)
-    q, key, value = kernels.decode_layer_attention_inputs(bound, flat, inputs.cos.reshape(B, -1).contiguous(), inputs.sin.reshape(B, -1).contiguous())
-    q = q[:, None]
-    key, value = (None if t is None else t[:, :, None] for t in (key, value))  # [B, K, 1, D]
-    rows = [slice(None)] if len(stores) == 1 else [slice(b, b + 1) for b in range(B)]
-    out = []
-    for r, keys, store in zip(rows, inputs.keys, stores):
-        cached_key, cached_value = attention.cached_kv(None if key is None else key[r], None if value is None else value[r], keys, store)
-        out.append(attend(q[r], cached_key, cached_value, keys.mask, attention.plan.attention_scale))
-    attended = (out[0] if len(out) == 1 else torch.cat(out)).view(B, -1)
+    q, key, value = kernels.decode_layer_attention_inputs(bound, flat, *inputs.table_rows)
+    if len(stores) == 1:  # the whole batch in one cache
+        attended = _attend(attention, q, key, value, inputs.keys[0], stores[0])
+    else:  # a cache per row (a server's batch of sequences)
+        attended = torch.cat([_attend(attention, q[b : b + 1], None if key is None else key[b : b + 1], None if value is None else value[b : b + 1],
+                                      keys, store) for b, (keys, store) in enumerate(zip(inputs.keys, stores))])
+    attended = attended.view(B, -1)
     ple = None if per_layer_input is None else per_layer_input.reshape(B, -1)
     if not bound.top_k:
         return kernels.decode_layer_rest(bound, flat, attended, ple).view(B, 1, -1)
     residual = kernels.decode_layer_attention_output(bound, flat, attended)
-    weights, ids = layer.router(residual)
+    weights, ids = layer.router.forward(residual)  # (its hooks, if any, kept this layer off this path: see `bind`)
     return kernels.decode_layer_feedforward(bound, residual, (weights.contiguous(), ids.contiguous()), ple).view(B, 1, -1)
+
+
+def _attend(attention: nn.Module, q: Tensor, key: Tensor | None, value: Tensor | None, keys: KeyInputs, store: KVStore) -> Tensor:
+    """One store's rows: q [b, heads, D], the new key and value [b, kv_heads, D] (None where the layer
+    has none) -> the attention's output [b, heads, D]."""
+    key, value = (None if t is None else t[:, :, None] for t in (key, value))  # [b, K, 1, D]
+    cached_key, cached_value = attention.cached_kv(key, value, keys, store)
+    if one_query_kernel_takes(q, cached_key, cached_value):
+        return attend_one_query(q, cached_key, cached_value, keys.last_query_allowed, attention.plan.attention_scale)
+    return attend(q[:, None], cached_key, cached_value, keys.mask, attention.plan.attention_scale)[:, 0]

@@ -5,12 +5,15 @@ their cached keys on every read, keep one row of rotated pairs per position seen
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from torch import Tensor
 
 from ..plan import RopePlan
 
 
+@cache  # (every step builds query tables from it: not rebuilt each time; never written to)
 def inverse_frequencies(rope: RopePlan) -> Tensor:
     """[head_dim // 2] fp32, laid out as transformers' `ROPE_INIT_FUNCTIONS` lay it out.
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels
 from ..config import FULL, SLIDING, TextConfig
 from ..plan import LayerPlan, build_plan
 from . import one_token as one_token_path
@@ -241,6 +242,8 @@ class CausalLM(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         logits = self.head(hidden)
         if (cap := self.config.final_logit_softcapping) is not None:
+            if logits.dtype == torch.float32 and logits.is_contiguous() and kernels.available():
+                return kernels.softcap_(logits, cap)  # one pass where PyTorch's operators take three: ~1 ms of a decode step
             logits = logits.div_(cap).tanh_().mul_(cap)  # in place: three vocabulary-sized copies fewer a step
         return logits
 
