@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 DEFAULT_CHUNK = 256
 FP16_MAX = torch.finfo(torch.float16).max
-WRITTEN_AS_THEY_COME = (torch.bfloat16, torch.float16, torch.float32)  # slots that take fp32 K/V by assignment, rounded as `.to` rounds
 
 
 def global_capacity(tokens: int, context: int, chunk: int = DEFAULT_CHUNK) -> int:
@@ -123,22 +122,20 @@ class ModelCache:
         if layer not in self.layers:
             self.layers[layer] = self._allocate(plan, value)
         # A cache narrower than the activations (16-bit K/V beside fp32 compute) stores rounded; `attend` reads it widened.
-        # Writing into the buffer rounds as `.to` does, so where only the buffer is returned (a decode step's ring slot, a
-        # global layer) 16- and 32-bit K/V go in as they come (fp16's clamped): a 26B-A4B decode step made 55 rounded
-        # copies first, ~35 us each (run between weight streams, every operator starts with cold caches).
-        if self.dtype not in WRITTEN_AS_THEY_COME or (plan.is_sliding and value.shape[2] > 1):
-            key, value = None if key is None else self._narrow(key), self._narrow(value)
-        elif self.dtype == torch.float16:
-            key, value = None if key is None else _saturated(key), _saturated(value)
+        key, value = None if key is None else self._narrow(key), self._narrow(value)
         update = self._update_ring if plan.is_sliding else self._update_global
         return update(self.layers[layer], key, value)
 
-    def _narrow(self, x: Tensor) -> KV:
+    def _narrow(self, x: Tensor) -> KV | Tensor:
+        """What is written into the buffers: int8 codes and scales; 16 or 32 bits as they come, since a slot's write
+        rounds as `.to` does (a 26B-A4B decode step made 55 rounded copies first, ~35 us each: between weight streams
+        every operator starts with cold caches; a prompt chunk's ring write rounds first), fp16's saturated rather
+        than overflow to inf."""
         if self.dtype == torch.int8:
             return Int8Tensor.quantize(x)
-        if self.dtype == torch.float16:
-            x = _saturated(x)
-        return x.to(self.dtype)
+        if self.dtype == torch.float16 and x.dtype != torch.float16:
+            return x.clamp(-FP16_MAX, FP16_MAX)
+        return x
 
     def share(self, layer: int, key: Tensor, value: Tensor) -> None:
         self._shared[layer] = key, value
@@ -182,6 +179,7 @@ class ModelCache:
             if kv.key is not None:
                 kv.key[:, :, slot] = key[:, :, 0]  # type: ignore[index]
             return kv.key, kv.value
+        key, value = None if key is None else _in_dtype_of(kv.key, key), _in_dtype_of(kv.value, value)  # (index writes and cat need it)
         filled = self._ring_filled()
         full_key = None if kv.key is None else _cat(kv.key[:, :, :filled], key)  # type: ignore[arg-type]
         full_value = _cat(kv.value[:, :, :filled], value)
@@ -254,16 +252,16 @@ class ModelCache:
         }
 
 
-def _saturated(x: Tensor) -> Tensor:
-    """x within fp16's range: rounded to fp16 it saturates rather than overflow to inf."""
-    return x if x.dtype == torch.float16 else x.clamp(-FP16_MAX, FP16_MAX)
-
-
 def _grow(buffer: KV, capacity: int) -> KV:
     shape = (*buffer.shape[:2], capacity, buffer.shape[3])
     grown = Int8Tensor.zeros(shape) if isinstance(buffer, Int8Tensor) else buffer.new_zeros(shape)
     grown[:, :, : buffer.shape[2]] = buffer
     return grown
+
+
+def _in_dtype_of(buffer: KV, x: KV) -> KV:
+    """x rounded to a 16/32-bit buffer's dtype (an int8 cache's K/V already are Int8Tensors)."""
+    return x if isinstance(x, Int8Tensor) else x.to(buffer.dtype)
 
 
 def _cat(cached: KV, new: KV) -> KV:
