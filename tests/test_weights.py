@@ -9,7 +9,9 @@ import torch
 from safetensors import safe_open
 
 import gemma4
+from gemma4.errors import CheckpointError
 from gemma4.weights import synthesize
+from gemma4.weights.file_rows import FileRows
 from gemma4.weights.safetensors_io import SafetensorsFile
 
 
@@ -55,6 +57,27 @@ def test_row_tables_keep_their_stored_dtype(checkpoints):
     model = gemma4.load(path, dtype=torch.float32, progress=False).lm
     assert model.model.embed_tokens_per_layer.weight.dtype == torch.bfloat16
     assert model.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_row_tables_are_read_from_the_file(checkpoints, tmp_path):
+    """The PLE table's rows are read from the file (pread, weights/file_rows.py), not through the map:
+    the mapped tensor's rows, in its dtype; a bad id fails as an embedding's does, a cut file by name."""
+    model = gemma4.load(checkpoints("tiny-e2b", torch.bfloat16), dtype=torch.float32, progress=False).lm
+    table = model.model.embed_tokens_per_layer
+    in_file = table.stored_rows["weight"]
+    assert isinstance(in_file, FileRows) and in_file.stands_in_for(table.weight)
+    rows = table.weight.shape[0]
+    ids = torch.tensor([[0, 7, rows - 1], [3, 7, 0]])
+    assert torch.equal(in_file[ids], table.weight[ids]) and in_file[ids].dtype == torch.bfloat16
+    with pytest.raises(IndexError, match="outside a table"):
+        table(torch.tensor([[rows]]))
+    with torch.no_grad():  # a weight edited in place is read from the edit
+        table.weight[7] = 1.0
+    assert not in_file.stands_in_for(table.weight) and torch.equal(table(ids), table.weight[ids] * torch.tensor(table.scale, dtype=torch.bfloat16))
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(bytes(100))
+    with pytest.raises(CheckpointError, match="cut.bin: truncated"):
+        FileRows(cut, 0, (4, 16), torch.bfloat16)[torch.tensor([3])]
 
 
 def test_rotary_tables_match_reference_far_out(checkpoints):

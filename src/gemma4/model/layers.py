@@ -233,6 +233,21 @@ class MLP(nn.Module):
         return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
 
 
+class StoredRows(Protocol):
+    """A tensor's rows kept where a loader found them (weights/file_rows.py: in the checkpoint's file)."""
+
+    def stands_in_for(self, tensor: Tensor) -> bool: ...
+
+    def __getitem__(self, ids: Tensor) -> Tensor: ...
+
+
+def row_source(stand_ins: dict[str, StoredRows], name: str, tensor: Tensor) -> Tensor | StoredRows:
+    """What the rows of a module's tensor `name` are looked up in: the stand-in a loader left for it while
+    the tensor is still the one it stands in for, unwritten; else the tensor itself."""
+    rows = stand_ins.get(name)
+    return rows if rows is not None and rows.stands_in_for(tensor) else tensor
+
+
 class Router(nn.Module):
     COMPILED_ROWS = 8  # rows up to which the compiled router runs (beyond, PyTorch's matmul is faster)
 

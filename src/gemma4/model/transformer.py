@@ -14,7 +14,7 @@ from .. import kernels
 from ..config import FULL, SLIDING, TextConfig
 from ..plan import LayerPlan, build_plan
 from . import one_token as one_token_path
-from .layers import AttentionInputs, DecoderLayer, KeyInputs, KVStore, RMSNorm
+from .layers import AttentionInputs, DecoderLayer, KeyInputs, KVStore, RMSNorm, StoredRows, row_source
 from .rope import KeyRotations, rotary_tables
 
 
@@ -25,9 +25,10 @@ class ScaledEmbedding(nn.Embedding):
     def __init__(self, num: int, dim: int, scale: float):
         super().__init__(num, dim)
         self.scale = scale
+        self.stored_rows: dict[str, StoredRows] = {}  # stand-ins a loader left for `weight`'s lookups (weights/file_rows.py)
 
     def forward(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        rows = F.embedding(ids, self.weight).to(dtype or self.weight.dtype)
+        rows = row_source(self.stored_rows, "weight", self.weight)[ids].to(dtype or self.weight.dtype)
         return rows * torch.tensor(self.scale, dtype=rows.dtype, device=rows.device)
 
     def attend(self, hidden: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from ..model.layers import Experts, gelu_tanh
+from ..model.layers import Experts, StoredRows, gelu_tanh, row_source
 from ..model.transformer import ScaledEmbedding, TextModel
 from . import packed as packing  # STREAMING_MAX_ROWS read at call time, as packed.py reads it (tests set it)
 from .packed import DEFAULT_GROUP, PackedTensor, quantize
@@ -120,9 +120,11 @@ class PackedEmbedding(PackedModule):
     def __init__(self, scale: float):
         super().__init__(("weight",))
         self.scale = scale
+        self.stored_rows: dict[str, StoredRows] = {}  # stand-ins a loader left for the codes', scales' and offsets' lookups (weights/file_rows.py)
 
     def forward(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        return self.packed("weight").rows(ids).to(dtype or torch.float32) * self.scale
+        sources = [row_source(self.stored_rows, name, self._buffers[name]) for name in ("weight" + s for s in SUFFIXES)]
+        return self.packed("weight").rows(ids, sources).to(dtype or torch.float32) * self.scale
 
     def attend(self, hidden: Tensor) -> Tensor:
         return self.packed("weight").matmul(hidden)

@@ -18,8 +18,10 @@ Offsets are optional: int8 without them is symmetric, int4 without them is the Q
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -113,13 +115,14 @@ class PackedTensor:
             w += -8 * scales
         return w.view(n, -1)
 
-    def rows(self, ids: Tensor) -> Tensor:
-        """Embedding rows for token ids, fp32 [*ids.shape, K]; only those rows are read."""
+    def rows(self, ids: Tensor, sources: Sequence[Any] | None = None) -> Tensor:
+        """Embedding rows for token ids, fp32 [*ids.shape, K]; only those rows are read: from `sources`
+        where given (what the codes, scales and offsets are looked up in: model/layers.py's row_source)."""
         flat = ids.reshape(-1)
         if self.tiled:
             codes, (scales, offsets) = int4.tile_rows(self.codes, [self.scales, self.offsets], flat)
         else:
-            codes, scales, offsets = (None if t is None else t[flat].contiguous() for t in (self.codes, self.scales, self.offsets))
+            codes, scales, offsets = (None if t is None else t[flat].contiguous() for t in sources or (self.codes, self.scales, self.offsets))
         return PackedTensor(self.kind, codes, scales, offsets, self.group).dequantize().view(*ids.shape, -1)  # type: ignore[arg-type]
 
     def matmul(self, x: Tensor) -> Tensor:

@@ -459,7 +459,7 @@ def _table_placement(table: torch.nn.Module) -> str:
     if hasattr(table, "blocks"):  # a quantized GGUF table: rows repacked as read
         return f"{table.blocks.nbytes:,} B of {table.type_name} blocks in the GGUF file (rows read per token)"
     weight = table.weight
-    where = "memory-mapped from the checkpoint (rows read per token)" if _is_mapped(weight) else "in RAM"
+    where = "in the checkpoint file (rows read per token)" if table.stored_rows else "memory-mapped" if _is_mapped(weight) else "in RAM"
     packing = f"packed {table.packed('weight').kind}" if hasattr(table, "packed") else str(weight.dtype)
     return f"{weight.nbytes:,} B, {packing}, {where}"
 

@@ -19,6 +19,7 @@ from ..parallel.sharding import WHOLE, Shard
 from ..quant.modules import PackedModule, Scheme, is_row_table, pack_modules, pack_state
 from ..quant.packed import KINDS
 from .layout import TensorSpec, checkpoint_tensors, decoder_prefix, empty, empty_model
+from .file_rows import FileRows, read_rows_from_files
 from .safetensors_io import SafetensorsFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -192,7 +193,7 @@ def load_model(
     prefix = decoder_prefix(checkpoint.config)
     stored = {name: checkpoint.tensors[_checkpoint_name(name, prefix)] for name in model.state_dict()}
     packed = pack_modules(model, Scheme(quant, group, tables=quant if pack_tables else None)) if quant else {}
-    state = {}
+    state, in_file = {}, {}
     total = sum(info.end - info.start for info in stored.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", delay=1.0, disable=not progress, leave=False) as bar:
         for name, info in stored.items():
@@ -203,13 +204,14 @@ def load_model(
                 loaded = pack_state(name, tensor, *packed[name])
             elif not is_row_table(name):
                 loaded = {name: tensor.to(dtype)}
-            else:
-                file.advise_random(info.name)
+            else:  # left in the file, which its rows are read from
                 loaded = {name: tensor}
+                in_file[name] = FileRows.of(info)
             file.release_unless_kept(info.name, whole, loaded.values())  # converted or copied: the file's pages need not stay resident
             state.update(loaded)
             bar.update(info.end - info.start)
     install(model, state)
+    read_rows_from_files(model, in_file)
     return model.eval()
 
 

@@ -34,6 +34,7 @@ from ..quant.packed import PackedTensor
 from ..runtime.tokenizer import SPECIAL_TOKENS, Tokenizer
 from .checkpoint import install
 from .gguf_header import GGUFTensor, read_gguf
+from .file_rows import FileRows
 from .gguf_repack import BLOCK_BYTES, BlockRows, repack
 from .layout import empty_model
 
@@ -292,7 +293,7 @@ def load_gguf_model(
         type_name = t.tensor_type.name
         if native and type_name != "F32" and packable(module_name, module):
             if is_row_table(key) and type_name in BLOCK_BYTES:
-                replace_module(model, module_name, BlockRows(t.data, type_name, expected[key][-1], module.scale))
+                replace_module(model, module_name, BlockRows(FileRows(checkpoint.path, t.start, t.data.shape, torch.uint8), type_name, expected[key][-1], module.scale))
                 continue
             if not isinstance(module, PackedModule):
                 module = packed_twin(module)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .. import kernels
 from ..quant import int4
 from ..quant.packed import PackedTensor
+from .file_rows import FileRows
 
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 
@@ -113,15 +114,15 @@ def loaded_nbytes(type_name: str, shape: tuple[int, ...]) -> int:
 
 
 class BlockRows(nn.Module):
-    """A row-read table (the PLE table) left in the memory-mapped GGUF file: a lookup repacks and
-    dequantizes just the rows it reads, so the table costs no RAM beyond the page cache."""
+    """A row-read table (the PLE table) left in the GGUF file: a lookup reads, repacks and dequantizes
+    just the rows it needs, so the table costs no RAM beyond the page cache."""
 
-    def __init__(self, blocks: np.ndarray, type_name: str, width: int, scale: float):
+    def __init__(self, blocks: FileRows, type_name: str, width: int, scale: float):
         super().__init__()
-        self.blocks, self.type_name, self.width, self.scale = blocks, type_name, width, scale
+        self.blocks, self.type_name, self.width, self.scale = blocks, type_name, width, scale  # blocks: uint8 [rows, row bytes]
 
     def forward(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        picked = self.blocks[ids.reshape(-1).numpy()]
+        picked = self.blocks[ids.reshape(-1)].numpy()
         rows = repack(picked, self.type_name, (len(picked), self.width)).dequantize()
         return rows.view(*ids.shape, -1).to(dtype or torch.float32) * self.scale
 

@@ -20,6 +20,7 @@ from ..model import CausalLM
 from ..quant.modules import SUFFIXES, Scheme, is_row_table, pack_modules
 from ..quant.packed import PackedTensor
 from .checkpoint import INDEX_NAME, QUANT_METHOD, Checkpoint, _checkpoint_name, install, load_model, open_checkpoint
+from .file_rows import FileRows, read_rows_from_files
 from ..parallel.sharding import WHOLE, Shard
 from .layout import decoder_prefix, empty_model
 
@@ -77,17 +78,15 @@ def load_quantized(checkpoint: Checkpoint, settings: dict, shard: Shard = WHOLE)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     packed = pack_modules(model, Scheme(settings["kind"], settings.get("group_size", 0), tables=settings["kind"]))
     prefix = decoder_prefix(checkpoint.config)
-    state = {}
+    state, in_file = {}, {}
     for name, shape in shapes.items():
         stored = _checkpoint_name(name, prefix)
         names = [stored + s for s in SUFFIXES] if name in packed else [stored]
         if stored not in checkpoint.tensors:
             raise CheckpointError(f"{checkpoint.path}: missing tensor {stored!r}; the quantized checkpoint is incomplete")
         tensors = [checkpoint.file_of(n).tensor(n) if n in checkpoint.tensors else None for n in names]
-        if is_row_table(name):  # codes, scales and offsets are all read by row
-            for n in names:
-                if n in checkpoint.tensors:
-                    checkpoint.file_of(n).advise_random(n)
+        if is_row_table(name):  # left in the file, which its rows (codes, scales and offsets) are read from
+            in_file |= {our: FileRows.of(checkpoint.tensors[n]) for our, n in zip([name + s for s in SUFFIXES], names) if n in checkpoint.tensors}
         held = shard.cut_packed(name, PackedTensor.of(*tensors, dims=len(shape))) if name in packed else shard.cut(name, tensors[0])
         parts = [held.codes, held.scales, held.offsets] if name in packed else [held]
         for n, whole, part in zip(names, tensors, parts):
@@ -102,4 +101,5 @@ def load_quantized(checkpoint: Checkpoint, settings: dict, shard: Shard = WHOLE)
             if t is not None:
                 state[our] = t if name in packed else t.float()
     install(model, state)
+    read_rows_from_files(model, in_file)
     return model.eval()

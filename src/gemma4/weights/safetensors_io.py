@@ -79,17 +79,6 @@ class SafetensorsFile:
         if all(t is None or t.untyped_storage().data_ptr() != mapped for t in kept):
             self.release(name)
 
-    def advise_random(self, name: str) -> None:
-        """Tell the kernel a tensor is read by scattered rows (the PLE table): no read-ahead, and
-        none of it cached beforehand (a freshly written or copied file sits in the page cache in
-        large folios, and touching one row would map a whole folio), so only the pages of rows
-        actually read become resident."""
-        self.tensor(name)  # maps the file
-        start, length = self._pages(name)
-        self._map.madvise(mmap.MADV_RANDOM, start, length)  # type: ignore[union-attr]
-        with open(self.path, "rb") as f:
-            os.posix_fadvise(f.fileno(), start, length, os.POSIX_FADV_DONTNEED)
-
     def _pages(self, name: str) -> tuple[int, int]:
         """(start, length) of a tensor's bytes widened to the page it starts in, as madvise needs."""
         info = self.tensors[name]
