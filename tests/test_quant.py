@@ -42,6 +42,17 @@ def test_streaming_kernels_equal_the_dequantized_matmul(kind, group, rows, fast_
     assert_matmul(packed, x)
 
 
+def test_long_bf16_rows_read_four_at_a_time_give_each_row_its_own_sum():
+    """Where one token's activations outgrow half of L1 (K > 4,096 fp32), the bf16 kernel reads four rows
+    at a time sharing each load of them: each row's sum is the one it gets alone (a one-row matrix)."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(10, 4160), torch.randn(1, 4160)  # two blocks of four rows, two left over
+    packed = quantize(weight, "bf16", 0)
+    assert_matmul(packed, x)
+    alone = torch.cat([quantize(row[None], "bf16", 0).matmul(x) for row in weight], dim=1)
+    assert torch.equal(packed.matmul(x), alone)
+
+
 @pytest.mark.parametrize("kind,group,f32_scales", [("int4", 64, False), ("int4", 32, True), ("int4", 128, False), ("q4_0", 32, False)])
 @pytest.mark.parametrize("rows", [9, 200])
 @pytest.mark.parametrize("halves", [0, 1, 2])
