@@ -42,14 +42,16 @@ def test_streaming_kernels_equal_the_dequantized_matmul(kind, group, rows, fast_
     assert_matmul(packed, x)
 
 
-def test_long_bf16_rows_read_four_at_a_time_give_each_row_its_own_sum():
-    """Where one token's activations outgrow half of L1 (K > 4,096 fp32), the bf16 kernel reads four rows
-    at a time sharing each load of them: each row's sum is the one it gets alone (a one-row matrix)."""
+@pytest.mark.parametrize("kind,group", [("bf16", 0), ("int8", 32), ("int8", 16)])
+def test_long_rows_read_four_at_a_time_give_each_row_its_own_sum(kind, group):
+    """Where one token's activations outgrow half of L1 (fp32 for bf16 weights, two int8 halves for int8:
+    K 8,192 here), the kernels read four rows at a time sharing each load of them: each row's sum is the
+    one it gets alone (a one-row matrix)."""
     torch.manual_seed(0)
-    weight, x = torch.randn(10, 4160), torch.randn(1, 4160)  # two blocks of four rows, two left over
-    packed = quantize(weight, "bf16", 0)
+    weight, x = torch.randn(10, 8192), torch.randn(1, 8192)  # two blocks of four rows, two left over
+    packed = quantize(weight, kind, group)
     assert_matmul(packed, x)
-    alone = torch.cat([quantize(row[None], "bf16", 0).matmul(x) for row in weight], dim=1)
+    alone = torch.cat([quantize(row[None], kind, group).matmul(x) for row in weight], dim=1)
     assert torch.equal(packed.matmul(x), alone)
 
 

@@ -146,48 +146,81 @@ static inline __m256i block_dot(const int8_t *w, const int8_t *high, const int8_
 }
 #endif
 
+#ifdef GEMMA4_AVX2
+/* Rows n .. n + R's sums with token m's rounded activations into totals[R]; R literal (1 or 4): the rows
+ * share each load of the activations, each row's sum as alone. */
+static inline __attribute__((always_inline)) void int8_sums(const RoundedActivations *a, int64_t m, const int8_t *w, const float *scales,
+                                                            int64_t n, int R, int64_t K, int64_t group, float unit, float *totals) {
+    int64_t G = K / group, B = K / 32;
+    const int8_t *high = a->high + m * K, *low = a->low ? a->low + m * K : NULL;
+    const float *step = a->step + m * B;
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    /* A block's scale found per group, not per block: a division per 32 bytes (b * 32 / group) held
+     * this loop to ~25 GB/s on 2 cores, below the memory's ~40. */
+    if (group == 16)  /* two scales a block */
+        for (int64_t b = 0; b < B; b++)
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                const float *scale = scales + (n + r) * G;
+                __m256i dot = block_dot(w + (n + r) * K + b * 32, high + b * 32, low ? low + b * 32 : NULL);
+                __m256 s = _mm256_set_m128(_mm_set1_ps(scale[2 * b + 1] * unit), _mm_set1_ps(scale[2 * b] * unit));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(step[b])), acc[r]);
+            }
+    else
+        for (int64_t g = 0, per = group / 32; g < G; g++)
+            for (int64_t b = g * per; b < (g + 1) * per; b++)
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) {
+                    __m256i dot = block_dot(w + (n + r) * K + b * 32, high + b * 32, low ? low + b * 32 : NULL);
+                    __m256 s = _mm256_set1_ps(scales[(n + r) * G + g] * unit);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(step[b])), acc[r]);
+                }
+    for (int r = 0; r < R; r++) totals[r] = hsum(acc[r]);
+}
+#endif
+
+/* One token's activations rounded to int8 take 2 bytes a column (two halves) and a step a block: past
+ * half of L1 (K > 7,710: E2B's widest down projection), four rows at a time share each load of them,
+ * as decode_bf16 does and for the same reason (~70 % of the memory's rate one row at a time). */
 static void int8_rows(const RoundedActivations *a, const int8_t *w, const float *scales, const float *offsets, const float *sums,
                       float *y, int64_t M, int64_t N, int64_t K, int64_t group, int threads) {
-    int64_t G = K / group, B = K / 32;
+    int64_t G = K / group;
     const float unit = a->low ? 1.f / LOW_STEPS : 1.f;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        const int8_t *row = w + n * K;
-        const float *scale = scales + n * G;
-        for (int64_t m = 0; m < M; m++) {
-            const int8_t *high = a->high + m * K, *low = a->low ? a->low + m * K : NULL;
-            const float *step = a->step + m * B;
 #ifdef GEMMA4_AVX2
-            /* A block's scale found per group, not per block: a division per 32 bytes (b * 32 / group) held
-             * this loop to ~25 GB/s on 2 cores, below the memory's ~40. */
-            __m256 acc = _mm256_setzero_ps();
-            if (group == 16)  /* two scales a block */
-                for (int64_t b = 0; b < B; b++) {
-                    __m256i dot = block_dot(row + b * 32, high + b * 32, low ? low + b * 32 : NULL);
-                    __m256 s = _mm256_set_m128(_mm_set1_ps(scale[2 * b + 1] * unit), _mm_set1_ps(scale[2 * b] * unit));
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(step[b])), acc);
-                }
-            else
-                for (int64_t g = 0, per = group / 32; g < G; g++) {
-                    __m256 s = _mm256_set1_ps(scale[g] * unit);
-                    for (int64_t b = g * per; b < (g + 1) * per; b++) {
-                        __m256i dot = block_dot(row + b * 32, high + b * 32, low ? low + b * 32 : NULL);
-                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(step[b])), acc);
+    int64_t fours = M == 1 && 2 * K + K / 8 > 16384 ? N / 4 : 0;  /* (bytes: the halves, a step per 32 columns) */
+#else
+    int64_t fours = 0;
+#endif
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef GEMMA4_AVX2
+#pragma omp for schedule(static) nowait
+        for (int64_t i = 0; i < fours; i++) {
+            float totals[4];
+            int8_sums(a, 0, w, scales, 4 * i, 4, K, group, unit, totals);
+            for (int r = 0; r < 4; r++) y[4 * i + r] = totals[r] + (offsets ? offset_term(offsets, sums, 4 * i + r, 0, G) : 0.f);
+        }
+#endif
+#pragma omp for schedule(static)
+        for (int64_t n = 4 * fours; n < N; n++)
+            for (int64_t m = 0; m < M; m++) {
+                float total = 0.f;
+#ifdef GEMMA4_AVX2
+                int8_sums(a, m, w, scales, n, 1, K, group, unit, &total);
+#else
+                const int8_t *row = w + n * K, *high = a->high + m * K, *low = a->low ? a->low + m * K : NULL;
+                const float *step = a->step + m * (K / 32), *scale = scales + n * G;
+                for (int64_t b = 0; b < K / 32; b++) {
+                    for (int64_t k0 = b * 32; k0 < b * 32 + 32; k0 += 16) {  /* each 16 columns under their group's scale */
+                        int32_t dot = 0;
+                        for (int64_t k = k0; k < k0 + 16; k++) dot += row[k] * (high[k] * (low ? LOW_STEPS : 1) + (low ? low[k] : 0));
+                        total += dot * (scale[k0 / group] * unit * step[b]);
                     }
                 }
-            float total = hsum(acc);
-#else
-            float total = 0.f;
-            for (int64_t b = 0; b < B; b++) {
-                for (int64_t k0 = b * 32; k0 < b * 32 + 32; k0 += 16) {  /* each 16 columns under their group's scale */
-                    int32_t dot = 0;
-                    for (int64_t k = k0; k < k0 + 16; k++) dot += row[k] * (high[k] * (low ? LOW_STEPS : 1) + (low ? low[k] : 0));
-                    total += dot * (scale[k0 / group] * unit * step[b]);
-                }
-            }
 #endif
-            y[m * N + n] = total + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
-        }
+                y[m * N + n] = total + (offsets ? offset_term(offsets, sums, n, m, G) : 0.f);
+            }
     }
 }
 
