@@ -17,14 +17,13 @@ from .parallel.sharding import WHOLE, Shard, cut_of
 from .plan import LayerPlan, build_plan
 from .runtime.kv_cache import DEFAULT_CHUNK, global_capacity
 from .quant.modules import UNPACKED
-from .quant.packed import packed_nbytes, packed_row_bytes, prompt_scratch_bytes
+from .quant.packed import packed_nbytes, prompt_scratch_bytes
 from .weights.layout import TensorSpec, checkpoint_tensors
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 KV_SCALE_BYTES = 2  # int8 K/V: an fp16 scale per block of values (model/int8_kv.py)
 # Python, PyTorch and gemma4 themselves, resident before any weight: `python -c "import gemma4"` (VmRSS).
 RUNTIME_BYTES = 230_000_000
-PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class Savings:
     sliding_bound: bool = True  # sliding layers keep only their window
     kv_sharing: bool = True  # KV-shared layers store nothing
     k_eq_v: bool = True  # K=V layers store one tensor
-    ple_on_disk: bool = True  # the per-layer-embedding table stays memory-mapped
+    ple_on_disk: bool = True  # the per-layer-embedding table stays in its file
     gqa: bool = True  # fewer KV heads than query heads
 
 
@@ -130,16 +129,13 @@ def plan_memory(
     if media:
         weights.update({e: n for e, n in encoder_bytes.items() if n})
     ple_table = weights.pop("ple_table", 0)
-    # The PLE table, when mapped, is resident only for the rows of tokens seen (at most one per token).
+    # The PLE table stays in its file: a step's rows are read from it with pread (weights/file_rows.py),
+    # so none of it is resident here; the chunk's per-layer inputs made from them are activations.
     ple_width = text.num_hidden_layers * (text.hidden_size_per_layer_input or 0)
-    # Rows are read through the page cache: a row touches the pages it spans in each tensor holding
-    # it (the loader turns read-ahead off); a packed table keeps codes, scales and offsets apart.
-    row_parts = packed_row_bytes(ple_width, quant, group or None) if pack_tables else [ple_width * (2 if quant else width)]
-    ple_row_pages = sum((-(-part // PAGE) + 1) * PAGE for part in row_parts if part)
-    ple_resident = min(ple_table, context * batch * ple_row_pages) if savings.ple_on_disk else ple_table
+    ple_resident = 0 if savings.ple_on_disk else ple_table
     kv = serving_kv_bytes(plan, context, batch, kv_dtype, snapshots, savings)
     rotations = key_rotation_bytes(plan, context)
-    activations = _prefill_peak(plan, text.hidden_size, min(prefill_chunk, context), context, batch, width)
+    activations = _prefill_peak(plan, text.hidden_size, ple_width, min(prefill_chunk, context), context, batch, width)
     if quant:  # a prefill matmul's own copy: of its rows, for the int4 prompt kernels, or of a dequantized block of the weight
         chunk = batch * min(prefill_chunk, context)
         activations += prompt_scratch_bytes(max(chunk * max(p.mlp_width for p in plan), chunk * (text.top_k_experts or 0) * text.hidden_size))
@@ -187,8 +183,8 @@ def _stored_bytes(spec: TensorSpec, width: int, quant: str | None, group: int, p
     return packed_nbytes(spec.shape, quant, group or None) if packed else spec.numel * 4
 
 
-def _prefill_peak(plan: tuple[LayerPlan, ...], hidden: int, chunk: int, context: int, batch: int, width: int) -> int:
-    """The largest transient of one prefill chunk, plus the chunk's hidden states: the attention mask
+def _prefill_peak(plan: tuple[LayerPlan, ...], hidden: int, ple_width: int, chunk: int, context: int, batch: int, width: int) -> int:
+    """The largest transient of one prefill chunk, plus the chunk's hidden states and per-layer inputs: the attention mask
     over the keys a layer sees (bool, and the fp32 copy PyTorch's CPU flash attention makes of it;
     the scores themselves are tiled, never whole) or the MLP's two intermediate activations."""
     worst = 0
@@ -197,7 +193,7 @@ def _prefill_peak(plan: tuple[LayerPlan, ...], hidden: int, chunk: int, context:
         mask = batch * chunk * keys * (1 + 4)
         mlp = 2 * batch * chunk * p.mlp_width * width
         worst = max(worst, mask, mlp)
-    return worst + 4 * batch * chunk * hidden * width
+    return worst + batch * chunk * (4 * hidden + ple_width) * width
 
 
 def _is_encoder_matrix(spec: TensorSpec) -> bool:

@@ -84,7 +84,7 @@ def _plan(args: argparse.Namespace) -> None:
                 print(f"  weights  {component:<26}{gb(n)}")
         ple = p["ple_table"]
         if ple["bytes"]:
-            where = "memory-mapped, resident at most" if ple["on_disk"] else "in RAM"
+            where = "rows read as needed, resident" if ple["on_disk"] else "in RAM"
             print(f"  PLE table {ple['bytes'] / 1e9:.2f} GB on disk, {where:<15}{gb(ple['resident'])}")
         for kind, n in p["kv_cache"].items():
             print(f"  KV cache {kind:<26}{gb(n)}")
