@@ -28,10 +28,12 @@ class FileRows:
         self.path, self.start, self.shape, self.dtype = Path(path), start, tuple(shape), dtype
         self.row_shape = self.shape[1:]
         self.row_bytes = math.prod(self.row_shape) * dtype.itemsize
+        self._for: Tensor | None = None  # the loaded tensor whose lookups this serves (see stand_in_for)
+        self._version: int | None = None
         self._fd = os.open(self.path, os.O_RDONLY)
         weakref.finalize(self, os.close, self._fd)
-        # Scattered rows: a read brings in the row's pages, not the read-ahead window around them.
-        os.posix_fadvise(self._fd, start, self.nbytes, os.POSIX_FADV_RANDOM)
+        if hasattr(os, "posix_fadvise"):  # (not on macOS) scattered rows: a read brings in its pages, not a read-ahead window
+            os.posix_fadvise(self._fd, start, self.nbytes, os.POSIX_FADV_RANDOM)
 
     @classmethod
     def of(cls, info: TensorInfo) -> FileRows:
