@@ -22,7 +22,7 @@ def test_run_streams_an_answer_and_reports_with_verbose(checkpoints):
     result = gemma4("run", path, "Hello there", "--max-new-tokens", "6", "--temperature", "0", "--verbose")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
-    assert "per-layer embeddings" in result.stderr and "memory-mapped" in result.stderr
+    assert "per-layer embeddings" in result.stderr and "in the checkpoint file" in result.stderr
     assert "sliding_attention: 8 layers (4 KV-shared)" in result.stderr and "tok/s" in result.stderr
 
 
