@@ -18,8 +18,8 @@ from ..model.multimodal import MediaEncoders
 from ..parallel.sharding import WHOLE, Shard
 from ..quant.modules import PackedModule, Scheme, is_row_table, pack_modules, pack_state
 from ..quant.packed import KINDS
-from .layout import TensorSpec, checkpoint_tensors, decoder_prefix, empty, empty_model
 from .file_rows import FileRows, read_rows_from_files
+from .layout import TensorSpec, checkpoint_tensors, decoder_prefix, empty, empty_model
 from .safetensors_io import SafetensorsFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
