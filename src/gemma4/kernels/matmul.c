@@ -18,6 +18,8 @@
 #include "simd.h"
 
 #define MAX_M 8
+/* One token's activations past this many bytes (half of a 32 KB L1) are shared by four rows at a time. */
+#define SHARED_ACTIVATION_BYTES 16384
 
 #ifdef GEMMA4_AVX2
 static inline __m256 load_f16(const uint16_t *w) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)); }
@@ -69,7 +71,7 @@ static void decode_bf16(const float *x, const uint16_t *w, float *y, int64_t N, 
             split[k + i] = x[k + 2 * i];
             split[k + 8 + i] = x[k + 2 * i + 1];
         }
-    int64_t fours = K * (int64_t)sizeof(float) > 16384 ? N / 4 : 0;
+    int64_t fours = K * (int64_t)sizeof(float) > SHARED_ACTIVATION_BYTES ? N / 4 : 0;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static) nowait
@@ -168,14 +170,16 @@ static inline __attribute__((always_inline)) void int8_sums(const RoundedActivat
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(step[b])), acc[r]);
             }
     else
-        for (int64_t g = 0, per = group / 32; g < G; g++)
+        for (int64_t g = 0, per = group / 32; g < G; g++) {
+            __m256 s[4];
+            for (int r = 0; r < R; r++) s[r] = _mm256_set1_ps(scales[(n + r) * G + g] * unit);
             for (int64_t b = g * per; b < (g + 1) * per; b++)
 #pragma GCC unroll 4
                 for (int r = 0; r < R; r++) {
                     __m256i dot = block_dot(w + (n + r) * K + b * 32, high + b * 32, low ? low + b * 32 : NULL);
-                    __m256 s = _mm256_set1_ps(scales[(n + r) * G + g] * unit);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(step[b])), acc[r]);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s[r], _mm256_set1_ps(step[b])), acc[r]);
                 }
+        }
     for (int r = 0; r < R; r++) totals[r] = hsum(acc[r]);
 }
 #endif
@@ -188,7 +192,7 @@ static void int8_rows(const RoundedActivations *a, const int8_t *w, const float 
     int64_t G = K / group;
     const float unit = a->low ? 1.f / LOW_STEPS : 1.f;
 #ifdef GEMMA4_AVX2
-    int64_t fours = M == 1 && 2 * K + K / 8 > 16384 ? N / 4 : 0;  /* (bytes: the halves, a step per 32 columns) */
+    int64_t fours = M == 1 && 2 * K + K / 8 > SHARED_ACTIVATION_BYTES ? N / 4 : 0;  /* (bytes: the halves, a step per 32 columns) */
 #else
     int64_t fours = 0;
 #endif
