@@ -66,13 +66,14 @@ def test_ple_table_stays_on_disk(full_e2b):
 def test_measured_peak_memory_is_the_plan(full_e2b, context):
     """Prefill and decode a full context in a fresh process: the cache holds exactly the planned
     K/V bytes, and the peak resident memory is within 10 % of the planned total."""
-    from gemma4.planner import plan_memory
+    from gemma4.planner import plan_memory, tokenizer_bytes
+    from gemma4.runtime.tokenizer import tokenizer_counts
 
     probe = Path(__file__).parent / "probes" / "memory_probe.py"
     out = subprocess.run([sys.executable, str(probe), "--peak", str(full_e2b), str(context), "bf16"], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr
     measured = json.loads(out.stdout)
-    plan = plan_memory(open_checkpoint(full_e2b).config, context, quant="bf16")
+    plan = plan_memory(open_checkpoint(full_e2b).config, context, quant="bf16", tokenizer=tokenizer_bytes(*tokenizer_counts(full_e2b)))
     print(f"context {context}: measured peak {measured['peak_resident'] / GB:.3f} GB, planned {plan['total_resident'] / GB:.3f} GB")
     assert measured["cached_tokens"] == context
     assert measured["kv_cache"] == plan["kv_cache"]

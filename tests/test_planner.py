@@ -12,9 +12,10 @@ import torch
 import gemma4
 from gemma4.config import ModelConfig
 from gemma4.plan import build_plan
-from gemma4.planner import ALL_ON, EACH_OFF, Savings, kv_bytes_by_type, plan_memory
+from gemma4.planner import ALL_ON, EACH_OFF, Savings, kv_bytes_by_type, plan_memory, tokenizer_bytes
 from gemma4.runtime.generate import prefill
 from gemma4.runtime.kv_cache import ModelCache
+from gemma4.runtime.tokenizer import tokenizer_counts
 from gemma4.weights.presets import preset_config
 
 
@@ -99,3 +100,30 @@ def test_a_saved_quantized_checkpoint_is_planned_as_saved(checkpoints, tmp_path)
     out = subprocess.run([sys.executable, "-m", "gemma4.interfaces.cli", "plan", str(target), "--context", "40", "--json"], capture_output=True, text=True, check=True)
     plan = json.loads(out.stdout)["plans"][0]
     assert plan["quant"] == "int4" and sum(plan["weights"].values()) + plan["ple_table"]["bytes"] == held
+
+
+TOKENIZER_RESIDENT = """
+import gc, json, sys
+def resident():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+import gemma4
+from gemma4.runtime.tokenizer import Tokenizer
+before = resident()
+tokenizer = Tokenizer.from_folder(sys.argv[1])
+gc.collect()
+print(resident() - before)
+"""
+
+
+def test_planned_tokenizer_bytes_are_what_loading_it_holds(checkpoints):
+    """The plan counts the tokenizer from its own vocabulary and merges: loaded in a fresh process, it holds
+    within 15 % of that (the synthetic checkpoints' full 262,144-entry vocabulary: ~0.13 GB)."""
+    folder = checkpoints("tiny-e2b")
+    tokens, merges = tokenizer_counts(folder)
+    assert tokens == 262_144
+    out = subprocess.run([sys.executable, "-c", TOKENIZER_RESIDENT, str(folder)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    held, planned = int(out.stdout), tokenizer_bytes(tokens, merges)
+    assert abs(held - planned) <= 0.15 * planned, (held, planned)
+    assert tokenizer_counts(folder / "no such folder") is None

@@ -24,6 +24,11 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 KV_SCALE_BYTES = 2  # int8 K/V: an fp16 scale per block of values (model/int8_kv.py)
 # Python, PyTorch and gemma4 themselves, resident before any weight: `python -c "import gemma4"` (VmRSS).
 RUNTIME_BYTES = 230_000_000
+# A loaded tokenizer (the `tokenizers` backend and our maps of its ids), per vocabulary entry and per BPE
+# merge: `Tokenizer.from_folder` in a fresh process holds 331 MB for the release vocabulary (262,144 tokens,
+# 514,847 merges) and 127 MB for the synthetic checkpoints' (262,144 tokens, 308 merges).
+TOKENIZER_BYTES_PER_TOKEN, TOKENIZER_BYTES_PER_MERGE = 484, 396
+RELEASE_MERGES = 514_847  # the Gemma tokenizer's: planned where a checkpoint's own are not known
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,11 @@ EACH_OFF = {
     "PLE in RAM": replace(ALL_ON, ple_on_disk=False),
     "1:1 KV heads": replace(ALL_ON, gqa=False),
 }
+
+
+def tokenizer_bytes(tokens: int, merges: int = RELEASE_MERGES) -> int:
+    """Resident bytes of a loaded tokenizer of `tokens` vocabulary entries and `merges` BPE merges."""
+    return tokens * TOKENIZER_BYTES_PER_TOKEN + merges * TOKENIZER_BYTES_PER_MERGE
 
 
 def kv_vector_bytes(head_dim: int, kv_dtype: str) -> int:
@@ -98,6 +108,7 @@ def plan_memory(
     media: bool = False,
     shard: Shard = WHOLE,
     stored: dict[str, int] | None = None,
+    tokenizer: int | None = None,
 ) -> dict[str, Any]:
     """Bytes by component: weights, KV cache by layer type, prefill activation peak, total resident.
 
@@ -108,7 +119,9 @@ def plan_memory(
     video or audio arrive, so the encoders are resident, and one image at the largest budget or a 30 s
     clip is encoded at a time. shard: what one rank holds when the model is split over ranks (its parts
     of the split matrices and of the K/V heads; the rest whole). stored: bytes per tensor as loaded,
-    where the checkpoint fixes them (a GGUF file kept in its own types; `quant` names it then)."""
+    where the checkpoint fixes them (a GGUF file kept in its own types; `quant` names it then). tokenizer: its
+    resident bytes where the checkpoint's own is known (`tokenizer_bytes` of its counts), else the release
+    tokenizer's for this vocabulary."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unsupported dtype {dtype!r}: use bf16, fp16 or fp32")
     if quant:  # packed weights compute in fp32 and keep K/V in fp16 (runtime.engine.Model.configure)
@@ -137,11 +150,11 @@ def plan_memory(
     rotations = key_rotation_bytes(plan, context)
     activations = _prefill_peak(plan, text.hidden_size, ple_width, min(prefill_chunk, context), context, batch, width, kv_dtype != dtype)
     if quant:  # a prefill matmul's own copy: of its rows, for the int4 prompt kernels, or of a dequantized block of the weight
-        chunk = batch * min(prefill_chunk, context)
-        activations += prompt_scratch_bytes(max(chunk * max(p.mlp_width for p in plan), chunk * (text.top_k_experts or 0) * text.hidden_size))
+        activations += prompt_scratch_bytes(widest_chunk_values(plan, text.top_k_experts or 0, text.hidden_size, batch * min(prefill_chunk, context)))
     if media:  # encoding comes before the prefill: the larger transient of the two
         activations = max(activations, _encoder_peak(config, encoder_width))
-    resident = RUNTIME_BYTES + sum(weights.values()) + ple_resident + sum(kv.values()) + rotations + activations
+    tokenizer = tokenizer_bytes(text.vocab_size) if tokenizer is None else tokenizer
+    resident = RUNTIME_BYTES + tokenizer + sum(weights.values()) + ple_resident + sum(kv.values()) + rotations + activations
     return {
         "context": context,
         "batch": batch,
@@ -155,8 +168,15 @@ def plan_memory(
         "key_rotations": rotations,
         "activation_peak": activations,
         "runtime": RUNTIME_BYTES,
+        "tokenizer": tokenizer,
         "total_resident": resident,
     }
+
+
+def widest_chunk_values(plan: tuple[LayerPlan, ...], top_k: int, hidden: int, chunk: int) -> int:
+    """Values of the widest activation a prompt chunk of `chunk` tokens makes whose size the context does
+    not change: an MLP intermediate, or the chunk's rows routed to its top-k experts."""
+    return max(chunk * max(p.mlp_width for p in plan), chunk * top_k * hidden)
 
 
 def key_rotation_bytes(plan: tuple[LayerPlan, ...], context: int) -> int:

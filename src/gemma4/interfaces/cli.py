@@ -50,6 +50,22 @@ def _info(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
 
 
+def _tokenizer_bytes(model: str) -> int | None:
+    """What the checkpoint's own tokenizer will hold once loaded; None where it is not known (a preset,
+    a GGUF vocabulary whose merges are derived at load): the planner counts the release tokenizer's."""
+    from ..planner import tokenizer_bytes
+    from ..runtime.tokenizer import tokenizer_counts
+
+    if Path(model).suffix == ".gguf":
+        from ..weights.gguf_file import open_gguf
+
+        checkpoint = open_gguf(model)
+        tokens, merges = checkpoint.field("tokenizer.ggml.tokens"), checkpoint.field("tokenizer.ggml.merges")
+        return tokenizer_bytes(len(tokens), len(merges)) if tokens and merges else None
+    counts = tokenizer_counts(Path(model)) if Path(model).is_dir() else None
+    return tokenizer_bytes(*counts) if counts else None
+
+
 def _plan(args: argparse.Namespace) -> None:
     from ..parallel.sharding import Shard
     from ..planner import savings_table, sweep
@@ -66,7 +82,7 @@ def _plan(args: argparse.Namespace) -> None:
         quant, stored = FILE_TYPES, gguf_loaded_bytes(args.model)
     options = dict(dtype=args.dtype or "bf16", kv_dtype=args.kv_dtype, batch=args.parallel or args.batch, prefill_chunk=args.prefill_chunk,
                    quant=quant, group=group, pack_tables=bool(saved), snapshots=MAX_MARKS if args.parallel else 0, media=args.media,
-                   shard=Shard(0, args.tp), stored=stored)
+                   shard=Shard(0, args.tp), stored=stored, tokenizer=_tokenizer_bytes(args.model))
     contexts = [2048, 8192, 32768, 131072, 262144] if args.sweep else [args.context]
     plans = sweep(config, contexts, **options)
     if not plans:
@@ -92,6 +108,7 @@ def _plan(args: argparse.Namespace) -> None:
             print(f"  K=V keys' rotation tables         {gb(p['key_rotations'])}")
         print(f"  prefill activation peak           {gb(p['activation_peak'])}")
         print(f"  runtime (Python, PyTorch)         {gb(p['runtime'])}")
+        print(f"  tokenizer                         {gb(p['tokenizer'])}")
         print(f"  total resident                    {gb(p['total_resident'])}  (encoders stay on disk: {p['encoders_on_disk'] / 1e9:.2f} GB)")
     print(f"what each saving buys at context {plans[-1]['context']}:")
     for name, n in savings.items():

@@ -22,6 +22,7 @@ from ..model import CausalLM
 from ..model.multimodal import MediaEncoders, merge
 from ..parallel.ranks import ALONE, Ranks
 from ..parallel.sharding import WHOLE, Shard
+from ..planner import kv_vector_bytes, widest_chunk_values
 from ..quant.modules import set_fast_math
 from . import heap
 from .chat_format import render_chat
@@ -66,7 +67,7 @@ class Model:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         self.lm = lm
-        heap.reuse_large_blocks()
+        heap.reuse_blocks_up_to(4 * widest_chunk_values(lm.plan, lm.config.top_k_experts or 0, lm.config.hidden_size, prefill_chunk))
         self.ranks = ALONE
         self.fast_math = False
         self.configure()
@@ -420,7 +421,6 @@ class Model:
     # --- diagnosis ----------------------------------------------------------------------
     def describe(self) -> list[str]:
         """What users need to diagnose 'slow' or 'wrong': context, KV, PLE placement, attention paths."""
-        from ..planner import kv_vector_bytes
         from .kv_cache import global_capacity
 
         lines = [f"context: {self.context} tokens (model maximum {self.config.max_position_embeddings})"]

@@ -155,6 +155,15 @@ class StreamDecoder:
         return text[len(emitted) :]
 
 
+def tokenizer_counts(folder: Path) -> tuple[int, int] | None:
+    """(vocabulary entries, BPE merges) of a folder's tokenizer.json, for the memory planner; None without one."""
+    try:
+        model = json.loads((folder / "tokenizer.json").read_text()).get("model", {})
+    except (OSError, ValueError):
+        return None
+    return len(model.get("vocab", ())), len(model.get("merges", ()))
+
+
 def _split_specials(text: str, specials: list[str]) -> list[str]:
     pieces, start, i = [], 0, 0
     while i < len(text):
