@@ -67,7 +67,8 @@ class Model:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         self.lm = lm
-        heap.reuse_blocks_up_to(4 * widest_chunk_values(lm.plan, lm.config.top_k_experts or 0, lm.config.hidden_size, prefill_chunk))
+        widest = widest_chunk_values(lm.plan, lm.config.top_k_experts or 0, lm.config.hidden_size, prefill_chunk)
+        heap.reuse_blocks_up_to(4 * widest)  # fp32: the widest a chunk's activations are
         self.ranks = ALONE
         self.fast_math = False
         self.configure()
