@@ -25,9 +25,10 @@ KV_SCALE_BYTES = 2  # int8 K/V: an fp16 scale per block of values (model/int8_kv
 # Python, PyTorch and gemma4 themselves, resident before any weight: `python -c "import gemma4"` (VmRSS).
 RUNTIME_BYTES = 230_000_000
 # A loaded tokenizer (the `tokenizers` backend and our maps of its ids), per vocabulary entry and per BPE
-# merge: `Tokenizer.from_folder` in a fresh process holds 331 MB for the release vocabulary (262,144 tokens,
-# 514,847 merges) and 127 MB for the synthetic checkpoints' (262,144 tokens, 308 merges).
-TOKENIZER_BYTES_PER_TOKEN, TOKENIZER_BYTES_PER_MERGE = 484, 396
+# merge: `Tokenizer.from_folder` in a fresh process, then runtime.heap.release_free as a load ends, holds
+# 150 MB for the release vocabulary (262,144 tokens, 514,847 merges) and 114 MB for the synthetic
+# checkpoints' (262,144 tokens, 308 merges).
+TOKENIZER_BYTES_PER_TOKEN, TOKENIZER_BYTES_PER_MERGE = 436, 70
 RELEASE_MERGES = 514_847  # the Gemma tokenizer's: planned where a checkpoint's own are not known
 
 

@@ -69,6 +69,7 @@ class Model:
         self.lm = lm
         widest = widest_chunk_values(lm.plan, lm.config.top_k_experts or 0, lm.config.hidden_size, prefill_chunk)
         heap.reuse_blocks_up_to(4 * widest)  # fp32: the widest a chunk's activations are
+        heap.release_free()  # the model and tokenizer are loaded: what loading them dropped goes back
         self.ranks = ALONE
         self.fast_math = False
         self.configure()

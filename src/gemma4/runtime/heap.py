@@ -30,3 +30,12 @@ def reuse_blocks_up_to(largest: int) -> bool:
         return False
     threshold = -(-largest // _MB) * _MB + _MB  # (a block of exactly `largest` plus the allocator's header)
     return mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(threshold)) == 1 and mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(KEPT)) == 1
+
+
+def release_free() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing): what loading
+    made and dropped stays resident otherwise (parsing the release tokenizer.json leaves 180 MB free in the
+    heap, beside the 150 MB the tokenizer keeps)."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if os.name == "posix" else None
+    if trim is not None:
+        trim(0)
