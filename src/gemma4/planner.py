@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .config import SLIDING, ModelConfig
+from .config import SLIDING, ModelConfig, TextConfig
 from .model.int8_kv import block_size
 from .model.rope import KeyRotations
 from .parallel.sharding import WHOLE, Shard, cut_of
@@ -151,7 +151,7 @@ def plan_memory(
     rotations = key_rotation_bytes(plan, context)
     activations = _prefill_peak(plan, text.hidden_size, ple_width, min(prefill_chunk, context), context, batch, width, kv_dtype != dtype)
     if quant:  # a prefill matmul's own copy: of its rows, for the int4 prompt kernels, or of a dequantized block of the weight
-        activations += prompt_scratch_bytes(widest_chunk_values(plan, text.top_k_experts or 0, text.hidden_size, batch * min(prefill_chunk, context)))
+        activations += prompt_scratch_bytes(widest_chunk_values(plan, text, batch * min(prefill_chunk, context)))
     if media:  # encoding comes before the prefill: the larger transient of the two
         activations = max(activations, _encoder_peak(config, encoder_width))
     tokenizer = tokenizer_bytes(text.vocab_size) if tokenizer is None else tokenizer
@@ -174,10 +174,10 @@ def plan_memory(
     }
 
 
-def widest_chunk_values(plan: tuple[LayerPlan, ...], top_k: int, hidden: int, chunk: int) -> int:
+def widest_chunk_values(plan: tuple[LayerPlan, ...], text: TextConfig, chunk: int) -> int:
     """Values of the widest activation a prompt chunk of `chunk` tokens makes whose size the context does
     not change: an MLP intermediate, or the chunk's rows routed to its top-k experts."""
-    return max(chunk * max(p.mlp_width for p in plan), chunk * top_k * hidden)
+    return max(chunk * max(p.mlp_width for p in plan), chunk * (text.top_k_experts or 0) * text.hidden_size)
 
 
 def key_rotation_bytes(plan: tuple[LayerPlan, ...], context: int) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config import ModelConfig
 from ..errors import Gemma4Error
 from ..quant.packed import KINDS
+from ..weights.gguf_file import GGUFCheckpoint, gguf_loaded_bytes, open_gguf
 from ..weights.gguf_synth import GGUF_KINDS
 from ..weights.presets import PRESETS, preset_config
 
@@ -23,8 +24,6 @@ def _model_config(model: str) -> ModelConfig:
     if model in PRESETS and not Path(model).exists():
         return ModelConfig.from_dict(preset_config(model))
     if Path(model).suffix == ".gguf":
-        from ..weights.gguf_file import open_gguf
-
         return open_gguf(model).config
     from ..weights import open_checkpoint, validate
 
@@ -50,17 +49,15 @@ def _info(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
 
 
-def _tokenizer_bytes(model: str) -> int | None:
-    """What the checkpoint's own tokenizer will hold once loaded; None where it is not known (a preset,
-    a GGUF vocabulary whose merges are derived at load): the planner counts the release tokenizer's."""
+def _tokenizer_bytes(model: str, gguf: GGUFCheckpoint | None) -> int | None:
+    """What the checkpoint's own tokenizer will hold once loaded (`gguf`: the file `model` names, opened);
+    None where it is not known (a preset, a GGUF vocabulary whose merges are derived at load): the planner
+    counts the release tokenizer's then."""
     from ..planner import tokenizer_bytes
     from ..runtime.tokenizer import tokenizer_counts
 
-    if Path(model).suffix == ".gguf":
-        from ..weights.gguf_file import open_gguf
-
-        checkpoint = open_gguf(model)
-        tokens, merges = checkpoint.field("tokenizer.ggml.tokens"), checkpoint.field("tokenizer.ggml.merges")
+    if gguf is not None:
+        tokens, merges = gguf.field("tokenizer.ggml.tokens"), gguf.field("tokenizer.ggml.merges")
         return tokenizer_bytes(len(tokens), len(merges)) if tokens and merges else None
     counts = tokenizer_counts(Path(model)) if Path(model).is_dir() else None
     return tokenizer_bytes(*counts) if counts else None
@@ -71,18 +68,18 @@ def _plan(args: argparse.Namespace) -> None:
     from ..planner import savings_table, sweep
     from ..runtime.generate import MAX_MARKS
 
-    config = _model_config(args.model)
+    gguf = open_gguf(args.model) if Path(args.model).suffix == ".gguf" else None  # opened once: config, stored bytes and vocabulary
+    config = gguf.config if gguf else _model_config(args.model)
     saved = config.raw.get("quantization_config") or {}  # a checkpoint `gemma4 quantize` wrote: planned as saved
     quant, group = saved.get("kind", args.quant), saved.get("group_size", args.group)
     stored = None
-    if args.model.endswith(".gguf") and quant is None and args.dtype is None:  # loaded in the file's own types
+    if gguf and quant is None and args.dtype is None:  # loaded in the file's own types
         from ..benchmark.driver import FILE_TYPES
-        from ..weights.gguf_file import gguf_loaded_bytes
 
-        quant, stored = FILE_TYPES, gguf_loaded_bytes(args.model)
+        quant, stored = FILE_TYPES, gguf_loaded_bytes(gguf)
     options = dict(dtype=args.dtype or "bf16", kv_dtype=args.kv_dtype, batch=args.parallel or args.batch, prefill_chunk=args.prefill_chunk,
                    quant=quant, group=group, pack_tables=bool(saved), snapshots=MAX_MARKS if args.parallel else 0, media=args.media,
-                   shard=Shard(0, args.tp), stored=stored, tokenizer=_tokenizer_bytes(args.model))
+                   shard=Shard(0, args.tp), stored=stored, tokenizer=_tokenizer_bytes(args.model, gguf))
     contexts = [2048, 8192, 32768, 131072, 262144] if args.sweep else [args.context]
     plans = sweep(config, contexts, **options)
     if not plans:

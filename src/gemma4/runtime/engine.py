@@ -67,9 +67,6 @@ class Model:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         self.lm = lm
-        widest = widest_chunk_values(lm.plan, lm.config.top_k_experts or 0, lm.config.hidden_size, prefill_chunk)
-        heap.reuse_blocks_up_to(4 * widest)  # fp32: the widest a chunk's activations are
-        heap.release_free()  # the model and tokenizer are loaded: what loading them dropped goes back
         self.ranks = ALONE
         self.fast_math = False
         self.configure()
@@ -80,6 +77,8 @@ class Model:
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be at least 1")
         self.prefill_chunk = prefill_chunk
+        heap.reuse_blocks_up_to(4 * widest_chunk_values(lm.plan, lm.config, prefill_chunk))  # fp32: the widest a chunk's activations are
+        heap.release_free()  # the model and tokenizer are loaded: what loading them dropped goes back
         self.chat_format: str | None = "gemma4"  # None: the model only continues text (no known chat format)
         self.stats = Stats()
         self._session: Session | None = None

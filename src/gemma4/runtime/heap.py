@@ -23,9 +23,7 @@ _MB = 1 << 20
 def reuse_blocks_up_to(largest: int) -> bool:
     """Serve blocks up to `largest` bytes from the heap, and keep them when freed. Whether this C library
     took it (glibc does; elsewhere nothing changes)."""
-    if os.name != "posix":
-        return False
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    mallopt = _libc("mallopt")
     if mallopt is None:
         return False
     threshold = -(-largest // _MB) * _MB + _MB  # (a block of exactly `largest` plus the allocator's header)
@@ -36,6 +34,11 @@ def release_free() -> None:
     """Give the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing): what loading
     made and dropped stays resident otherwise (parsing the release tokenizer.json leaves 180 MB free in the
     heap, beside the 150 MB the tokenizer keeps)."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if os.name == "posix" else None
+    trim = _libc("malloc_trim")
     if trim is not None:
         trim(0)
+
+
+def _libc(name: str):  # noqa: ANN202 - a ctypes function
+    """The C library's function `name`, where this is POSIX and it has one (glibc's malloc tuning)."""
+    return getattr(ctypes.CDLL(None), name, None) if os.name == "posix" else None

@@ -312,11 +312,11 @@ def load_gguf_model(
     return model.eval(), checkpoint
 
 
-def gguf_loaded_bytes(path: str | Path) -> dict[str, int]:
+def gguf_loaded_bytes(path: str | Path | GGUFCheckpoint) -> dict[str, int]:
     """Bytes each tensor takes once `load_gguf_model` keeps it in the file's own type, by our checkpoint name."""
     from .gguf_repack import loaded_nbytes
 
-    checkpoint = open_gguf(path)
+    checkpoint = path if isinstance(path, GGUFCheckpoint) else open_gguf(path)
     expected = _expected_shapes(checkpoint)
     return {_our_key(checkpoint, t, expected): loaded_nbytes(t.tensor_type.name, tuple(t.torch_shape)) for t in checkpoint.tensors if t.name not in DERIVED}
 
