@@ -19,6 +19,7 @@ import torch
 
 from .. import kernels
 from ..errors import Gemma4Error
+from ..runtime import huge_pages
 from .peers import LLAMA_CPP_TYPE, gguf_for, llama_cpp_installed, quantized_for
 
 ENGINES = ("gemma4", "transformers", "llama.cpp")
@@ -39,10 +40,11 @@ class BenchOptions:
 
 
 def memory_bandwidth(threads: int) -> float:
-    """Bytes per second `threads` threads read from RAM, as our weight kernels read (kernels/bandwidth.c);
-    without the compiled kernels, a PyTorch reduction's rate (which reads slower: a lower bound)."""
+    """Bytes per second `threads` threads read from RAM, as our weight kernels read (kernels/bandwidth.c)
+    from the huge pages they stream (runtime/huge_pages.py: 4 KB pages read ~20 % slower); without the
+    compiled kernels, a PyTorch reduction's rate (which reads slower: a lower bound)."""
     if kernels.available():
-        return kernels.read_bandwidth(threads)
+        return kernels.read_bandwidth(threads, huge_pages.allocate(1 << 30).fill_(1))
     torch.set_num_threads(threads)
     data = torch.ones(1 << 28)
     best = float("inf")

@@ -318,10 +318,9 @@ def fit_q4_0(w: Tensor) -> tuple[Tensor, Tensor]:
     return scales, codes
 
 
-def read_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes per second `threads` threads read from RAM, best of `repeats` passes over a buffer far
-    larger than the caches, read as the weight kernels read."""
-    data = torch.ones(size_bytes // 8, dtype=torch.int64)  # written once: every page is resident
+def read_bandwidth(threads: int, data: Tensor, repeats: int = 5) -> float:
+    """Bytes per second `threads` threads read from RAM, best of `repeats` passes over `data` (resident,
+    far larger than the caches), read as the weight kernels read."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

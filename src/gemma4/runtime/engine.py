@@ -24,7 +24,7 @@ from ..parallel.ranks import ALONE, Ranks
 from ..parallel.sharding import WHOLE, Shard
 from ..planner import kv_vector_bytes, widest_chunk_values
 from ..quant.modules import set_fast_math
-from . import heap
+from . import heap, huge_pages
 from .chat_format import render_chat
 from .chat_parser import ChatResult, Event, OutputParser
 from .generate import DEFAULT_PREFILL_CHUNK, Batch, Prompt, Session, sample_loop, turn_marks
@@ -78,6 +78,7 @@ class Model:
             raise ValueError("prefill_chunk must be at least 1")
         self.prefill_chunk = prefill_chunk
         heap.reuse_blocks_up_to(4 * widest_chunk_values(lm.plan, lm.config, prefill_chunk))  # fp32: the widest a chunk's activations are
+        huge_pages.gather_streamed_weights(lm)
         heap.release_free()  # the model and tokenizer are loaded: what loading them dropped goes back
         self.chat_format: str | None = "gemma4"  # None: the model only continues text (no known chat format)
         self.stats = Stats()

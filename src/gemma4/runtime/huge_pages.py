@@ -1,0 +1,145 @@
+"""The weights every decode step streams, held in 2 MB pages.
+
+A step reads each packed matrix once (1.2 GB for E2B int4). Through 4 KB pages a thread's stream
+crosses a page every 64 cache lines, where the TLB misses and the hardware prefetcher stops; from
+transparent huge pages (2 MB, asked for with madvise) the one-token kernels read 10-25 % faster, and
+so does a plain read of memory (kernels/bandwidth.c): measured on an Intel Xeon (2 cores) and in
+benchmarks/results.md.
+
+Loaders leave those tensors in 4 KB pages: views into the checkpoint's file mapping (saved int4 and
+int8, GGUF blocks) or heap blocks (repacked or quantized at load). `gather_streamed_weights` copies
+them into one anonymous mapping advised MADV_HUGEPAGE and drops the file pages behind the originals,
+so each weight is held once. The tables read a row at a time (the per-layer embeddings, left on disk)
+stay where they are. Linux only; elsewhere, or with huge pages off, nothing moves."""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..model.transformer import CausalLM
+from ..quant.modules import SUFFIXES, PackedEmbedding, PackedLinear, PackedModule
+
+HUGE_PAGE = 2 << 20
+_ALIGN = 64  # each tensor's start: a cache line, as the kernels' loads want it
+_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def available() -> bool:
+    """Whether this system gives huge pages to a mapping that asks for them ("[always]" or "[madvise]")."""
+    try:
+        return hasattr(mmap, "MADV_HUGEPAGE") and "[never]" not in _SETTING.read_text()
+    except OSError:
+        return False
+
+
+def allocate(nbytes: int) -> Tensor:
+    """uint8 [nbytes], zeroed, starting on a huge page, in a mapping advised to use them (4 KB pages
+    where the system gives none). The tensor keeps the mapping alive."""
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if available():
+        region.madvise(mmap.MADV_HUGEPAGE)
+    whole = torch.frombuffer(region, dtype=torch.uint8)
+    start = -whole.data_ptr() % HUGE_PAGE
+    return whole[start : start + nbytes]
+
+
+def gather_streamed_weights(lm: CausalLM) -> int:
+    """Move the packed matrices every decode step streams whole (each PackedLinear's, and the embedding
+    table where it is also the LM head) into huge pages; the byte-identical copies replace them in their
+    modules. Returns the bytes moved (0 where huge pages are not available).
+
+    Not the experts: a step reads a few of each MoE layer's (8 of the 26B-A4B's 128), and moving
+    all of them would cost seconds of loading. Each original is released as it is copied, so loading
+    peaks at most one heap-held matrix higher."""
+    if not available():
+        return 0
+    holders: list[PackedModule] = [m for m in lm.modules() if isinstance(m, PackedLinear)]
+    if lm.lm_head is None and isinstance(lm.model.embed_tokens, PackedEmbedding):
+        holders.append(lm.model.embed_tokens)
+    originals: dict[int, Tensor] = {}
+    places: dict[int, list[tuple[PackedModule, str]]] = {}  # each original's (module, buffer name)s: a table may be tied
+    for module in holders:
+        for name in (n + s for n in module.packed_names for s in SUFFIXES):
+            if (t := module._buffers.get(name)) is not None:
+                originals[id(t)] = t
+                places.setdefault(id(t), []).append((module, name))
+    if not originals:
+        return 0
+    arena = allocate(sum(_aligned(t.nbytes) for t in originals.values()))
+    offset, files = 0, _file_mappings()
+    for key, where in places.items():
+        original = originals.pop(key)  # (the last reference to a heap-held one, once its modules let go)
+        copy = arena[offset : offset + original.nbytes]
+        _copy_releasing(original, copy, _mapping_of(original, files))
+        offset += _aligned(original.nbytes)
+        for module, name in where:
+            module._buffers[name] = copy.view(original.dtype).view(original.shape)
+            module._views.clear()  # (their PackedTensor views held the originals)
+    return offset
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+@dataclass(frozen=True)
+class _FileMapping:
+    start: int
+    end: int
+    offset: int  # of `start` in the file
+    path: str
+    written: bool  # whether any of its pages were written (copied on write: no longer the file's bytes)
+
+
+def _copy_releasing(original: Tensor, into: Tensor, mapping: _FileMapping | None) -> None:
+    """Copy contiguous `original`'s bytes into `into`. From a file mapping the bytes are read from the
+    file (a copy through the mapping faulted its pages in 4 KB at a time: 1.7 ms a MB against 0.5) and
+    the original's pages are dropped (clean pages of a file: read again, they would come back from it)."""
+    if mapping is None or mapping.written:
+        into.copy_(original.reshape(-1).view(torch.uint8))
+    else:
+        with open(mapping.path, "rb", buffering=0) as file:
+            at, view = mapping.offset + original.data_ptr() - mapping.start, memoryview(into.numpy())
+            while len(view):
+                read = os.preadv(file.fileno(), [view], at)
+                if read <= 0:
+                    raise OSError(f"{mapping.path}: ended while reading a weight back")
+                view, at = view[read:], at + read
+    if mapping is not None:
+        _drop_pages(original)
+
+
+def _file_mappings() -> list[_FileMapping]:
+    """This process's file-backed mappings, by start (/proc/self/smaps)."""
+    mappings, current = [], None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's first line: range, perms, offset, device, inode, path
+            current = fields if len(fields) >= 6 and fields[4] != "0" else None
+        elif current is not None and fields[0] == "Anonymous:":
+            start, end = (int(a, 16) for a in current[0].split("-"))
+            mappings.append(_FileMapping(start, end, int(current[2], 16), " ".join(current[5:]), int(fields[1]) > 0))
+    return sorted(mappings, key=lambda m: m.start)
+
+
+def _mapping_of(t: Tensor, mappings: list[_FileMapping]) -> _FileMapping | None:
+    at = t.data_ptr()
+    i = bisect.bisect_right([m.start for m in mappings], at) - 1
+    return mappings[i] if i >= 0 and at + t.nbytes <= mappings[i].end else None
+
+
+def _drop_pages(t: Tensor) -> None:
+    """MADV_DONTNEED over the whole pages inside t's bytes."""
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.nbytes) // page * page
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
