@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import functools
 import mmap
 import os
 from dataclasses import dataclass
@@ -142,4 +143,9 @@ def _drop_pages(t: Tensor) -> None:
     start = -(-t.data_ptr() // page) * page
     end = (t.data_ptr() + t.nbytes) // page * page
     if end > start:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+        _madvise()(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
+@functools.cache
+def _madvise():  # noqa: ANN202 - a ctypes function
+    return ctypes.CDLL(None).madvise
