@@ -79,3 +79,21 @@ def test_a_moved_weight_is_held_once(saved_int4):
 
     off, on = resident("off"), resident("on")
     assert on < off + 5 * 2**20, (on, off)  # (2 MB more measured: the region's last huge page, partly used; 11 MB more if a copy is held twice)
+
+
+def test_a_weight_mapped_from_a_file_since_replaced_is_copied_as_mapped(tmp_path):
+    """Weights are read back from the file they were mapped from only while it is that file: one replaced
+    on disk since (a checkpoint saved again under the same name) is copied from the mapping."""
+    from safetensors.torch import save_file
+
+    from gemma4.weights.safetensors_io import SafetensorsFile
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(1 << 20, dtype=torch.int32)}, path)
+    mapped = SafetensorsFile(path).tensor("w")
+    assert int(mapped[-1]) == (1 << 20) - 1  # (its pages faulted in)
+    (tmp_path / "new.safetensors").write_bytes(b"\0" * path.stat().st_size)
+    (tmp_path / "new.safetensors").replace(path)
+    into = torch.zeros(mapped.nbytes, dtype=torch.uint8)
+    huge_pages._copy_releasing(mapped, into, huge_pages._FileMappings().of(mapped))
+    assert torch.equal(into.view(torch.int32), torch.arange(1 << 20, dtype=torch.int32))

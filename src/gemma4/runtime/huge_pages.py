@@ -75,11 +75,11 @@ def gather_streamed_weights(lm: CausalLM) -> int:
     if not originals:
         return 0
     arena = allocate(sum(_aligned(t.nbytes) for t in originals.values()))
-    offset, files = 0, _file_mappings()
+    offset, files = 0, _FileMappings()
     for key, where in places.items():
         original = originals.pop(key)  # (the last reference to a heap-held one, once its modules let go)
         copy = arena[offset : offset + original.nbytes]
-        _copy_releasing(original, copy, _mapping_of(original, files))
+        _copy_releasing(original, copy, files.of(original))
         offset += _aligned(original.nbytes)
         for module, name in where:
             module._buffers[name] = copy.view(original.dtype).view(original.shape)
@@ -96,45 +96,57 @@ class _FileMapping:
     start: int
     end: int
     offset: int  # of `start` in the file
-    path: str
+    path: str  # (ending " (deleted)" where the file is gone from its folder, replaced or removed)
     written: bool  # whether any of its pages were written (copied on write: no longer the file's bytes)
 
 
+class _FileMappings:
+    """This process's file-backed mappings (/proc/self/smaps), by start."""
+
+    def __init__(self) -> None:
+        found, current = [], None
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's first line: range, perms, offset, device, inode, path
+                current = fields if len(fields) >= 6 and fields[4] != "0" else None
+            elif current is not None and fields[0] == "Anonymous:":
+                start, end = (int(a, 16) for a in current[0].split("-"))
+                found.append(_FileMapping(start, end, int(current[2], 16), " ".join(current[5:]), int(fields[1]) > 0))
+        self.mappings = sorted(found, key=lambda m: m.start)
+        self.starts = [m.start for m in self.mappings]
+
+    def of(self, t: Tensor) -> _FileMapping | None:
+        """The mapping all of t's bytes lie in, if a file's."""
+        i = bisect.bisect_right(self.starts, t.data_ptr()) - 1
+        return self.mappings[i] if i >= 0 and t.data_ptr() + t.nbytes <= self.mappings[i].end else None
+
+
 def _copy_releasing(original: Tensor, into: Tensor, mapping: _FileMapping | None) -> None:
-    """Copy contiguous `original`'s bytes into `into`. From a file mapping the bytes are read from the
-    file (a copy through the mapping faulted its pages in 4 KB at a time: 1.7 ms a MB against 0.5) and
-    the original's pages are dropped (clean pages of a file: read again, they would come back from it)."""
-    if mapping is None or mapping.written:
+    """Copy contiguous `original`'s bytes into `into`. From a file mapping whose pages still hold the
+    file's bytes, they are read from the file (a copy through the mapping faulted its pages in 4 KB at a
+    time: 1.7 ms a MB against 0.5), and the original's pages are dropped (clean pages of a file: read
+    again, they would come back from it)."""
+    if mapping is None or mapping.written or not _read_file(mapping, original.data_ptr() - mapping.start, into):
         into.copy_(original.reshape(-1).view(torch.uint8))
-    else:
-        with open(mapping.path, "rb", buffering=0) as file:
-            at, view = mapping.offset + original.data_ptr() - mapping.start, memoryview(into.numpy())
-            while len(view):
-                read = os.preadv(file.fileno(), [view], at)
-                if read <= 0:
-                    raise OSError(f"{mapping.path}: ended while reading a weight back")
-                view, at = view[read:], at + read
     if mapping is not None:
         _drop_pages(original)
 
 
-def _file_mappings() -> list[_FileMapping]:
-    """This process's file-backed mappings, by start (/proc/self/smaps)."""
-    mappings, current = [], None
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's first line: range, perms, offset, device, inode, path
-            current = fields if len(fields) >= 6 and fields[4] != "0" else None
-        elif current is not None and fields[0] == "Anonymous:":
-            start, end = (int(a, 16) for a in current[0].split("-"))
-            mappings.append(_FileMapping(start, end, int(current[2], 16), " ".join(current[5:]), int(fields[1]) > 0))
-    return sorted(mappings, key=lambda m: m.start)
-
-
-def _mapping_of(t: Tensor, mappings: list[_FileMapping]) -> _FileMapping | None:
-    at = t.data_ptr()
-    i = bisect.bisect_right([m.start for m in mappings], at) - 1
-    return mappings[i] if i >= 0 and at + t.nbytes <= mappings[i].end else None
+def _read_file(mapping: _FileMapping, at: int, into: Tensor) -> bool:
+    """Read len(into) bytes at `at` in the mapping from its file; False where that file cannot be read
+    (gone from its folder since it was mapped: the mapping holds the only copy)."""
+    try:
+        file = open(mapping.path, "rb", buffering=0)  # noqa: SIM115 - closed below
+    except OSError:
+        return False
+    with file:
+        view, at = memoryview(into.numpy()), mapping.offset + at
+        while len(view):
+            read = os.preadv(file.fileno(), [view], at)
+            if read <= 0:
+                return False
+            view, at = view[read:], at + read
+    return True
 
 
 def _drop_pages(t: Tensor) -> None:
