@@ -2,9 +2,9 @@
 
 A step reads each packed matrix once (1.2 GB for E2B int4). Through 4 KB pages a thread's stream
 crosses a page every 64 cache lines, where the TLB misses and the hardware prefetcher stops; from
-transparent huge pages (2 MB, asked for with madvise) the one-token kernels read 10-25 % faster, and
-so does a plain read of memory (kernels/bandwidth.c): measured on an Intel Xeon (2 cores) and in
-benchmarks/results.md.
+transparent huge pages (2 MB, asked for with madvise) the one-token int4 kernel read 10-20 % faster on
+an Intel Xeon, a plain read of memory (kernels/bandwidth.c) ~25 %, and an E2B int4 step took 0.88x
+the time (benchmarks/results.md).
 
 Loaders leave those tensors in 4 KB pages: views into the checkpoint's file mapping (saved int4 and
 int8, GGUF blocks) or heap blocks (repacked or quantized at load). `gather_streamed_weights` copies
