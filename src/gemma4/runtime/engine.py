@@ -65,6 +65,7 @@ class Model:
         chat_template: str | None,
         context: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        progress: bool = False,
     ):
         self.lm = lm
         self.ranks = ALONE
@@ -78,7 +79,7 @@ class Model:
             raise ValueError("prefill_chunk must be at least 1")
         self.prefill_chunk = prefill_chunk
         heap.reuse_blocks_up_to(4 * widest_chunk_values(lm.plan, lm.config, prefill_chunk))  # fp32: the widest a chunk's activations are
-        huge_pages.gather_streamed_weights(lm)
+        huge_pages.gather_streamed_weights(lm, progress)
         heap.release_free()  # the model and tokenizer are loaded: what loading them dropped goes back
         self.chat_format: str | None = "gemma4"  # None: the model only continues text (no known chat format)
         self.stats = Stats()
@@ -112,7 +113,7 @@ class Model:
         lm = load_model(folder, dtype=dtype or torch.bfloat16, progress=progress, quant=quant, group=group, shard=ranks.shard)
         has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
         tokenizer = Tokenizer.from_folder(folder) if has_tokenizer else None
-        model = cls(lm, tokenizer, _read_json(folder / "generation_config.json"), _chat_template(folder), context, prefill_chunk)
+        model = cls(lm, tokenizer, _read_json(folder / "generation_config.json"), _chat_template(folder), context, prefill_chunk, progress)
         config = ModelConfig.from_file(folder / "config.json")
         model.checkpoint = folder
         model.encoder_kinds = ({"image", "video"} if config.vision else set()) | ({"audio"} if config.audio else set())
@@ -147,7 +148,7 @@ class Model:
         template = checkpoint.field("tokenizer.chat_template")
         eos = checkpoint.field("tokenizer.ggml.eos_token_id", 1)
         generation = {"eos_token_id": sorted({eos, END_OF_TURN_ID})}
-        model = cls(lm, gguf_tokenizer(checkpoint), generation, template, context, prefill_chunk)
+        model = cls(lm, gguf_tokenizer(checkpoint), generation, template, context, prefill_chunk, progress)
         if template is None and checkpoint.architecture != "gemma4":
             model.chat_format = None  # no template and not Gemma 4's format: plain text only
         return model

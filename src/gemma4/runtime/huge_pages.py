@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from ..model.transformer import CausalLM
 from ..quant.modules import SUFFIXES, PackedEmbedding, PackedLinear, PackedModule
@@ -54,10 +55,12 @@ def allocate(nbytes: int) -> Tensor:
     return whole[start : start + nbytes]
 
 
-def gather_streamed_weights(lm: CausalLM) -> int:
+def gather_streamed_weights(lm: CausalLM, progress: bool = False) -> int:
     """Move the packed matrices every decode step streams whole (each PackedLinear's, and the embedding
     table where it is also the LM head) into huge pages; the byte-identical copies replace them in their
-    modules. Returns the bytes moved (0 where huge pages are not available).
+    modules. Returns the bytes moved (0 where huge pages are not available). `progress`: a bar where it
+    takes over a second (fresh memory can fault in slowly: 10-16 s for bf16 E2B in a VM whose host took
+    back the guest's free blocks).
 
     Not the experts: a step reads a few of each MoE layer's (8 of the 26B-A4B's 128), and moving
     all of them would cost seconds of loading. Each original is released as it is copied (the heap's
@@ -78,20 +81,22 @@ def gather_streamed_weights(lm: CausalLM) -> int:
         return 0
     arena = allocate(sum(_aligned(t.nbytes) for t in originals.values()))
     offset, freed, files = 0, 0, _FileMappings()
-    for key, where in places.items():
-        original = originals.pop(key)  # (the last reference to a heap-held one, once its modules let go)
-        copy = arena[offset : offset + original.nbytes]
-        mapping = files.of(original)
-        _copy_releasing(original, copy, mapping)
-        offset += _aligned(original.nbytes)
-        for module, name in where:
-            module._buffers[name] = copy.view(original.dtype).view(original.shape)
-            module._views.clear()  # (their PackedTensor views held the originals)
-        freed += 0 if mapping else original.nbytes
-        del original
-        if freed >= _TRIM_EVERY:  # the heap keeps what it frees: the copies grew beside it (a Q4_0 E2B's load peaked 0.4 GB higher)
-            heap.release_free()
-            freed = 0
+    with tqdm(total=arena.numel(), unit="B", unit_scale=True, desc="into huge pages", delay=1.0, disable=not progress, leave=False) as bar:
+        for key, where in places.items():
+            original = originals.pop(key)  # (the last reference to a heap-held one, once its modules let go)
+            copy = arena[offset : offset + original.nbytes]
+            mapping = files.of(original)
+            _copy_releasing(original, copy, mapping)
+            for module, name in where:
+                module._buffers[name] = copy.view(original.dtype).view(original.shape)
+                module._views.clear()  # (their PackedTensor views held the originals)
+            offset += _aligned(original.nbytes)
+            bar.update(_aligned(original.nbytes))
+            freed += 0 if mapping else original.nbytes
+            del original
+            if freed >= _TRIM_EVERY:  # the heap keeps what it frees, beside the growing copies (60 MB of a Q4_0 E2B GGUF's load)
+                heap.release_free()
+                freed = 0
     return offset
 
 
