@@ -55,6 +55,20 @@ def test_moved_weights_give_the_same_logits_from_one_huge_page_region(source, re
     assert torch.equal(teacher_forced_logits(moved.lm, TEXT), teacher_forced_logits(kept.lm, TEXT))
 
 
+def test_a_large_heap_held_table_stays_where_it_is(q4_0_gguf, monkeypatch):
+    """A heap-held original above the limit (the GGUF's repacked LM head table, with the limit lowered
+    below it) is not copied, since a copy would raise the load's peak by its size; the rest are."""
+    kept = gemma4.load(q4_0_gguf, progress=False)
+    limit = kept.lm.model.embed_tokens.weight.nbytes - 1
+    monkeypatch.setattr(huge_pages, "_LARGEST_HEAP_COPY", limit)
+    moved = gemma4.load(q4_0_gguf, progress=False)
+    table, others = moved.lm.model.embed_tokens.weight, [b for b in _streamed_buffers(moved.lm) if b.nbytes <= limit]
+    start, end = min(b.data_ptr() for b in others), max(b.data_ptr() + b.nbytes for b in others)
+    assert start % huge_pages.HUGE_PAGE == 0 and end - start < sum(b.nbytes + 64 for b in others)  # the rest in one region
+    assert not start <= table.data_ptr() < end
+    assert torch.equal(moved(torch.tensor([TEXT])), kept(torch.tensor([TEXT])))
+
+
 RESIDENT = """
 import json, sys, torch
 import gemma4

@@ -33,6 +33,9 @@ from . import heap
 HUGE_PAGE = 2 << 20
 _ALIGN = 64  # each tensor's start: a cache line, as the kernels' loads want it
 _TRIM_EVERY = 64 << 20  # bytes of heap-held originals freed between returns of the heap's free pages
+# Larger heap-held originals stay: copying one raised a load's peak by its size (a Q4_0 E2B GGUF's 315 MB LM
+# head table: 2.09 GB against the 1.88 planned), and there it was in huge pages already (0.32 GB of them before).
+_LARGEST_HEAP_COPY = 64 << 20
 _SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -64,23 +67,25 @@ def gather_streamed_weights(lm: CausalLM, progress: bool = False) -> int:
 
     Not the experts: a step reads a few of each MoE layer's (8 of the 26B-A4B's 128), and moving
     all of them would cost seconds of loading. Each original is released as it is copied (the heap's
-    free pages returned every 64 MB), so loading peaks at most ~64 MB and one matrix higher."""
+    free pages returned every 64 MB), so loading peaks at most ~128 MB higher."""
     if not available():
         return 0
     holders: list[PackedModule] = [m for m in lm.modules() if isinstance(m, PackedLinear)]
     if lm.lm_head is None and isinstance(lm.model.embed_tokens, PackedEmbedding):
         holders.append(lm.model.embed_tokens)
+    files = _FileMappings()
     originals: dict[int, Tensor] = {}
     places: dict[int, list[tuple[PackedModule, str]]] = {}  # each original's (module, buffer name)s: a table may be tied
     for module in holders:
         for name in (n + s for n in module.packed_names for s in SUFFIXES):
-            if (t := module._buffers.get(name)) is not None:
+            t = module._buffers.get(name)
+            if t is not None and (t.nbytes <= _LARGEST_HEAP_COPY or files.of(t)):
                 originals[id(t)] = t
                 places.setdefault(id(t), []).append((module, name))
     if not originals:
         return 0
     arena = allocate(sum(_aligned(t.nbytes) for t in originals.values()))
-    offset, freed, files = 0, 0, _FileMappings()
+    offset, freed = 0, 0
     with tqdm(total=arena.numel(), unit="B", unit_scale=True, desc="into huge pages", delay=1.0, disable=not progress, leave=False) as bar:
         for key, where in places.items():
             original = originals.pop(key)  # (the last reference to a heap-held one, once its modules let go)
