@@ -10,7 +10,7 @@ Loaders leave those tensors in 4 KB pages: views into the checkpoint's file mapp
 int8, GGUF blocks) or heap blocks (repacked or quantized at load). `gather_streamed_weights` copies
 them into one anonymous mapping advised MADV_HUGEPAGE and drops the file pages behind the originals,
 so each weight is held once. The tables read a row at a time (the per-layer embeddings, left on disk)
-stay where they are. Linux only; elsewhere, or with huge pages off, nothing moves."""
+stay where they are, and so do heap blocks over 64 MB (a copy of one would raise the load's peak). Linux only; elsewhere, or with huge pages off, nothing moves."""
 
 from __future__ import annotations
 
@@ -73,6 +73,8 @@ def gather_streamed_weights(lm: CausalLM, progress: bool = False) -> int:
     holders: list[PackedModule] = [m for m in lm.modules() if isinstance(m, PackedLinear)]
     if lm.lm_head is None and isinstance(lm.model.embed_tokens, PackedEmbedding):
         holders.append(lm.model.embed_tokens)
+    if not holders:  # (a model of plain Linear layers: no need to read this process's mappings)
+        return 0
     files = _FileMappings()
     originals: dict[int, Tensor] = {}
     places: dict[int, list[tuple[PackedModule, str]]] = {}  # each original's (module, buffer name)s: a table may be tied
