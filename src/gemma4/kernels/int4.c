@@ -59,16 +59,18 @@ static inline Nibbles unpack_block(const uint8_t *tile) {
 /* A block's 8 rows against a token's rounded block (high, low): the 8 rows' integer sums in row order. */
 static inline __m256i block_rows(const Nibbles *w, const int8_t *high, const int8_t *low) {
 #ifdef GEMMA4_AVX512
-    /* lanes of chunks 0-1: rows 0, 4, 1, 5, four partial sums each; of 2-3: rows 2, 6, 3, 7. Pairs of
-     * partial sums added across both by two permutes, then each 64-bit lane's halves. */
-    const __m512i first = _mm512_setr_epi32(0, 2, 8, 10, 16, 18, 24, 26, 4, 6, 12, 14, 20, 22, 28, 30);
-    const __m512i second = _mm512_setr_epi32(1, 3, 9, 11, 17, 19, 25, 27, 5, 7, 13, 15, 21, 23, 29, 31);
+    /* lanes of chunks 0-1: rows 0, 4, 1, 5, four partial sums each; of 2-3: rows 2, 6, 3, 7. Two permutes
+     * add their partial sums in pairs into lanes r (the first two of row r) and 8 + r (the last two), and
+     * the two 256-bit halves add up the rows in order (a 64-bit lane's halves added and narrowed took two
+     * instructions more: the kernel is bound by instructions on 2 busy cores). */
+    const __m512i first = _mm512_setr_epi32(0, 8, 16, 24, 4, 12, 20, 28, 2, 10, 18, 26, 6, 14, 22, 30);
+    const __m512i second = _mm512_setr_epi32(1, 9, 17, 25, 5, 13, 21, 29, 3, 11, 19, 27, 7, 15, 23, 31);
     __m512i x0 = broadcast16(high), x1 = broadcast16(high + 16);
     __m512i r0 = low ? broadcast16(low) : x0, r1 = low ? broadcast16(low + 16) : x1;
     __m512i dots0 = rounded_dot512(low != NULL, w->lo[0], x0, r0, w->hi[0], x1, r1);
     __m512i dots1 = rounded_dot512(low != NULL, w->lo[1], x0, r0, w->hi[1], x1, r1);
     __m512i pairs = _mm512_add_epi32(_mm512_permutex2var_epi32(dots0, first, dots1), _mm512_permutex2var_epi32(dots0, second, dots1));
-    return _mm512_cvtepi64_epi32(_mm512_add_epi32(pairs, _mm512_srli_epi64(pairs, 32)));
+    return _mm256_add_epi32(_mm512_castsi512_si256(pairs), _mm512_extracti64x4_epi64(pairs, 1));
 #else
     __m256i x0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)high));
     __m256i x1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(high + 16)));
@@ -105,9 +107,8 @@ static inline __attribute__((always_inline)) void tile_dots(const uint8_t *tile,
             for (int j = 0; j < count; j++) {
                 int64_t m = m0 + j;
                 __m256i rows = block_rows(&w, a->high + m * K + b * 32, a->low ? a->low + m * K + b * 32 : NULL);
-                __m256i dots = _mm256_sub_epi32(rows, _mm256_set1_epi32(8 * a->sums[m * B + b]));
-                float step = a->low ? a->step[m * B + b] / LOW_STEPS : a->step[m * B + b];
-                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(scale, _mm256_set1_ps(step)), acc[j]);
+                __m256i dots = _mm256_add_epi32(rows, _mm256_set1_epi32(a->bias[m * B + b]));
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(scale, _mm256_set1_ps(a->step[m * B + b])), acc[j]);
             }
         }
         if (offsets) {
@@ -122,7 +123,6 @@ static inline __attribute__((always_inline)) void tile_dots(const uint8_t *tile,
 static void tile_dot(const uint8_t *tile, const RoundedActivations *a, int64_t m, int64_t K, const float *x_sums,
                      const void *scales, const void *offsets, int f16, int64_t G, int64_t blocks, float *out) {
     const int32_t high_weight = a->low ? LOW_STEPS : 1;
-    const float unit = a->low ? 1.f / LOW_STEPS : 1.f;
     const int8_t *high = a->high + m * K, *low = a->low ? a->low + m * K : NULL;
     const float *step = a->step + m * (K / 32);
     for (int row = 0; row < 8; row++) {
@@ -138,7 +138,7 @@ static void tile_dot(const uint8_t *tile, const RoundedActivations *a, int64_t m
                     dot += ((byte & 15) - 8) * (high[k] * high_weight + (low ? low[k] : 0)) +
                            ((byte >> 4) - 8) * (high[k + 16] * high_weight + (low ? low[k + 16] : 0));
                 }
-                s += dot * (step[b] * unit);
+                s += dot * step[b];
             }
             float scale = group_value(scales, g * 8 + row, f16);
             total += s * scale;

@@ -152,7 +152,7 @@ static inline __m256i block_dot(const int8_t *w, const int8_t *high, const int8_
 /* Rows n .. n + R's sums with token m's rounded activations into totals[R]; R literal (1 or 4): the rows
  * share each load of the activations, each row's sum as alone. */
 static inline __attribute__((always_inline)) void int8_sums(const RoundedActivations *a, int64_t m, const int8_t *w, const float *scales,
-                                                            int64_t n, int R, int64_t K, int64_t group, float unit, float *totals) {
+                                                            int64_t n, int R, int64_t K, int64_t group, float *totals) {
     int64_t G = K / group, B = K / 32;
     const int8_t *high = a->high + m * K, *low = a->low ? a->low + m * K : NULL;
     const float *step = a->step + m * B;
@@ -166,13 +166,13 @@ static inline __attribute__((always_inline)) void int8_sums(const RoundedActivat
             for (int r = 0; r < R; r++) {
                 const float *scale = scales + (n + r) * G;
                 __m256i dot = block_dot(w + (n + r) * K + b * 32, high + b * 32, low ? low + b * 32 : NULL);
-                __m256 s = _mm256_set_m128(_mm_set1_ps(scale[2 * b + 1] * unit), _mm_set1_ps(scale[2 * b] * unit));
+                __m256 s = _mm256_set_m128(_mm_set1_ps(scale[2 * b + 1]), _mm_set1_ps(scale[2 * b]));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(step[b])), acc[r]);
             }
     else
         for (int64_t g = 0, per = group / 32; g < G; g++) {
             __m256 s[4];
-            for (int r = 0; r < R; r++) s[r] = _mm256_set1_ps(scales[(n + r) * G + g] * unit);
+            for (int r = 0; r < R; r++) s[r] = _mm256_set1_ps(scales[(n + r) * G + g]);
             for (int64_t b = g * per; b < (g + 1) * per; b++)
 #pragma GCC unroll 4
                 for (int r = 0; r < R; r++) {
@@ -190,7 +190,6 @@ static inline __attribute__((always_inline)) void int8_sums(const RoundedActivat
 static void int8_rows(const RoundedActivations *a, const int8_t *w, const float *scales, const float *offsets, const float *sums,
                       float *y, int64_t M, int64_t N, int64_t K, int64_t group, int threads) {
     int64_t G = K / group;
-    const float unit = a->low ? 1.f / LOW_STEPS : 1.f;
 #ifdef GEMMA4_AVX2
     int64_t fours = M == 1 && 2 * K + K / 8 > SHARED_ACTIVATION_BYTES ? N / 4 : 0;  /* (bytes: the halves, a step per 32 columns) */
 #else
@@ -202,7 +201,7 @@ static void int8_rows(const RoundedActivations *a, const int8_t *w, const float 
 #pragma omp for schedule(static) nowait
         for (int64_t i = 0; i < fours; i++) {
             float totals[4];
-            int8_sums(a, 0, w, scales, 4 * i, 4, K, group, unit, totals);
+            int8_sums(a, 0, w, scales, 4 * i, 4, K, group, totals);
             for (int r = 0; r < 4; r++) y[4 * i + r] = totals[r] + (offsets ? offset_term(offsets, sums, 4 * i + r, 0, G) : 0.f);
         }
 #endif
@@ -211,7 +210,7 @@ static void int8_rows(const RoundedActivations *a, const int8_t *w, const float 
             for (int64_t m = 0; m < M; m++) {
                 float total = 0.f;
 #ifdef GEMMA4_AVX2
-                int8_sums(a, m, w, scales, n, 1, K, group, unit, &total);
+                int8_sums(a, m, w, scales, n, 1, K, group, &total);
 #else
                 const int8_t *row = w + n * K, *high = a->high + m * K, *low = a->low ? a->low + m * K : NULL;
                 const float *step = a->step + m * (K / 32), *scale = scales + n * G;
@@ -219,7 +218,7 @@ static void int8_rows(const RoundedActivations *a, const int8_t *w, const float 
                     for (int64_t k0 = b * 32; k0 < b * 32 + 32; k0 += 16) {  /* each 16 columns under their group's scale */
                         int32_t dot = 0;
                         for (int64_t k = k0; k < k0 + 16; k++) dot += row[k] * (high[k] * (low ? LOW_STEPS : 1) + (low ? low[k] : 0));
-                        total += dot * (scale[k0 / group] * unit * step[b]);
+                        total += dot * (scale[k0 / group] * step[b]);
                     }
                 }
 #endif
@@ -238,7 +237,6 @@ static void int8_rows(const RoundedActivations *a, const int8_t *w, const float 
 static void q6_k_rows(const RoundedActivations *a, const int32_t *centre, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
                       int threads) {
     int64_t S = K / 256, B = K / 32;
-    const float unit = a->low ? 1.f / LOW_STEPS : 1.f;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = w + n * S * 210;
@@ -254,11 +252,11 @@ static void q6_k_rows(const RoundedActivations *a, const int32_t *centre, const 
                 PREFETCH(ql);
                 PREFETCH(ql + 64);
                 PREFETCH(qh);
-                /* d * scale as q6_k_block makes them, times the low half's unit: scales 0-7 and 8-15 */
-                __m256 d = _mm256_set1_ps(q6_k_d(block)), u = _mm256_set1_ps(unit);
+                /* d * scale as q6_k_block makes them: scales 0-7 and 8-15 */
+                __m256 d = _mm256_set1_ps(q6_k_d(block));
                 __m128i sc = _mm_loadu_si128((const __m128i *)(block + 192));
-                __m256 halves[2] = {_mm256_mul_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))), u),
-                                    _mm256_mul_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))), u)};
+                __m256 halves[2] = {_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))),
+                                    _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))))};
                 for (int h = 0; h < 2; h++) {
                     __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + h * 64)), l1 = _mm256_loadu_si256((const __m256i *)(ql + h * 64 + 32));
                     __m256i top = _mm256_loadu_si256((const __m256i *)(qh + h * 32));
@@ -294,7 +292,7 @@ static void q6_k_rows(const RoundedActivations *a, const int32_t *centre, const 
                         int64_t at = sb * 256 + k;
                         dot += codes[k] * (high[at] * (low ? LOW_STEPS : 1) + (low ? low[at] : 0));
                     }
-                    total += dot * (scale[k0 / 16] * unit * step[b]);
+                    total += dot * (scale[k0 / 16] * step[b]);
                 }
             }
             y[m * N + n] = total;

@@ -265,8 +265,9 @@ static inline __attribute__((always_inline)) __m512i pair_block_dot(PairCodes c,
 
 typedef struct {
     int8_t *high, *low;  /* [M, K]; low NULL when fast */
-    float *step;         /* [M, K / 32] */
-    int32_t *sums;       /* [M, K / 32]: each block's sum of LOW_STEPS high + low (of high alone when fast) */
+    float *step;         /* [M, K / 32]: the block's step (over LOW_STEPS with two halves: the low half's, which
+                          * the integer sums count in; exact, a power of two, and one multiply fewer a block) */
+    int32_t *bias;       /* [M, K / 32]: -8 x the block's integer sum, so int4 codes count from 8 (int4.c's reason) */
 } RoundedActivations;
 
 static inline void round_block(const float *xb, float inverse, int8_t *out) {
@@ -320,7 +321,12 @@ static inline RoundedActivations round_activations(const float *x, int64_t M, in
     int64_t B = M * K / 32;
     RoundedActivations a = {(int8_t *)malloc(M * K), fast ? NULL : (int8_t *)malloc(M * K), (float *)malloc(B * sizeof(float)),
                             (int32_t *)malloc(B * sizeof(int32_t))};
-    for (int64_t b = 0; b < B; b++) a.step[b] = round_32(x + b * 32, a.high + b * 32, fast ? NULL : a.low + b * 32, a.sums + b);
+    for (int64_t b = 0; b < B; b++) {
+        int32_t sum;
+        a.step[b] = round_32(x + b * 32, a.high + b * 32, fast ? NULL : a.low + b * 32, &sum);
+        if (!fast) a.step[b] /= LOW_STEPS;
+        a.bias[b] = -8 * sum;
+    }
     return a;
 }
 
@@ -328,7 +334,7 @@ static inline void release_activations(RoundedActivations a) {
     free(a.high);
     free(a.low);
     free(a.step);
-    free(a.sums);
+    free(a.bias);
 }
 
 #ifdef GEMMA4_AVX512
