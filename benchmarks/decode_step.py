@@ -1,6 +1,7 @@
 """Where a decode step's time goes, and what batching buys: one model, N cached decode steps after a
 prompt, split into the compiled layer calls (the packed matmuls, norms and GELU of each layer:
-kernels/layer.c), the other packed matmuls (the LM head, the PLE projection), attention, and everything
+kernels/layer.c; with the attention too where one call runs all layers, as it does for one cache), the
+other packed matmuls (the LM head, the PLE projection), attention, and everything
 else (PyTorch operators, Python, the cache, the MoE router, the embedding and PLE row reads); then B sequences decoded
 together (as `gemma4 serve` batches them), aggregate tokens per second.
 
@@ -39,7 +40,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--batches", default="1,2,4,8")
     args = parser.parse_args()
-    for name in ("decode_layer_attention_inputs", "decode_layer_rest", "decode_layer_attention_output", "decode_layer_feedforward"):
+    for name in ("decode_layers", "decode_layer_attention_inputs", "decode_layer_rest", "decode_layer_attention_output", "decode_layer_feedforward"):
         setattr(kernels, name, timed("layer calls", getattr(kernels, name)))
     kernels.attend_one_query = timed("attention", kernels.attend_one_query)
     kernels.BoundMatmul.__call__ = timed("other matmuls", kernels.BoundMatmul.__call__)

@@ -50,9 +50,9 @@ WHOLE_BLOCK_EXPERTS = {"moe_intermediate_size": 32}
     ("tiny-26b-a4b", WHOLE_BLOCK_EXPERTS, {"quant": "q4_0"}), ("tiny-gemma3", None, {"quant": "bf16"}),
 ])
 def test_decode_steps_without_the_modules_are_the_modules_bit_for_bit(checkpoints, tmp_path, monkeypatch, preset, overrides, options):
-    """A decode step's layers run as two compiled calls each (three with experts: model/one_token.py),
-    K=V and MoE layers too: the same logits, bit for bit, for one sequence and for sessions decoded
-    together (a cache per row)."""
+    """A decode step's layers run as compiled calls (model/one_token.py: all in one with one cache, else two
+    a layer, three with experts), K=V and MoE layers too: the same logits, bit for bit, for one sequence
+    and for sessions decoded together (a cache per row)."""
     path = synthesize(preset, tmp_path, dtype=torch.float32, seed=7, progress=False, overrides=overrides) if overrides else checkpoints(preset)
     lm = gemma4.load(path, progress=False, **options).lm
     ids = prompts_of(2 * lm.config.sliding_window + 3)[0]
@@ -71,6 +71,40 @@ def test_decode_steps_without_the_modules_are_the_modules_bit_for_bit(checkpoint
     monkeypatch.setattr(one_token, "bind", lambda layer, rows: None)
     modules = decoded()
     assert all(torch.equal(a, b) for a, b in zip(direct, modules))
+
+
+@pytest.mark.parametrize("preset,options", [
+    ("tiny-e2b", {"quant": "int4"}), ("tiny-e2b", {"quant": "q4_0", "kv_dtype": "bf16"}), ("tiny-31b", {"quant": "int8", "kv_dtype": "float32"}),
+])
+def test_a_decode_step_in_one_call_is_the_step_layer_by_layer_bit_for_bit(checkpoints, monkeypatch, preset, options):
+    """With one cache (a session, or a batch's rows together), a decode step's layers run in one compiled
+    call that writes their new keys and values into the cache itself (model/one_token.py's run_layers):
+    the same logits and the same cache, bit for bit, as layer by layer, for fp16 (the default), bf16 and
+    fp32 K/V, K=V layers too. A key norm's weight spread over 1e-9 .. 1e6 puts keys past fp16's range
+    (saturated) and below its normals (rounded as PyTorch writes them)."""
+    lm = gemma4.load(checkpoints(preset), progress=False, **options).lm
+    k_norm = lm.model.layers[0].self_attn.k_norm.weight
+    k_norm.data.copy_(torch.logspace(-9, 6, k_norm.numel() // 2).repeat(2))  # (rotation mixes d and d + D/2)
+    ids = prompts_of(2 * lm.config.sliding_window + 5)[0]
+    run_layers, taken = one_token.run_layers, []
+    monkeypatch.setattr(one_token, "run_layers", lambda *args: taken.append(run_layers(*args)) or taken[-1])
+
+    def decoded() -> list[torch.Tensor]:
+        session = Session(lm, 64)
+        session.start_prompt(ids[:5])
+        steps = torch.stack([decode_step(lm, [session], [token]) for token in ids[5:12]])
+        cache = [t for kv in session.cache.layers.values() for t in (kv.key, kv.value) if t is not None]
+        batch = torch.stack(list(generate_ids(lm, prompts_of(9, 14), max_new_tokens=6)), 1)
+        return [teacher_forced_logits(lm, ids), steps, batch, *cache]
+
+    compiled = decoded()
+    assert taken and all(out is not None for out in taken)
+    monkeypatch.setattr(one_token, "run_layers", lambda *args: None)
+    layer_by_layer = decoded()
+    assert len(compiled) == len(layer_by_layer) and all(torch.equal(a, b) for a, b in zip(compiled, layer_by_layer))
+    if lm.kv_dtype == torch.float16:  # the keys did reach both ends of its range
+        stored = torch.cat([t.flatten() for t in compiled[3:]]).float().abs()
+        assert (stored == 65504).any() and ((stored > 0) & (stored < 2**-14)).any()
 
 
 def test_stop_ids_and_banned_ids(checkpoints):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,29 @@ def decode_layer_rest(layer: DecodeLayer, x: Tensor, attended: Tensor, per_layer
     out = torch.empty_like(x)
     stride = per_layer_input.stride(0) if per_layer_input is not None else 0
     _lib.decode_layer_rest(ctypes.addressof(layer), _ptr(x), _ptr(attended), _ptr(per_layer_input), stride, _ptr(out), x.shape[0], torch.get_num_threads())  # type: ignore[union-attr]
+    return out
+
+
+class StepAttention(ctypes.Structure):
+    """layer.c's StepAttention: where one layer's attention writes and reads the K/V cache in a decode step,
+    with this step's rotation, mask and per-layer input (model/one_token.py fills it; the tensors it points
+    at must outlive the call)."""
+
+    _fields_ = [("key_slot", ctypes.c_void_p), ("value_slot", ctypes.c_void_p), ("key_slot_strides", ctypes.c_int64 * 2),
+                ("value_slot_strides", ctypes.c_int64 * 2), ("key", ctypes.c_void_p), ("value", ctypes.c_void_p),
+                ("key_strides", ctypes.c_int64 * 2), ("value_strides", ctypes.c_int64 * 2), ("slots", ctypes.c_int64),
+                ("kv_kind", ctypes.c_int64), ("allowed", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+                ("key_weight", ctypes.c_void_p), ("key_cos", ctypes.c_void_p), ("key_sin", ctypes.c_void_p),
+                ("key_positions", ctypes.c_void_p), ("rotated_pairs", ctypes.c_int64), ("scale", ctypes.c_float),
+                ("per_layer_input", ctypes.c_void_p), ("per_layer_stride", ctypes.c_int64)]
+
+
+def decode_layers(layers: Sequence[DecodeLayer], steps: ctypes.Array, x: Tensor) -> Tensor:
+    """A decode step's layers in one call: x fp32 [B, hidden] contiguous -> the last one's output [B, hidden];
+    steps[i] (StepAttention) is layer i's attention (its cache's kind one of fp32, bf16, fp16)."""
+    out = torch.empty_like(x)
+    pointers = (ctypes.c_void_p * len(layers))(*map(ctypes.addressof, layers))
+    _lib.decode_layers(pointers, steps, len(layers), _ptr(x), _ptr(out), x.shape[0], torch.get_num_threads())  # type: ignore[union-attr]
     return out
 
 
@@ -332,7 +356,7 @@ def read_bandwidth(threads: int, data: Tensor, repeats: int = 5) -> float:
 if _lib is not None:
     for _name in ("matmul_packed", "matmul_int4", "prompt_matmul_int4", "prompt_matmul_int4_rounded", "dequantize_int4", "tile_q4_0", "unpack_q6_k", "fit_int4", "code_int4", "fit_q4_0", "rms_norm",
                   "rms_norm_rotary", "attend_one_query", "gelu_tanh", "softcap", "decode_layer_attention_inputs", "decode_layer_rest",
-                  "decode_layer_attention_output", "decode_layer_feedforward", "route"):
+                  "decode_layer_attention_output", "decode_layer_feedforward", "decode_layers", "route"):
         getattr(_lib, _name).restype = None
     _i64, _int, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     _lib.matmul_packed.argtypes = [_p, _p, _p, _i64, _int]
@@ -345,6 +369,7 @@ if _lib is not None:
     _lib.decode_layer_attention_inputs.argtypes = [_p, _p, _p, _p, _p, _p, _p, _i64, _int]
     _lib.decode_layer_rest.argtypes = [_p, _p, _p, _p, _i64, _p, _i64, _int]
     _lib.decode_layer_attention_output.argtypes = [_p, _p, _p, _p, _i64, _int]
+    _lib.decode_layers.argtypes = [_p, _p, _i64, _p, _p, _i64, _int]
     _lib.decode_layer_feedforward.argtypes = [_p, _p, _p, _p, _p, _i64, _p, _i64, _int]
     _lib.dequantize_int4.argtypes = [_p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int]
     _lib.tile_q4_0.argtypes = [_p, _p, _p, _i64, _i64, _int]

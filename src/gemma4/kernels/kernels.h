@@ -17,5 +17,10 @@ void rms_norm_rotary(const float *x, const float *weight, const float *cos, cons
                      int64_t heads, int64_t dim, float eps, float offset);
 void gelu_tanh(const float *x, const float *times, float *out, int64_t n, int threads);
 void softcap(float *x, int64_t n, float cap, int threads);
+void attend_one_query(const float *q, const void *key, const void *value, int kv_kind, const uint16_t *key_scales,
+                      const uint16_t *value_scales, const uint8_t *allowed, float *out, int64_t B, int64_t H, int64_t KV, int64_t S,
+                      int64_t D, const int64_t *key_strides, const int64_t *value_strides, const int64_t *scale_strides, int64_t block,
+                      const float *key_weight, const float *key_cos, const float *key_sin, const int64_t *key_positions,
+                      int64_t rotated_pairs, float scale, int threads);
 
 #endif

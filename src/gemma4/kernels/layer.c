@@ -8,6 +8,7 @@
  * Python and PyTorch calls a layer they cost ~0.25 ms of a ~1.3 ms E2B int4 layer, time in which
  * the memory streams no weights. Called through ctypes (kernels/__init__.py). */
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -183,4 +184,93 @@ void decode_layer_rest(const DecodeLayer *l, const float *x, const float *attend
                        float *out, int64_t B, int threads) {
     decode_layer_attention_output(l, x, attended, out, B, threads);
     decode_layer_feedforward(l, out, NULL, NULL, per_layer_input, per_layer_stride, out, B, threads);
+}
+
+/* Where one layer's attention writes and reads the K/V cache in a decode step (model/one_token.py fills
+ * it from the cache's views, runtime/kv_cache.py): this step's keys and values go to one slot per row and
+ * KV head, and the attention reads S slots per row, in the cache's kind (decode.c's: fp32, bf16, fp16). */
+typedef struct {
+    void *key_slot, *value_slot;  /* [B, kv_heads, D] at their (row, head) strides; NULL where the layer stores none */
+    int64_t key_slot_strides[2], value_slot_strides[2];
+    const void *key, *value;      /* [B, kv_heads, S, D] at their (row, head) strides; key NULL: K=V, rebuilt from value */
+    int64_t key_strides[2], value_strides[2];
+    int64_t slots, kv_kind;
+    const uint8_t *allowed;       /* [B, S] */
+    const float *cos, *sin;       /* [B, D]: this step's rotation (the layer's attention type) */
+    const float *key_weight, *key_cos, *key_sin;  /* K=V: decode.c's key_of_value tables */
+    const int64_t *key_positions;
+    int64_t rotated_pairs;
+    float scale;
+    const float *per_layer_input;  /* rows per_layer_stride apart; NULL without PLE */
+    int64_t per_layer_stride;
+} StepAttention;
+
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
+
+/* fp32 -> bf16 or fp16 as runtime/kv_cache.py writes a slot: rounded to nearest even as PyTorch's copy
+ * rounds (a NaN stays a NaN), fp16 saturated at its largest finite value first. */
+static uint16_t narrowed(float f, int64_t kind) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    uint32_t sign = (bits >> 16) & 0x8000, magnitude = bits & 0x7FFFFFFF;
+    if (kind == KV_BF16) return magnitude > 0x7F800000 ? 0x7FC0 : (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+    if (magnitude > 0x7F800000) return (uint16_t)(sign | 0x7E00);
+    if (magnitude >= 0x477FE000) return (uint16_t)(sign | 0x7BFF);  /* 65504 and beyond */
+    if (magnitude < 0x38800000) {  /* below fp16's smallest normal: a multiple of 2^-24, rounded to nearest even */
+        float a;
+        memcpy(&a, &magnitude, 4);
+        return (uint16_t)(sign | (uint32_t)nearbyintf(a * 16777216.f));
+    }
+    uint32_t h = magnitude - (112u << 23);  /* the exponent rebiased (127 -> 15), then the mantissa rounded to 10 bits */
+    return (uint16_t)(sign | ((h + 0xFFF + ((h >> 13) & 1)) >> 13));
+}
+
+/* x [B, KV, D] into a cache slot of `kind` at its (row, head) strides. */
+static void store_slot(const float *x, void *slot, const int64_t strides[2], int64_t kind, int64_t B, int64_t KV, int64_t D) {
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < KV; h++) {
+            const float *from = x + (b * KV + h) * D;
+            int64_t at = b * strides[0] + h * strides[1];
+            if (kind == KV_F32) memcpy((float *)slot + at, from, D * sizeof(float));
+            else
+                for (int64_t d = 0; d < D; d++) ((uint16_t *)slot)[at + d] = narrowed(from[d], kind);
+        }
+}
+
+/* A decode step's layers one after another, x [B, hidden] -> out [B, hidden]: each layer's attention
+ * inputs, its new keys and values stored, attention over the cache and the rest, as model/one_token.py's
+ * `step` runs them (the same kernels in the same order: the same bits) but without returning to Python
+ * between layers, where ~0.1 ms a layer went on module lookups, cache writes and call marshalling, each
+ * slowed by caches the weight streams had just emptied. */
+void decode_layers(const DecodeLayer *const *layers, const StepAttention *steps, int64_t count, const float *x, float *out, int64_t B,
+                   int threads) {
+    int64_t hidden = layers[0]->hidden;
+    float *current = (float *)malloc(B * hidden * sizeof(float)), *next = (float *)malloc(B * hidden * sizeof(float));
+    memcpy(current, x, B * hidden * sizeof(float));
+    const int64_t no_scales[4] = {0, 0, 0, 0};
+    for (int64_t i = 0; i < count; i++) {
+        const DecodeLayer *l = layers[i];
+        const StepAttention *s = steps + i;
+        int64_t H = l->heads, KV = l->kv_heads, D = l->head_dim;
+        float *q = (float *)malloc(B * H * D * sizeof(float)), *attended = (float *)malloc(B * H * D * sizeof(float));
+        float *k = (float *)malloc(B * KV * D * sizeof(float)), *v = (float *)malloc(B * KV * D * sizeof(float));
+        decode_layer_attention_inputs(l, current, s->cos, s->sin, q, k, v, B, threads);
+        if (s->key_slot) store_slot(k, s->key_slot, s->key_slot_strides, s->kv_kind, B, KV, D);
+        if (s->value_slot) store_slot(v, s->value_slot, s->value_slot_strides, s->kv_kind, B, KV, D);
+        const void *key = s->key ? s->key : s->value;
+        attend_one_query(q, key, s->value, (int)s->kv_kind, NULL, NULL, s->allowed, attended, B, H, KV, s->slots, D,
+                         s->key ? s->key_strides : s->value_strides, s->value_strides, no_scales, D, s->key_weight, s->key_cos, s->key_sin,
+                         s->key_positions, s->rotated_pairs, s->scale, threads);
+        decode_layer_rest(l, current, attended, s->per_layer_input, s->per_layer_stride, next, B, threads);
+        float *done = current;
+        current = next;
+        next = done;
+        free(q);
+        free(attended);
+        free(k);
+        free(v);
+    }
+    memcpy(out, current, B * hidden * sizeof(float));
+    free(current);
+    free(next);
 }

@@ -196,18 +196,8 @@ class TextModel(nn.Module):
         key_positions = [store.begin(rows) for store, rows in zip(stores, positions.chunk(len(stores)))]
         inputs = self.attention_inputs(positions, key_positions, x.dtype, None if media is None else media.blocks)
         one_token = T == 1 and x.dtype == torch.float32  # a decode step: its layers as direct kernel calls where they can
-        for p, layer in zip(self.plan, self.layers):
-            if p.index == self.first_shared and keep is not None:
-                if keep == 0:
-                    break
-                x, inputs = x[:, -keep:], {t: i.last(keep) for t, i in inputs.items()}
-                ple = ple[:, -keep:] if ple is not None else None
-            per_layer_input = ple[:, :, p.index] if ple is not None else None
-            bound = one_token_path.bind(layer, B) if one_token else None
-            if bound is not None:
-                x = one_token_path.step(layer, bound, x, per_layer_input, inputs[p.attention_type], stores)
-            else:
-                x = layer(x, per_layer_input, inputs[p.attention_type], stores)
+        compiled = one_token_path.run_layers(self.layers, x, ple, inputs, stores) if one_token and keep != 0 else None
+        x = self._run_layers(x, ple, inputs, stores, keep, one_token) if compiled is None else compiled
         for store in stores:
             store.end()
         if keep == 0:
@@ -215,6 +205,24 @@ class TextModel(nn.Module):
         if keep is not None:
             x = x[:, -keep:]
         return self.norm(x)
+
+    def _run_layers(self, x: Tensor, ple: Tensor | None, inputs: dict[str, AttentionInputs], stores: Sequence[KVStore], keep: int | None,
+                    one_token: bool) -> Tensor:
+        """The layers one by one (a decode step's as direct kernel calls where `bind` takes them); with keep=0
+        the KV-shared ones, which store nothing, are skipped."""
+        for p, layer in zip(self.plan, self.layers):
+            if p.index == self.first_shared and keep is not None:
+                if keep == 0:
+                    break
+                x, inputs = x[:, -keep:], {t: i.last(keep) for t, i in inputs.items()}
+                ple = ple[:, -keep:] if ple is not None else None
+            per_layer_input = ple[:, :, p.index] if ple is not None else None
+            bound = one_token_path.bind(layer, x.shape[0]) if one_token else None
+            if bound is not None:
+                x = one_token_path.step(layer, bound, x, per_layer_input, inputs[p.attention_type], stores)
+            else:
+                x = layer(x, per_layer_input, inputs[p.attention_type], stores)
+        return x
 
 
 class CausalLM(nn.Module):

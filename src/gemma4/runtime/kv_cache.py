@@ -120,11 +120,30 @@ class ModelCache:
     def update(self, layer: int, key: Tensor | None, value: Tensor) -> tuple[KV | None, KV]:
         plan = self._owners[layer]
         if layer not in self.layers:
-            self.layers[layer] = self._allocate(plan, value)
+            self.layers[layer] = self._allocate(plan, value.device)
         # A cache narrower than the activations (16-bit K/V beside fp32 compute) stores rounded; `attend` reads it widened.
         key, value = None if key is None else self._narrow(key), self._narrow(value)
         update = self._update_ring if plan.is_sliding else self._update_global
         return update(self.layers[layer], key, value)
+
+    def decode_slots(self, layer: int) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor] | None:
+        """For a one-token step, after `begin`, to a caller that writes the new K/V itself (model/one_token.py's
+        compiled step): the slots this layer's new key and value go to ([B, K, D] views of its buffers; the key
+        None on K=V layers) and all it then attends to ([B, K, S, D]), as `update` stores and returns them. None
+        for an int8 cache (its scales are made here)."""
+        if self.dtype == torch.int8:
+            return None
+        plan = self._owners[layer]
+        if layer not in self.layers:
+            self.layers[layer] = self._allocate(plan, torch.device("cpu"))
+        kv = self.layers[layer]
+        if plan.is_sliding:  # the whole ring (the mask says which slots hold what)
+            slot, end = self.length % self.window, self.window
+        else:
+            self._grow_to_capacity(kv)
+            slot, end = self.length, self.length + 1
+        (key_slot, key), (value_slot, value) = ((None, None) if t is None else (t[:, :, slot], t[:, :, :end]) for t in (kv.key, kv.value))
+        return key_slot, value_slot, key, value  # type: ignore[return-value]
 
     def _narrow(self, x: Tensor) -> KV | Tensor:
         """What is written into the buffers: int8 codes and scales; 16 or 32 bits as they come, since a slot's write
@@ -155,10 +174,10 @@ class ModelCache:
         self._shared.clear()
 
     # --- storage -----------------------------------------------------------------------
-    def _allocate(self, plan: LayerPlan, like: Tensor) -> _LayerKV:
+    def _allocate(self, plan: LayerPlan, device: torch.device) -> _LayerKV:
         slots = self.window if plan.is_sliding else 0
         shape = (self.batch, plan.num_kv_heads, slots, plan.head_dim)
-        empty = (lambda: Int8Tensor.zeros(shape)) if self.dtype == torch.int8 else (lambda: like.new_zeros(shape, dtype=self.dtype))
+        empty = (lambda: Int8Tensor.zeros(shape)) if self.dtype == torch.int8 else (lambda: torch.zeros(shape, dtype=self.dtype, device=device))
         return _LayerKV(None if plan.k_eq_v else empty(), empty())
 
     def _ring_filled(self) -> int:
@@ -192,14 +211,18 @@ class ModelCache:
     def _update_global(self, kv: _LayerKV, key: KV | None, value: KV) -> tuple[KV | None, KV]:
         T = value.shape[2]
         end = self.length + T
-        capacity = self.slot_positions[FULL].shape[1]
-        if capacity > kv.value.shape[2]:
-            kv.value = _grow(kv.value, capacity)
-            kv.key = None if kv.key is None else _grow(kv.key, capacity)
+        self._grow_to_capacity(kv)
         kv.value[:, :, self.length : end] = value
         if kv.key is not None:
             kv.key[:, :, self.length : end] = key
         return (None if kv.key is None else kv.key[:, :, :end]), kv.value[:, :, :end]
+
+    def _grow_to_capacity(self, kv: _LayerKV) -> None:
+        """A global layer's buffers grown to the slots `begin` made room for."""
+        capacity = self.slot_positions[FULL].shape[1]
+        if capacity > kv.value.shape[2]:
+            kv.value = _grow(kv.value, capacity)
+            kv.key = None if kv.key is None else _grow(kv.key, capacity)
 
     # --- accounting and reuse ----------------------------------------------------------
     @torch.inference_mode()
