@@ -77,11 +77,11 @@ def test_decode_steps_without_the_modules_are_the_modules_bit_for_bit(checkpoint
     ("tiny-e2b", {"quant": "int4"}), ("tiny-e2b", {"quant": "q4_0", "kv_dtype": "bf16"}), ("tiny-31b", {"quant": "int8", "kv_dtype": "float32"}),
 ])
 def test_a_decode_step_in_one_call_is_the_step_layer_by_layer_bit_for_bit(checkpoints, monkeypatch, preset, options):
-    """With one cache (a session, or a batch's rows together), a decode step's layers run in one compiled
-    call that writes their new keys and values into the cache itself (model/one_token.py's run_layers):
-    the same logits and the same cache, bit for bit, as layer by layer, for fp16 (the default), bf16 and
-    fp32 K/V, K=V layers too. A key norm's weight spread over 1e-9 .. 1e6 puts keys past fp16's range
-    (saturated) and below its normals (rounded as PyTorch writes them)."""
+    """A decode step's layers run in one compiled call that writes their new keys and values into the
+    caches itself (model/one_token.py's run_layers), for a session, a batch's rows in one cache, and sessions
+    decoded together (a cache each): the same logits and the same caches, bit for bit, as layer by layer,
+    for fp16 (the default), bf16 and fp32 K/V, K=V layers too. A key norm's weight spread over 1e-9 .. 1e6
+    puts keys past fp16's range (saturated) and below its normals (rounded as PyTorch writes them)."""
     lm = gemma4.load(checkpoints(preset), progress=False, **options).lm
     k_norm = lm.model.layers[0].self_attn.k_norm.weight
     k_norm.data.copy_(torch.logspace(-9, 6, k_norm.numel() // 2).repeat(2))  # (rotation mixes d and d + D/2)
@@ -90,12 +90,14 @@ def test_a_decode_step_in_one_call_is_the_step_layer_by_layer_bit_for_bit(checkp
     monkeypatch.setattr(one_token, "run_layers", lambda *args: taken.append(run_layers(*args)) or taken[-1])
 
     def decoded() -> list[torch.Tensor]:
-        session = Session(lm, 64)
-        session.start_prompt(ids[:5])
-        steps = torch.stack([decode_step(lm, [session], [token]) for token in ids[5:12]])
-        cache = [t for kv in session.cache.layers.values() for t in (kv.key, kv.value) if t is not None]
+        sessions = [Session(lm, 64) for _ in range(3)]
+        for n, session in enumerate(sessions):
+            session.start_prompt(ids[: 5 + n])
+        alone = torch.stack([decode_step(lm, sessions[:1], [token]) for token in ids[5:12]])
+        together = torch.stack([decode_step(lm, sessions, ids[i : i + 3]) for i in range(4)])
+        caches = [t for s in sessions for kv in s.cache.layers.values() for t in (kv.key, kv.value) if t is not None]
         batch = torch.stack(list(generate_ids(lm, prompts_of(9, 14), max_new_tokens=6)), 1)
-        return [teacher_forced_logits(lm, ids), steps, batch, *cache]
+        return [teacher_forced_logits(lm, ids), alone, together, batch, *caches]
 
     compiled = decoded()
     assert taken and all(out is not None for out in taken)
@@ -103,7 +105,7 @@ def test_a_decode_step_in_one_call_is_the_step_layer_by_layer_bit_for_bit(checkp
     layer_by_layer = decoded()
     assert len(compiled) == len(layer_by_layer) and all(torch.equal(a, b) for a, b in zip(compiled, layer_by_layer))
     if lm.kv_dtype == torch.float16:  # the keys did reach both ends of its range
-        stored = torch.cat([t.flatten() for t in compiled[3:]]).float().abs()
+        stored = torch.cat([t.flatten() for t in compiled[4:]]).float().abs()
         assert (stored == 65504).any() and ((stored > 0) & (stored < 2**-14)).any()
 
 

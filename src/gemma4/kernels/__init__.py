@@ -169,7 +169,7 @@ class StepAttention(ctypes.Structure):
     with this step's rotation, mask and per-layer input (model/one_token.py fills it; the tensors it points
     at must outlive the call)."""
 
-    _fields_ = [("key_slot", ctypes.c_void_p), ("value_slot", ctypes.c_void_p), ("key_slot_strides", ctypes.c_int64 * 2),
+    _fields_ = [("rows", ctypes.c_int64), ("key_slot", ctypes.c_void_p), ("value_slot", ctypes.c_void_p), ("key_slot_strides", ctypes.c_int64 * 2),
                 ("value_slot_strides", ctypes.c_int64 * 2), ("key", ctypes.c_void_p), ("value", ctypes.c_void_p),
                 ("key_strides", ctypes.c_int64 * 2), ("value_strides", ctypes.c_int64 * 2), ("slots", ctypes.c_int64),
                 ("kv_kind", ctypes.c_int64), ("allowed", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
@@ -180,10 +180,11 @@ class StepAttention(ctypes.Structure):
 
 def decode_layers(layers: Sequence[DecodeLayer], steps: ctypes.Array, x: Tensor) -> Tensor:
     """A decode step's layers in one call: x fp32 [B, hidden] contiguous -> the last one's output [B, hidden];
-    steps[i] (StepAttention) is layer i's attention (its cache's kind one of fp32, bf16, fp16)."""
+    steps[i * caches + j] (StepAttention) is layer i's attention in cache j (of kind fp32, bf16 or fp16)."""
     out = torch.empty_like(x)
     pointers = (ctypes.c_void_p * len(layers))(*map(ctypes.addressof, layers))
-    _lib.decode_layers(pointers, steps, len(layers), _ptr(x), _ptr(out), x.shape[0], torch.get_num_threads())  # type: ignore[union-attr]
+    caches = len(steps) // len(layers)
+    _lib.decode_layers(pointers, steps, len(layers), caches, _ptr(x), _ptr(out), x.shape[0], torch.get_num_threads())  # type: ignore[union-attr]
     return out
 
 
@@ -369,7 +370,7 @@ if _lib is not None:
     _lib.decode_layer_attention_inputs.argtypes = [_p, _p, _p, _p, _p, _p, _p, _i64, _int]
     _lib.decode_layer_rest.argtypes = [_p, _p, _p, _p, _i64, _p, _i64, _int]
     _lib.decode_layer_attention_output.argtypes = [_p, _p, _p, _p, _i64, _int]
-    _lib.decode_layers.argtypes = [_p, _p, _i64, _p, _p, _i64, _int]
+    _lib.decode_layers.argtypes = [_p, _p, _i64, _i64, _p, _p, _i64, _int]
     _lib.decode_layer_feedforward.argtypes = [_p, _p, _p, _p, _p, _i64, _p, _i64, _int]
     _lib.dequantize_int4.argtypes = [_p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int]
     _lib.tile_q4_0.argtypes = [_p, _p, _p, _i64, _i64, _int]

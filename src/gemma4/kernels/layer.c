@@ -186,22 +186,24 @@ void decode_layer_rest(const DecodeLayer *l, const float *x, const float *attend
     decode_layer_feedforward(l, out, NULL, NULL, per_layer_input, per_layer_stride, out, B, threads);
 }
 
-/* Where one layer's attention writes and reads the K/V cache in a decode step (model/one_token.py fills
- * it from the cache's views, runtime/kv_cache.py): this step's keys and values go to one slot per row and
+/* Where one layer's attention writes and reads one cache in a decode step (model/one_token.py fills it
+ * from the cache's views, runtime/kv_cache.py), for the `rows` rows of the batch that cache holds (all of
+ * them, or one where each sequence has its own): this step's keys and values go to one slot per row and
  * KV head, and the attention reads S slots per row, in the cache's kind (decode.c's: fp32, bf16, fp16). */
 typedef struct {
+    int64_t rows;                 /* B below: this cache's rows, the batch's next ones after the previous cache's */
     void *key_slot, *value_slot;  /* [B, kv_heads, D] at their (row, head) strides; NULL where the layer stores none */
     int64_t key_slot_strides[2], value_slot_strides[2];
     const void *key, *value;      /* [B, kv_heads, S, D] at their (row, head) strides; key NULL: K=V, rebuilt from value */
     int64_t key_strides[2], value_strides[2];
     int64_t slots, kv_kind;
     const uint8_t *allowed;       /* [B, S] */
-    const float *cos, *sin;       /* [B, D]: this step's rotation (the layer's attention type) */
+    const float *cos, *sin;       /* the whole batch's [B, D]: this step's rotation (the layer's attention type; its first cache's read) */
     const float *key_weight, *key_cos, *key_sin;  /* K=V: decode.c's key_of_value tables */
     const int64_t *key_positions;
     int64_t rotated_pairs;
     float scale;
-    const float *per_layer_input;  /* rows per_layer_stride apart; NULL without PLE */
+    const float *per_layer_input;  /* the whole batch's, rows per_layer_stride apart (its first cache's read); NULL without PLE */
     int64_t per_layer_stride;
 } StepAttention;
 
@@ -241,27 +243,30 @@ static void store_slot(const float *x, void *slot, const int64_t strides[2], int
  * inputs, its new keys and values stored, attention over the cache and the rest, as model/one_token.py's
  * `step` runs them (the same kernels in the same order: the same bits) but without returning to Python
  * between layers, where ~0.1 ms a layer went on module lookups, cache writes and call marshalling, each
- * slowed by caches the weight streams had just emptied. */
-void decode_layers(const DecodeLayer *const *layers, const StepAttention *steps, int64_t count, const float *x, float *out, int64_t B,
-                   int threads) {
+ * slowed by caches the weight streams had just emptied. steps[i * caches + j]: layer i's attention in
+ * cache j. */
+void decode_layers(const DecodeLayer *const *layers, const StepAttention *steps, int64_t count, int64_t caches, const float *x, float *out,
+                   int64_t B, int threads) {
     int64_t hidden = layers[0]->hidden;
     float *current = (float *)malloc(B * hidden * sizeof(float)), *next = (float *)malloc(B * hidden * sizeof(float));
     memcpy(current, x, B * hidden * sizeof(float));
     const int64_t no_scales[4] = {0, 0, 0, 0};
     for (int64_t i = 0; i < count; i++) {
         const DecodeLayer *l = layers[i];
-        const StepAttention *s = steps + i;
+        const StepAttention *first = steps + i * caches;
         int64_t H = l->heads, KV = l->kv_heads, D = l->head_dim;
         float *q = (float *)malloc(B * H * D * sizeof(float)), *attended = (float *)malloc(B * H * D * sizeof(float));
         float *k = (float *)malloc(B * KV * D * sizeof(float)), *v = (float *)malloc(B * KV * D * sizeof(float));
-        decode_layer_attention_inputs(l, current, s->cos, s->sin, q, k, v, B, threads);
-        if (s->key_slot) store_slot(k, s->key_slot, s->key_slot_strides, s->kv_kind, B, KV, D);
-        if (s->value_slot) store_slot(v, s->value_slot, s->value_slot_strides, s->kv_kind, B, KV, D);
-        const void *key = s->key ? s->key : s->value;
-        attend_one_query(q, key, s->value, (int)s->kv_kind, NULL, NULL, s->allowed, attended, B, H, KV, s->slots, D,
-                         s->key ? s->key_strides : s->value_strides, s->value_strides, no_scales, D, s->key_weight, s->key_cos, s->key_sin,
-                         s->key_positions, s->rotated_pairs, s->scale, threads);
-        decode_layer_rest(l, current, attended, s->per_layer_input, s->per_layer_stride, next, B, threads);
+        decode_layer_attention_inputs(l, current, first->cos, first->sin, q, k, v, B, threads);
+        for (int64_t j = 0, b = 0; j < caches; b += first[j].rows, j++) {
+            const StepAttention *s = first + j;
+            if (s->key_slot) store_slot(k + b * KV * D, s->key_slot, s->key_slot_strides, s->kv_kind, s->rows, KV, D);
+            if (s->value_slot) store_slot(v + b * KV * D, s->value_slot, s->value_slot_strides, s->kv_kind, s->rows, KV, D);
+            attend_one_query(q + b * H * D, s->key ? s->key : s->value, s->value, (int)s->kv_kind, NULL, NULL, s->allowed, attended + b * H * D,
+                             s->rows, H, KV, s->slots, D, s->key ? s->key_strides : s->value_strides, s->value_strides, no_scales, D,
+                             s->key_weight, s->key_cos, s->key_sin, s->key_positions, s->rotated_pairs, s->scale, threads);
+        }
+        decode_layer_rest(l, current, attended, first->per_layer_input, first->per_layer_stride, next, B, threads);
         float *done = current;
         current = next;
         next = done;

@@ -1,6 +1,6 @@
 """A decode step's layers (one new token per row) without the module machinery: all of them in one
-compiled call where the step has one cache that hands out its slots (`run_layers`: kernels/layer.c's
-decode_layers, the new keys and values written straight into the cache), else each layer in two
+compiled call where its caches hand out their slots (`run_layers`: kernels/layer.c's decode_layers,
+the new keys and values written straight into the caches), else each layer in two
 compiled calls (`step`), one for what comes before attention and one for what comes after, with the
 K/V cache and the attention between them here. The same kernels on the same tensors in the modules'
 order, so the result equals the modules' bit for bit (tests/test_generate.py). At one token a layer of
@@ -150,50 +150,53 @@ def step(layer: DecoderLayer, bound: kernels.DecodeLayer, x: Tensor, per_layer_i
 def run_layers(layers: Sequence[DecoderLayer], x: Tensor, per_layer_inputs: Tensor | None, inputs: dict[str, AttentionInputs],
                stores: Sequence[KVStore]) -> Tensor | None:
     """All of a decode step's layers in one compiled call (kernels/layer.c's decode_layers), each layer's new
-    keys and values written straight into the cache's slots: x fp32 [B, 1, hidden] contiguous -> the last
+    keys and values written straight into the caches' slots: x fp32 [B, 1, hidden] contiguous -> the last
     layer's output [B, 1, hidden]; per_layer_inputs [B, 1, layers, ple_dim] or None. The same kernels in the
-    same order as `step` (the same bits), without ~0.1 ms a layer of Python between them. None where it does not
-    take the step, which `step` then runs layer by layer: a cache per row, a cache that does not hand out its
-    slots (an int8 one), a layer `bind` does not take or one with experts (its router runs as a module)."""
+    same order as `step` (the same bits), without ~0.1 ms a layer of Python between them. None where it does
+    not take the step, which `step` then runs layer by layer: a cache that does not hand out its slots (an int8
+    one), a layer `bind` does not take or one with experts (its router runs as a module)."""
     B = x.shape[0]
     bound = [bind(layer, B) for layer in layers]
-    if len(stores) != 1 or not hasattr(stores[0], "decode_slots") or any(b is None or b.top_k for b in bound):
+    if not all(hasattr(store, "decode_slots") for store in stores) or any(b is None or b.top_k for b in bound):
         return None
     if any(layer.self_attn.plan.head_dim % 8 for layer in layers):  # (the attention kernel's condition)
         return None
-    store, steps, alive = stores[0], (kernels.StepAttention * len(layers))(), []  # alive: what the call reads, held till it returns
-    owned: dict[int, tuple[Tensor | None, Tensor, tuple[Tensor, ...] | None]] = {}  # per layer that stores K/V: what it attends to
-    for layer, step_attention in zip(layers, steps):
+    steps = (kernels.StepAttention * (len(layers) * len(stores)))()
+    alive: list[object] = []  # what the call reads, held till it returns
+    owned: dict[tuple[int, int], tuple[Tensor | None, Tensor, tuple[Tensor, ...] | None]] = {}  # (layer storing K/V, cache): what it attends to
+    for i, layer in enumerate(layers):
         attention, plan = layer.self_attn, layer.self_attn.plan
         types = inputs[plan.attention_type]
-        keys, (cos, sin) = types.keys[0], types.table_rows
-        if plan.owns_kv:
-            slots = store.decode_slots(plan.index)  # type: ignore[attr-defined]
-            if slots is None:
-                return None
-            key_slot, value_slot, key, value = slots
-            rebuilt = (attention.k_norm.weight, keys.rotations.cos, keys.rotations.sin, keys.positions.contiguous()) if key is None else None
-            owned[plan.index] = key, value, rebuilt
-            step_attention.value_slot, step_attention.value_slot_strides[:] = value_slot.data_ptr(), value_slot.stride()[:2]
-            if key_slot is not None:
-                step_attention.key_slot, step_attention.key_slot_strides[:] = key_slot.data_ptr(), key_slot.stride()[:2]
-            alive += [key_slot, value_slot]
-        key, value, rebuilt = owned[plan.index if plan.owns_kv else plan.kv_source]
-        step_attention.value, step_attention.value_strides[:] = value.data_ptr(), value.stride()[:2]
-        if key is not None:
-            step_attention.key, step_attention.key_strides[:] = key.data_ptr(), key.stride()[:2]
-        if rebuilt is not None:
-            weight, key_cos, key_sin, positions = rebuilt
-            step_attention.key_weight, step_attention.key_cos, step_attention.key_sin = weight.data_ptr(), key_cos.data_ptr(), key_sin.data_ptr()
-            step_attention.key_positions, step_attention.rotated_pairs = positions.data_ptr(), key_cos.shape[1]
-        step_attention.slots, step_attention.kv_kind = value.shape[2], kernels.KV_KINDS[value.dtype]
-        allowed = keys.last_query_allowed
-        step_attention.allowed, step_attention.cos, step_attention.sin = allowed.data_ptr(), cos.data_ptr(), sin.data_ptr()
-        step_attention.scale = plan.attention_scale
-        if per_layer_inputs is not None:
-            rows = per_layer_inputs[:, 0, plan.index]
-            step_attention.per_layer_input, step_attention.per_layer_stride = rows.data_ptr(), rows.stride(0)
-        alive += [key, value, rebuilt, allowed, cos, sin]
+        cos, sin = types.table_rows
+        for j, (store, keys) in enumerate(zip(stores, types.keys)):
+            step_attention = steps[i * len(stores) + j]
+            if plan.owns_kv:
+                slots = store.decode_slots(plan.index)  # type: ignore[attr-defined]
+                if slots is None:
+                    return None
+                key_slot, value_slot, key, value = slots
+                rebuilt = (attention.k_norm.weight, keys.rotations.cos, keys.rotations.sin, keys.positions.contiguous()) if key is None else None
+                owned[plan.index, j] = key, value, rebuilt
+                step_attention.value_slot, step_attention.value_slot_strides[:] = value_slot.data_ptr(), value_slot.stride()[:2]
+                if key_slot is not None:
+                    step_attention.key_slot, step_attention.key_slot_strides[:] = key_slot.data_ptr(), key_slot.stride()[:2]
+                alive += [key_slot, value_slot]
+            key, value, rebuilt = owned[plan.index if plan.owns_kv else plan.kv_source, j]
+            step_attention.rows, step_attention.slots, step_attention.kv_kind = value.shape[0], value.shape[2], kernels.KV_KINDS[value.dtype]
+            step_attention.value, step_attention.value_strides[:] = value.data_ptr(), value.stride()[:2]
+            if key is not None:
+                step_attention.key, step_attention.key_strides[:] = key.data_ptr(), key.stride()[:2]
+            if rebuilt is not None:
+                weight, key_cos, key_sin, positions = rebuilt
+                step_attention.key_weight, step_attention.key_cos, step_attention.key_sin = weight.data_ptr(), key_cos.data_ptr(), key_sin.data_ptr()
+                step_attention.key_positions, step_attention.rotated_pairs = positions.data_ptr(), key_cos.shape[1]
+            allowed = keys.last_query_allowed
+            step_attention.allowed, step_attention.cos, step_attention.sin = allowed.data_ptr(), cos.data_ptr(), sin.data_ptr()
+            step_attention.scale = plan.attention_scale
+            if per_layer_inputs is not None:
+                rows = per_layer_inputs[:, 0, plan.index]
+                step_attention.per_layer_input, step_attention.per_layer_stride = rows.data_ptr(), rows.stride(0)
+            alive += [key, value, rebuilt, allowed, cos, sin]
     return kernels.decode_layers(bound, steps, x.view(B, -1)).view(B, 1, -1)
 
 
