@@ -13,8 +13,6 @@
 #include "kernels.h"
 #include "simd.h"
 
-enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3 };
-
 /* Element `at` of a K/V buffer of `kind` values, as fp32; int8 codes times `scale` (their block's). */
 static inline float kv_at(const void *kv, int64_t at, int kind, float scale) {
     if (kind == KV_F32) return ((const float *)kv)[at];

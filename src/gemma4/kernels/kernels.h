@@ -5,6 +5,8 @@
 
 #include <stdint.h>
 
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3 };  /* how a K/V cache stores its values (kernels.KV_KINDS) */
+
 void matmul_16bit(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int is_f16, int threads);
 void matmul_int8(const float *x, const int8_t *w, const float *scales, const float *offsets, float *y, int64_t M, int64_t N,
                  int64_t K, int64_t group, int fast, int threads);

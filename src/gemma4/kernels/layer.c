@@ -207,8 +207,6 @@ typedef struct {
     int64_t per_layer_stride;
 } StepAttention;
 
-enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
-
 /* fp32 -> bf16 or fp16 as runtime/kv_cache.py writes a slot: rounded to nearest even as PyTorch's copy
  * rounds (a NaN stays a NaN), fp16 saturated at its largest finite value first. */
 static uint16_t narrowed(float f, int64_t kind) {
