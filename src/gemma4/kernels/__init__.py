@@ -130,13 +130,6 @@ class Norm(ctypes.Structure):
     _fields_ = [("weight", ctypes.c_void_p), ("eps", ctypes.c_float), ("offset", ctypes.c_float)]
 
 
-class Router(ctypes.Structure):
-    """layer.c's Router: a MoE layer's router (fp32 scale [hidden], proj [experts, hidden], per-expert scale)."""
-
-    _fields_ = [("scale", ctypes.c_void_p), ("proj", ctypes.c_void_p), ("per_expert_scale", ctypes.c_void_p), ("root", ctypes.c_float),
-                ("eps", ctypes.c_float), ("experts", ctypes.c_int64)]
-
-
 class DecodeLayer(ctypes.Structure):
     """layer.c's DecodeLayer: a decoder layer's weights and shapes for a decode step (model/one_token.py
     fills it; the tensors it points at must outlive it)."""
@@ -148,7 +141,7 @@ class DecodeLayer(ctypes.Structure):
                                             "post_feedforward_2")],
                 *[(name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "width", "ple_dim", "owns_kv", "v_normed",
                                                       "k_eq_v", "top_k", "expert_width")],
-                ("layer_scalar", ctypes.c_void_p), ("router", Router)]
+                ("layer_scalar", ctypes.c_void_p)]
 
 
 def decode_layer_attention_inputs(layer: DecodeLayer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -252,7 +245,7 @@ def route(x: Tensor, scale: Tensor, root: float, proj: Tensor, per_expert_scale:
     return weights, ids
 
 
-KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # kernels.h's enum
+KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # decode.c's enum
 
 
 def attend_one_query(q: Tensor, key: Tensor | Int8Tensor, value: Tensor | Int8Tensor, allowed: Tensor, scale: float,

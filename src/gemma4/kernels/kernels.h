@@ -24,7 +24,5 @@ void attend_one_query(const float *q, const void *key, const void *value, int kv
                       int64_t D, const int64_t *key_strides, const int64_t *value_strides, const int64_t *scale_strides, int64_t block,
                       const float *key_weight, const float *key_cos, const float *key_sin, const int64_t *key_positions,
                       int64_t rotated_pairs, float scale, int threads);
-void route(const float *x, const float *scale, float root, const float *proj, const float *per_expert_scale, int64_t N, int64_t H,
-           int64_t E, int64_t top_k, float eps, float *weights, int64_t *ids, int threads);
 
 #endif

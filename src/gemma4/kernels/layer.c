@@ -48,13 +48,6 @@ typedef struct {
     float eps, offset;
 } Norm;
 
-/* A MoE layer's router (model/layers.py's Router, fp32): decode.c's `route` arguments. */
-typedef struct {
-    const float *scale, *proj, *per_expert_scale;  /* [hidden], [experts, hidden], [experts] */
-    float root, eps;
-    int64_t experts;
-} Router;
-
 typedef struct {
     Matrix q, k, v, o, gate, up, down, ple_gate, ple_projection;
     Matrix experts_gate_up, experts_down;  /* int4 stacks: [E, 2I, hidden] and [E, hidden, I] (MoE layers) */
@@ -65,7 +58,6 @@ typedef struct {
     int64_t k_eq_v;             /* the values are v_norm(k_proj(x)): no keys are made (they are rebuilt from the values) */
     int64_t top_k, expert_width;  /* MoE layers (top_k 0: none) */
     const float *layer_scalar;  /* NULL: none */
-    Router router;              /* MoE layers, for decode_layers (NULL proj: the router runs as a module) */
 } DecodeLayer;
 
 static void norm(const Norm *n, const float *x, float *out, int64_t rows, int64_t dim) { rms_norm(x, n->weight, out, rows, dim, n->eps, n->offset); }
@@ -272,18 +264,7 @@ void decode_layers(const DecodeLayer *const *layers, const StepAttention *steps,
                              s->rows, H, KV, s->slots, D, s->key ? s->key_strides : s->value_strides, s->value_strides, no_scales, D,
                              s->key_weight, s->key_cos, s->key_sin, s->key_positions, s->rotated_pairs, s->scale, threads);
         }
-        if (l->top_k) {  /* the router between the attention's output and the rest, as model/one_token.py's `step` runs it */
-            const Router *r = &l->router;
-            float *residual = (float *)malloc(B * hidden * sizeof(float)), *weights = (float *)malloc(B * l->top_k * sizeof(float));
-            int64_t *ids = (int64_t *)malloc(B * l->top_k * sizeof(int64_t));
-            decode_layer_attention_output(l, current, attended, residual, B, threads);
-            route(residual, r->scale, r->root, r->proj, r->per_expert_scale, B, hidden, r->experts, l->top_k, r->eps, weights, ids, threads);
-            decode_layer_feedforward(l, residual, weights, ids, first->per_layer_input, first->per_layer_stride, next, B, threads);
-            free(residual);
-            free(weights);
-            free(ids);
-        } else
-            decode_layer_rest(l, current, attended, first->per_layer_input, first->per_layer_stride, next, B, threads);
+        decode_layer_rest(l, current, attended, first->per_layer_input, first->per_layer_stride, next, B, threads);
         float *done = current;
         current = next;
         next = done;

@@ -9,9 +9,8 @@ shape and dtype checks, views, dispatch, and ~15 PyTorch operators), calling eac
 still ~0.25 ms, and two calls a layer with the cache written between them ~0.15 ms (E2B int4 decode:
 75.2 -> 69.2 ms a step in one call).
 
-Layer by layer, a MoE layer takes a third call: its router runs as a module between the attention's
-output and the rest, as the modules run it (picks are brittle), and the routed experts run in the last
-call. In one call, the router runs there as Router.forward's own compiled call would run it.
+A MoE layer takes a third call: its router runs as a module between the attention's output and the
+rest, as the modules run it (picks are brittle), and the routed experts run in the last call.
 
 It takes fp32 activations over compiled kernels, layers whose matrices are all packed with a
 one-token kernel (experts: int4 tiles), and no layer whose attention, MLP, experts or matrices carry
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from .layers import AttentionInputs, DecoderLayer, KeyInputs, KVStore, RMSNorm, Router, attend, attend_one_query, one_query_kernel_takes
+from .layers import AttentionInputs, DecoderLayer, KeyInputs, KVStore, RMSNorm, attend, attend_one_query, one_query_kernel_takes
 
 
 @dataclass
@@ -99,33 +98,19 @@ def _bind(layer: DecoderLayer, rows: int) -> _Binding | None:
         return None
     fields = {name: kernel.matrix for name, kernel in (kernels_of | experts).items()}
     fields |= {name: kernels.Norm(kernels._ptr(n.weight), n.eps, n.offset) for name, n in norms.items()}
-    hidden = layer.input_layernorm.weight.shape[0]
-    router = _router_of(layer.router, hidden) if plan.moe else kernels.Router()
     struct = kernels.DecodeLayer(
-        **fields, hidden=hidden, heads=plan.num_heads, kv_heads=plan.num_kv_heads, head_dim=plan.head_dim,
+        **fields, hidden=layer.input_layernorm.weight.shape[0], heads=plan.num_heads, kv_heads=plan.num_kv_heads, head_dim=plan.head_dim,
         width=plan.mlp_width, ple_dim=plan.ple_dim or 0, owns_kv=int(plan.owns_kv), v_normed=int("v_norm" in norms),
         k_eq_v=int(plan.k_eq_v), top_k=layer.router.top_k if plan.moe else 0,
-        expert_width=experts["experts_down"].matrix.K if experts else 0, layer_scalar=kernels._ptr(scalar), router=router,
+        expert_width=experts["experts_down"].matrix.K if experts else 0, layer_scalar=kernels._ptr(scalar),
     )
     packed = [*modules.values(), *([layer.experts] if plan.moe else [])]
     sources = [(m.__dict__, "fast_math", m.__dict__.get("fast_math")) for m in packed]
     sources += [(m._buffers, name, m._buffers.get(name)) for m in packed for name in getattr(m, "packed_names", ("weight",))]
     sources += [(n._parameters, "weight", n._parameters.get("weight")) for n in norms.values()]
     sources += [(layer._buffers, "layer_scalar", scalar)]
-    if plan.moe:
-        sources += [(layer.router._parameters, name, layer.router._parameters.get(name)) for name in ("scale", "per_expert_scale")]
-        sources += [(layer.router.proj._parameters, "weight", layer.router.proj.weight)]
     hooked = [layer, attention, mlp, *packed, *([layer.router] if plan.moe else [])]
     return _Binding(struct, rows, sources, hooked, [kernels_of, experts, weights, scalar])
-
-
-def _router_of(router: Router, hidden: int) -> kernels.Router:
-    """The router as `decode_layers` runs it: Router.forward's compiled call, with the same arguments; empty
-    (the router runs as a module, in `step`) where its parameters are not fp32 and contiguous."""
-    tensors = (router.scale, router.proj.weight, router.per_expert_scale)
-    if not all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
-        return kernels.Router()
-    return kernels.Router(*map(kernels._ptr, tensors), hidden**-0.5, router.norm.eps, router.proj.out_features)
 
 
 def _expert_kernels(experts: nn.Module, count: int) -> dict[str, kernels.BoundMatmul] | None:
@@ -167,14 +152,12 @@ def run_layers(layers: Sequence[DecoderLayer], x: Tensor, per_layer_inputs: Tens
     """All of a decode step's layers in one compiled call (kernels/layer.c's decode_layers), each layer's new
     keys and values written straight into the caches' slots: x fp32 [B, 1, hidden] contiguous -> the last
     layer's output [B, 1, hidden]; per_layer_inputs [B, 1, layers, ple_dim] or None. The same kernels in the
-    same order as `step` (the same bits; a MoE layer's router as Router.forward computes a few fp32 rows),
-    without ~0.1 ms a layer of Python between them. None where it does not take the step, which `step` then
-    runs layer by layer: a cache that does not hand out its slots (an int8 one), a layer `bind` does not take,
-    a router Router.forward would run in PyTorch."""
+    same order as `step` (the same bits), without ~0.1 ms a layer of Python between them. None where it does
+    not take the step, which `step` then runs layer by layer: a cache that does not hand out its slots (an int8
+    one), a layer `bind` does not take or one with experts (its router runs as a module)."""
     B = x.shape[0]
     bound = [bind(layer, B) for layer in layers]
-    routers_run = all(b.router.proj for b in bound if b is not None and b.top_k) and B <= Router.COMPILED_ROWS  # (as Router.forward runs them)
-    if not all(hasattr(store, "decode_slots") for store in stores) or any(b is None for b in bound) or not routers_run:
+    if not all(hasattr(store, "decode_slots") for store in stores) or any(b is None or b.top_k for b in bound):
         return None
     if any(layer.self_attn.plan.head_dim % 8 for layer in layers):  # (the attention kernel's condition)
         return None
