@@ -109,6 +109,11 @@ class KeysOfValues:
     positions: Tensor  # [b, S] int64 (-1: an empty slot, never attended)
     rotations: KeyRotations
 
+    def kernel_tables(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """What the one-query kernel rebuilds each slot's key from: the weight (fp32), the rotation tables
+        (cos, sin [positions, rotated pairs]) and the slots' positions [b, S] contiguous."""
+        return self.weight.float(), self.rotations.cos, self.rotations.sin, self.positions.contiguous()
+
     def rebuilt(self, dtype: torch.dtype) -> Tensor:
         """The keys [b, K, S, D], computed in fp32 (as the one-query kernel computes them), then cast."""
         key = widen(self.values, torch.float32) * self.weight.float()
@@ -140,8 +145,7 @@ def attend_one_query(q: Tensor, key: Tensor | Int8Tensor | KeysOfValues, value: 
     """`attend` of one query per row, in the fused kernel: q [B, H, D] contiguous, allowed [B, S] bool
     contiguous -> [B, H, D]."""
     if isinstance(key, KeysOfValues):
-        rotated = (key.weight.float(), key.rotations.cos, key.rotations.sin, key.positions.contiguous())
-        return kernels.attend_one_query(q, value, value, allowed, scale, rotated)
+        return kernels.attend_one_query(q, value, value, allowed, scale, key.kernel_tables())
     return kernels.attend_one_query(q, key, value, allowed, scale)
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from .layers import AttentionInputs, DecoderLayer, KeyInputs, KVStore, RMSNorm, attend, attend_one_query, one_query_kernel_takes
+from .layers import AttentionInputs, DecoderLayer, KeyInputs, KeysOfValues, KVStore, RMSNorm, attend, attend_one_query, one_query_kernel_takes
 
 
 @dataclass
@@ -175,7 +175,7 @@ def run_layers(layers: Sequence[DecoderLayer], x: Tensor, per_layer_inputs: Tens
                 if slots is None:
                     return None
                 key_slot, value_slot, key, value = slots
-                rebuilt = (attention.k_norm.weight, keys.rotations.cos, keys.rotations.sin, keys.positions.contiguous()) if key is None else None
+                rebuilt = None if key is not None else KeysOfValues(value, attention.k_norm.weight, keys.positions, keys.rotations).kernel_tables()
                 owned[plan.index, j] = key, value, rebuilt
                 step_attention.value_slot, step_attention.value_slot_strides[:] = value_slot.data_ptr(), value_slot.stride()[:2]
                 if key_slot is not None:
